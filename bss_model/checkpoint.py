@@ -1,0 +1,78 @@
+"""Checkpoints: one file holding everything needed to resume or to evaluate.
+
+Loaded only with ``torch.load(..., weights_only=True)``: a pickle that would run
+code is refused. The resolved config travels inside, so a checkpoint alone
+rebuilds its model.
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bss_model.config import Config, config_from_dict
+from bss_model.errors import BssError, CheckpointError
+from bss_model.io import atomic_torch_save
+from bss_model.model import UNet, build_model
+
+FORMAT = "bss-checkpoint-v1"
+FILENAME = "checkpoint.pt"
+
+
+def resolve_path(path: str | Path) -> Path:
+    """Accept a checkpoint file, or a folder holding one (a run folder or its checkpoint/)."""
+    path = Path(path)
+    for candidate in (path, path / FILENAME, path / "checkpoint" / FILENAME, path / "best_model.pt"):
+        if candidate.is_file():
+            return candidate
+    raise CheckpointError(f"no checkpoint at {path}: pass a checkpoint.pt / best_model.pt file or a run folder")
+
+
+def save(state: dict[str, Any], path: str | Path) -> None:
+    atomic_torch_save({"format": FORMAT, **state}, Path(path))
+
+
+def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    path = resolve_path(path)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe pickle"
+        raise CheckpointError(
+            f"{path} was refused by the safe loader (weights_only=True): {first}. Only load checkpoints you trust"
+            " that were written by bss-search"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(exc).__name__}): retrain or pass another file") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a bss-search checkpoint (no '{FORMAT}' marker): pass a file written by bss-search")
+    return state
+
+
+def config_of(state: dict[str, Any], path: str | Path = "checkpoint") -> Config:
+    try:
+        return config_from_dict(state["config"])
+    except (KeyError, BssError) as exc:
+        raise CheckpointError(f"{path} holds no valid config ({exc}): pass a checkpoint written by this version") from None
+
+
+def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], path: str | Path) -> None:
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        detail = str(exc).splitlines()[0]
+        raise CheckpointError(f"{path} does not fit this model ({detail}): its model config differs from yours") from None
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[UNet, Config]:
+    """Rebuild the model a checkpoint (or best_model.pt) was trained as, with its weights."""
+    path = resolve_path(path)
+    state = load(path, map_location=device)
+    cfg = config_of(state, path)
+    model = build_model(cfg.model)
+    load_weights(model, state["model"], path)
+    return model.to(device), cfg

@@ -1,0 +1,337 @@
+"""Typed configuration: defaults in code, YAML overrides them, ``--set`` overrides the YAML.
+
+The config is a tree of dataclasses. ``load_config`` reads a YAML file with
+``yaml.safe_load`` (so Python tags are rejected), applies ``--set key=value``
+overrides, checks every key and type against the dataclasses, then calls each
+section's ``validate`` for ranges. Every problem raises :class:`ConfigError`
+with one line that names the key and the fix.
+
+The same machinery (:func:`build`, :func:`apply_overrides`) serves the search
+config in ``search/config.py``, which nests a whole :class:`Config` as ``base``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+from bss_model.errors import ConfigError
+from bss_model.variants import VARIANTS
+
+# --------------------------------------------------------------------------------------
+# The sections
+
+
+@dataclass
+class DataConfig:
+    # Folder holding mnist/ and fashion-mnist/. Empty: $BSS_DATA_DIR, then the per-user
+    # cache, then (Fashion-MNIST) Debian's /usr/share/datasets/fashion-mnist/.
+    dir: str = ""
+    # Download missing files from the public mirrors into the cache (checksums verified).
+    download: bool = True
+    # Fraction of each *training* set held out for validation; the test sets are only
+    # ever touched by final evaluation.
+    val_fraction: float = 0.1
+    split_seed: int = 1234
+    # Validation uses one fixed list of pairs (seeded), so every epoch and every trial
+    # is scored on exactly the same mixtures and val MSEs are comparable.
+    val_pairs: int = 10000
+    val_seed: int = 0
+
+    def validate(self) -> None:
+        _check(0.0 < self.val_fraction < 1.0, "data.val_fraction", self.val_fraction, "a fraction in (0, 1), e.g. 0.1")
+        _check(self.val_pairs >= 1, "data.val_pairs", self.val_pairs, "a positive pair count")
+
+
+@dataclass
+class ModelConfig:
+    # A preset from bss_model/variants.py; keys set explicitly beside it override it.
+    variant: str = "seed"
+    filters: int = 32  # width of the first encoder level; level i has filters * 2**i
+    depth: int = 2  # number of poolings; 32x32 supports at most 5
+    encoder_convs: int = 2
+    bottleneck_convs: int = 2  # 0 = no bottleneck convs (the deepest pool feeds the decoder)
+    decoder_convs: int = 4
+    decoder_mult: int = 4  # decoder level width = decoder_mult x the matching encoder width
+    norm: Literal["none", "batch"] = "none"
+    head: Literal["depthwise", "consistent"] = "depthwise"
+
+    def validate(self) -> None:
+        _check(self.variant in VARIANTS, "model.variant", self.variant, f"one of {sorted(VARIANTS)}")
+        _check(self.filters >= 1, "model.filters", self.filters, "a positive filter count, e.g. 32")
+        _check(
+            1 <= self.depth <= 5,
+            "model.depth",
+            self.depth,
+            "1..5 (a 32x32 input halves per level: 2**depth must divide 32)",
+        )
+        _check(self.encoder_convs >= 1, "model.encoder_convs", self.encoder_convs, ">= 1")
+        _check(self.bottleneck_convs >= 0, "model.bottleneck_convs", self.bottleneck_convs, ">= 0")
+        _check(self.decoder_convs >= 1, "model.decoder_convs", self.decoder_convs, ">= 1")
+        _check(self.decoder_mult >= 1, "model.decoder_mult", self.decoder_mult, ">= 1")
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    epochs: int = 120
+    steps_per_epoch: int = 5062
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    # plateau: the reference's ReduceLROnPlateau on val MSE, stepped once per epoch.
+    # cosine: linear warmup for warmup_epochs, then cosine decay to min_lr, per step.
+    schedule: Literal["plateau", "cosine"] = "plateau"
+    plateau_factor: float = 0.5
+    plateau_patience: int = 10
+    min_lr: float = 1e-5
+    warmup_epochs: float = 1.0
+    grad_clip: float = 0.0  # max grad norm; 0 = off
+    # Hardware knobs. "auto" picks per device: bf16 autocast where the hardware has bf16
+    # (CUDA >= Ampere, CPUs with AVX-512 BF16/AMX), channels_last on, torch.compile on CUDA.
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    channels_last: Literal["auto", "on", "off"] = "auto"
+    compile: Literal["auto", "on", "off"] = "auto"
+    threads: int = 0  # torch intra-op threads; 0 = torch's default
+    # Logging
+    tensorboard: bool = True
+    image_every: int = 5  # epochs between TensorBoard image grids; 0 = never
+    log_every: int = 0  # steps between console progress lines; 0 = once per epoch
+
+    def validate(self) -> None:
+        _check(self.epochs >= 1, "train.epochs", self.epochs, ">= 1")
+        _check(self.steps_per_epoch >= 1, "train.steps_per_epoch", self.steps_per_epoch, ">= 1")
+        _check(self.batch_size >= 1, "train.batch_size", self.batch_size, ">= 1")
+        _check(self.lr > 0 and math.isfinite(self.lr), "train.lr", self.lr, "a positive learning rate, e.g. 1e-3")
+        _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, ">= 0")
+        _check(0 < self.plateau_factor < 1, "train.plateau_factor", self.plateau_factor, "in (0, 1), e.g. 0.5")
+        _check(self.plateau_patience >= 0, "train.plateau_patience", self.plateau_patience, ">= 0")
+        _check(0 <= self.min_lr <= self.lr, "train.min_lr", self.min_lr, f"in [0, train.lr={self.lr}]")
+        _check(self.warmup_epochs >= 0, "train.warmup_epochs", self.warmup_epochs, ">= 0")
+        _check(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, ">= 0 (0 disables clipping)")
+        ok_device = self.device in ("auto", "cpu", "cuda") or (
+            self.device.startswith("cuda:") and self.device[5:].isdigit()
+        )
+        _check(ok_device, "train.device", self.device, "auto, cpu, cuda or cuda:N")
+        _check(self.threads >= 0, "train.threads", self.threads, ">= 0")
+        _check(self.image_every >= 0, "train.image_every", self.image_every, ">= 0")
+        _check(self.log_every >= 0, "train.log_every", self.log_every, ">= 0")
+
+
+@dataclass
+class EvalConfig:
+    # The reference protocol: 10 draws of 20,000 pairs, uniform with replacement from the
+    # 10k x 10k MNIST-test x Fashion-test pairs, seeded.
+    draws: int = 10
+    pairs: int = 20000
+    seed: int = 0
+    batch_size: int = 1000  # inference batch; never materialise a whole draw on the device
+
+    def validate(self) -> None:
+        _check(self.draws >= 1, "eval.draws", self.draws, ">= 1")
+        _check(self.pairs >= 1, "eval.pairs", self.pairs, ">= 1")
+        _check(self.batch_size >= 1, "eval.batch_size", self.batch_size, ">= 1")
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> None:
+        for section in (self.data, self.model, self.train, self.eval):
+            section.validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------
+# Generic machinery
+
+
+def _check(ok: bool, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is out of range: expected {expected}")
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; convert only where lossless."""
+    origin = get_origin(tp)
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r} is not allowed: use one of {', '.join(map(repr, choices))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in get_args(tp):
+            if option is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # PyYAML (YAML 1.1) reads "1e-3" as a string; accept any float literal.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif origin in (list, dict) or tp in (list, dict):
+        if isinstance(value, origin or tp):
+            return value
+    else:  # pragma: no cover - a new annotation kind in the dataclasses
+        raise TypeError(f"unsupported config annotation {tp!r} for {key}")
+    raise ConfigError(f"{key}={value!r} has the wrong type: expected {_type_name(tp)}, got {type(value).__name__}")
+
+
+def _unknown_key(key: str, valid: list[str], prefix: str) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f"did you mean '{prefix}{close[0]}'?" if close else f"valid keys here: {', '.join(valid)}"
+    return ConfigError(f"unknown config key '{prefix}{key}': {hint}")
+
+
+def build(cls: type, data: Any, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested mapping, rejecting unknown keys and bad types."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        where = prefix.rstrip(".") or "the config file"
+        raise ConfigError(f"{where} must be a mapping of keys to values, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            raise _unknown_key(str(key), list(fields), prefix)
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = build(tp, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, tp, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def parse_set(item: str) -> tuple[list[str], Any]:
+    """Parse one ``--set a.b.c=value``; the value is read as YAML (``true``, ``3``, ``[1, 2]``)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r} is malformed: write --set section.key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {item!r} is malformed: write --set section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], sets: list[str] | None) -> dict[str, Any]:
+    """Apply ``--set`` items onto a raw nested dict (validation happens in :func:`build`)."""
+    for item in sets or []:
+        path, value = parse_set(item)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: '{part}' is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping safely; every failure is a one-line ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist: pass an existing YAML file to --config")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.constructor.ConstructorError as exc:
+        # e.g. !!python/object: safe_load refuses to build arbitrary objects.
+        mark = f" at line {exc.problem_mark.line + 1}" if exc.problem_mark else ""
+        raise ConfigError(
+            f"config file {path}{mark} uses a YAML tag that is not allowed ({exc.problem}): use plain values"
+        ) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"config file {path} is not valid YAML ({problem} at{where}): fix the syntax there") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def resolve_variant(model: dict[str, Any] | None) -> dict[str, Any]:
+    """Expand ``variant`` into its preset; keys set beside it win."""
+    model = dict(model or {})
+    variant = model.get("variant", ModelConfig.variant)
+    if not isinstance(variant, str) or variant not in VARIANTS:
+        raise ConfigError(f"model.variant={variant!r} is unknown: use one of {', '.join(sorted(VARIANTS))}")
+    return {**VARIANTS[variant], **model}
+
+
+def config_from_dict(data: dict[str, Any] | None, prefix: str = "") -> Config:
+    """Build and validate a :class:`Config` from a raw nested dict (e.g. a saved config)."""
+    data = dict(data or {})
+    if isinstance(data.get("model", {}), dict):
+        data["model"] = resolve_variant(data.get("model"))
+    cfg = build(Config, data, prefix)
+    cfg.validate()
+    return cfg
+
+
+def load_config(path: str | Path | None = None, sets: list[str] | None = None) -> Config:
+    """Defaults <- YAML file <- ``--set`` overrides, validated."""
+    data = read_yaml(path) if path else {}
+    return config_from_dict(apply_overrides(data, sets))
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config as YAML, atomically."""
+    from bss_model.io import atomic_write_text
+
+    data = cfg.to_dict() if hasattr(cfg, "to_dict") else dataclasses.asdict(cfg)
+    atomic_write_text(Path(path), yaml.safe_dump(data, sort_keys=False))

@@ -1,0 +1,337 @@
+"""Training: one ``train(config, on_epoch=None)`` used by the CLI, the search trials and the retrain.
+
+Each step draws fresh random (digit, fashion) pairs on the device and mixes them
+there (no DataLoader: 60k 32x32 uint8 images fit on any device). Each epoch ends
+with a validation pass over one fixed, seeded list of pairs from the held-out 10% of
+the *training* sets, an atomic checkpoint, TensorBoard scalars, and a call to
+``on_epoch(metrics, checkpoint_dir)`` -- which is how a Ray trial reports.
+
+    python -m bss_model.train --config configs/seed.yaml [--set train.lr=3e-4] [--out runs]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from bss_model import checkpoint as ckpt
+from bss_model.config import Config, load_config, save_config
+from bss_model.data import PairSampler, Splits, draw_pairs, load_splits, mix
+from bss_model.errors import CheckpointError, cli_entry
+from bss_model.evaluate import batched_mse, model_predictor
+from bss_model.io import atomic_write_json, next_run_dir, setup_logging
+from bss_model.model import build_model, count_parameters
+from bss_model.runtime import Runtime, resolve_runtime
+from bss_model.viz import separation_grid
+
+log = logging.getLogger("bss")
+
+OnEpoch = Callable[[dict[str, Any], Path], None]
+
+# How often (in steps) the loss is checked for NaN/inf. Checking every step would force a
+# device sync per step; a non-finite loss poisons the running sum, so a periodic check
+# of the sum catches it within this many steps.
+FINITE_CHECK_EVERY = 50
+# Fault injection for the reliability tests only: "EPOCH:MARKER_FILE" makes train() raise
+# once at the start of that epoch (it creates MARKER_FILE so a retry passes).
+FAULT_ENV = "BSS_FAULT_INJECT"
+
+
+@dataclass
+class TrainResult:
+    status: str  # "completed" | "diverged"
+    reason: str
+    epochs_done: int
+    metrics: dict[str, Any]  # the last epoch's metrics
+    history: list[dict[str, Any]] = field(default_factory=list)
+    out_dir: Path | None = None
+
+    @property
+    def checkpoint(self) -> Path | None:
+        return self.out_dir / "checkpoint" / ckpt.FILENAME if self.out_dir else None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def cosine_lr(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float:
+    """Linear warmup to ``lr`` over ``warmup`` steps, then cosine decay to ``min_lr``."""
+    if warmup and step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def _maybe_inject_fault(epoch: int) -> None:
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    at, marker = spec.split(":", 1)
+    if int(at) == epoch and not Path(marker).exists():
+        Path(marker).touch()
+        raise RuntimeError(f"injected fault at epoch {epoch} ({FAULT_ENV})")
+
+
+class _Trainer:
+    """The state of one run; ``train()`` below is the public entry point."""
+
+    def __init__(self, cfg: Config, out_dir: Path, splits: Splits | None) -> None:
+        self.cfg = cfg
+        self.out_dir = out_dir
+        self.ckpt_dir = out_dir / "checkpoint"
+        t = cfg.train
+        seed_everything(t.seed)
+        self.rt: Runtime = resolve_runtime(t)
+        splits = splits if splits is not None else load_splits(cfg.data)
+        dev = self.rt.device
+        self.sampler = PairSampler(splits.train_a, splits.train_b, dev, seed=t.seed)
+        self.val_a = torch.as_tensor(splits.val_a, device=dev)
+        self.val_b = torch.as_tensor(splits.val_b, device=dev)
+        # The same validation pairs for every epoch, trial and seed: val MSEs are comparable.
+        self.val_idx = draw_pairs(len(splits.val_a), len(splits.val_b), cfg.data.val_pairs, cfg.data.val_seed)
+        self.model = build_model(cfg.model)
+        self.n_params = count_parameters(self.model)
+        self.net = self.rt.prepare_model(self.model)  # maybe compiled; self.model owns the weights
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        self.plateau = (
+            torch.optim.lr_scheduler.ReduceLROnPlateau(
+                self.opt, mode="min", factor=t.plateau_factor, patience=t.plateau_patience, min_lr=t.min_lr
+            )
+            if t.schedule == "plateau"
+            else None
+        )
+        self.epoch = 0  # epochs completed
+        self.step = 0  # optimizer steps completed
+        self.history: list[dict[str, Any]] = []
+        self.writer = None
+        if t.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(out_dir / "tb"))
+
+    # -- checkpoint --------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {
+            "config": self.cfg.to_dict(),
+            "model": self.model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.plateau.state_dict() if self.plateau else {},
+            "sampler": self.sampler.state_dict(),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "python": random.getstate(),
+            },
+            "epoch": self.epoch,
+            "step": self.step,
+            "history": self.history,
+            "n_params": self.n_params,
+        }
+
+    def save(self) -> Path:
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.save(self.state(), self.ckpt_dir / ckpt.FILENAME)
+        save_config(self.cfg, self.ckpt_dir / "config.yaml")
+        return self.ckpt_dir
+
+    def restore(self, path: str | Path) -> None:
+        state = ckpt.load(path, map_location=self.rt.device)
+        saved = ckpt.config_of(state, path)
+        if saved.model != self.cfg.model:
+            raise CheckpointError(
+                f"checkpoint {path} was trained with model config {saved.model} but this run asks for "
+                f"{self.cfg.model}: resume with the checkpoint's config or start a new run"
+            )
+        ckpt.load_weights(self.model, state["model"], path)
+        self.opt.load_state_dict(state["optimizer"])
+        if self.plateau and state["scheduler"]:
+            self.plateau.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+        torch.set_rng_state(state["rng"]["torch"].cpu())
+        if state["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
+        random.setstate(state["rng"]["python"])
+        self.epoch, self.step, self.history = state["epoch"], state["step"], list(state["history"])
+        log.info("resumed from %s at epoch %d (step %d)", path, self.epoch, self.step)
+
+    # -- one epoch ---------------------------------------------------------------------
+    def set_lr(self) -> None:
+        t = self.cfg.train
+        if t.schedule == "cosine":
+            total = t.epochs * t.steps_per_epoch
+            warmup = int(t.warmup_epochs * t.steps_per_epoch)
+            lr = cosine_lr(self.step, total, warmup, t.lr, t.min_lr)
+            for group in self.opt.param_groups:
+                group["lr"] = lr
+
+    def train_epoch(self) -> tuple[float, str]:
+        """Run one epoch; returns (mean train MSE, reason if the loss went non-finite)."""
+        t = self.cfg.train
+        self.model.train()
+        loss_sum = torch.zeros((), device=self.rt.device)
+        for i in range(t.steps_per_epoch):
+            self.set_lr()
+            x, y = self.sampler.sample(t.batch_size)
+            if self.rt.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with self.rt.autocast():
+                pred = self.net(x)
+            loss = F.mse_loss(pred.float(), y)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if t.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+            self.opt.step()
+            self.step += 1
+            loss_sum += loss.detach()
+            last = i + 1 == t.steps_per_epoch
+            if (i + 1) % FINITE_CHECK_EVERY == 0 or last:
+                if not torch.isfinite(loss_sum):
+                    return float("nan"), f"non-finite loss at epoch {self.epoch + 1} step {i + 1} (lr={t.lr:g})"
+            if t.log_every and (i + 1) % t.log_every == 0:
+                log.info("epoch %d step %d/%d loss %.3e", self.epoch + 1, i + 1, t.steps_per_epoch, loss.item())
+        return loss_sum.item() / t.steps_per_epoch, ""
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        self.model.eval()
+        predict = model_predictor(self.net, self.rt)
+        return batched_mse(predict, self.val_a, self.val_b, *self.val_idx, self.cfg.eval.batch_size)
+
+    @torch.no_grad()
+    def log_images(self) -> None:
+        n = 8
+        ia, ib = self.val_idx[0][:n], self.val_idx[1][:n]
+        x, y = mix(self.val_a[torch.as_tensor(ia, device=self.rt.device)], self.val_b[torch.as_tensor(ib, device=self.rt.device)])
+        self.model.eval()
+        pred = model_predictor(self.net, self.rt)(x).float().clamp(0, 1)
+        grid = separation_grid(x.cpu().numpy(), y.cpu().numpy(), pred.cpu().numpy())
+        self.writer.add_image("val/separation", grid[None], self.epoch, dataformats="CHW")
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()
+
+
+def train(
+    cfg: Config,
+    on_epoch: OnEpoch | None = None,
+    out_dir: str | Path = ".",
+    resume: str | Path | None = None,
+    splits: Splits | None = None,
+) -> TrainResult:
+    """Train ``cfg`` into ``out_dir`` (checkpoint/, tb/, metrics.json), resuming if asked.
+
+    A non-finite loss does not raise: it ends the run with ``status="diverged"`` and the
+    reason, leaving the last good checkpoint in place.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out_dir / "config.yaml")
+    tr = _Trainer(cfg, out_dir, splits)
+    if resume is not None:
+        tr.restore(resume)
+    t = cfg.train
+    log.info("training %s (%d params) %s into %s", cfg.model.variant, tr.n_params, tr.rt.describe(), out_dir)
+    status, reason = "completed", ""
+    try:
+        while tr.epoch < t.epochs:
+            _maybe_inject_fault(tr.epoch + 1)
+            t0 = time.perf_counter()
+            train_mse, reason = tr.train_epoch()
+            if reason:
+                status = "diverged"
+                log.warning("run diverged: %s", reason)
+                break
+            train_time = time.perf_counter() - t0
+            val = tr.validate()
+            if tr.plateau:
+                tr.plateau.step(val["mse"])
+            tr.epoch += 1
+            metrics = {
+                "epoch": tr.epoch,
+                "step": tr.step,
+                "train_mse": train_mse,
+                "val_mse": val["mse"],
+                "val_mse_digit": val["mse_digit"],
+                "val_mse_fashion": val["mse_fashion"],
+                "lr": tr.opt.param_groups[0]["lr"],
+                "samples_per_s": t.steps_per_epoch * t.batch_size / train_time,
+                "epoch_time_s": time.perf_counter() - t0,
+            }
+            tr.history.append(metrics)
+            if tr.writer:
+                w, e = tr.writer, tr.epoch
+                w.add_scalar("mse/train", train_mse, e)
+                w.add_scalar("mse/val", val["mse"], e)
+                w.add_scalar("mse/val_digit", val["mse_digit"], e)
+                w.add_scalar("mse/val_fashion", val["mse_fashion"], e)
+                w.add_scalar("lr", metrics["lr"], e)
+                w.add_scalar("perf/samples_per_s", metrics["samples_per_s"], e)
+                if t.image_every and (e % t.image_every == 0 or e == t.epochs or e == 1):
+                    tr.log_images()
+                w.flush()
+            tr.save()
+            log.info(
+                "epoch %d/%d train %.3e val %.3e lr %.1e %.0f samples/s",
+                tr.epoch, t.epochs, train_mse, val["mse"], metrics["lr"], metrics["samples_per_s"],
+            )  # fmt: skip
+            if on_epoch is not None:
+                on_epoch(metrics, tr.ckpt_dir)
+    finally:
+        tr.close()
+    last = tr.history[-1] if tr.history else {}
+    result = TrainResult(status, reason, tr.epoch, last, tr.history, out_dir)
+    atomic_write_json(
+        out_dir / "metrics.json",
+        {"status": status, "reason": reason, "epochs_done": tr.epoch, "n_params": tr.n_params, "final": last,
+         "history": tr.history},
+    )  # fmt: skip
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    @cli_entry
+    def _main() -> int:
+        p = argparse.ArgumentParser(prog="python -m bss_model.train", description="Train one U-Net configuration.")
+        p.add_argument("--config", default=None, help="YAML config (e.g. configs/seed.yaml); defaults in code otherwise")
+        p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key, e.g. --set train.lr=3e-4 (repeatable)")  # fmt: skip
+        p.add_argument("--out", default="runs", help="root folder; each run gets an auto-numbered subfolder")
+        p.add_argument("--data-dir", default=None, help="folder with mnist/ and fashion-mnist/ (sets data.dir)")
+        p.add_argument("--resume", default=None, help="checkpoint.pt or run folder to continue from")
+        args = p.parse_args(argv)
+        sets = list(args.sets) + ([f"data.dir={Path(args.data_dir).resolve()}"] if args.data_dir else [])
+        cfg = load_config(args.config, sets)
+        if args.resume:
+            resume = ckpt.resolve_path(args.resume)
+            out = resume.parent.parent if resume.parent.name == "checkpoint" else resume.parent
+        else:
+            resume = None
+            out = next_run_dir(Path(args.out), Path(args.config).stem if args.config else "default")
+        setup_logging(out / "train.log")
+        result = train(cfg, out_dir=out, resume=resume)
+        print(json.dumps({"status": result.status, "reason": result.reason, "run_dir": str(out), **result.metrics}))
+        return 0 if result.status == "completed" else 1
+
+    return _main()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
