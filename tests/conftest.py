@@ -1,0 +1,32 @@
+"""Shared fixtures.
+
+Tests run offline against a local copy of the datasets named by ``BSS_DATA_DIR``. A missing or
+wrong setting fails the run loudly: skipping would let a misconfigured CI pass without testing
+the data path at all.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """Folder holding ``mnist/`` and ``fashion-mnist/`` with the four canonical IDX files each."""
+    value = os.environ.get("BSS_DATA_DIR")
+    if not value:
+        pytest.fail(
+            "BSS_DATA_DIR is not set: point it at a folder holding mnist/ and fashion-mnist/ "
+            "(e.g. BSS_DATA_DIR=/work/shared/data); tests never download",
+            pytrace=False,
+        )
+    path = Path(value)
+    missing = [str(path / ds) for ds in ("mnist", "fashion-mnist") if not (path / ds).is_dir()]
+    if missing:
+        pytest.fail(
+            f"BSS_DATA_DIR={value} lacks {', '.join(missing)}: point it at the offline dataset copy", pytrace=False
+        )
+    return path
