@@ -58,10 +58,7 @@ class TrainResult:
     metrics: dict[str, Any]  # the last epoch's metrics
     history: list[dict[str, Any]] = field(default_factory=list)
     out_dir: Path | None = None
-
-    @property
-    def checkpoint(self) -> Path | None:
-        return self.out_dir / "checkpoint" / ckpt.FILENAME if self.out_dir else None
+    checkpoint_dir: Path | None = None
 
 
 def seed_everything(seed: int) -> None:
@@ -91,10 +88,10 @@ def _maybe_inject_fault(epoch: int) -> None:
 class _Trainer:
     """The state of one run; ``train()`` below is the public entry point."""
 
-    def __init__(self, cfg: Config, out_dir: Path, splits: Splits | None) -> None:
+    def __init__(self, cfg: Config, out_dir: Path, splits: Splits | None, ckpt_dir: Path) -> None:
         self.cfg = cfg
         self.out_dir = out_dir
-        self.ckpt_dir = out_dir / "checkpoint"
+        self.ckpt_dir = ckpt_dir
         t = cfg.train
         seed_everything(t.seed)
         self.rt: Runtime = resolve_runtime(t)
@@ -235,8 +232,12 @@ def train(
     out_dir: str | Path = ".",
     resume: str | Path | None = None,
     splits: Splits | None = None,
+    checkpoint_dir: str | Path | None = None,
 ) -> TrainResult:
     """Train ``cfg`` into ``out_dir`` (checkpoint/, tb/, metrics.json), resuming if asked.
+
+    The checkpoint goes to ``checkpoint_dir`` (default ``out_dir/checkpoint``), rewritten
+    atomically after every epoch.
 
     A non-finite loss does not raise: it ends the run with ``status="diverged"`` and the
     reason, leaving the last good checkpoint in place.
@@ -244,7 +245,7 @@ def train(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir / "config.yaml")
-    tr = _Trainer(cfg, out_dir, splits)
+    tr = _Trainer(cfg, out_dir, splits, Path(checkpoint_dir) if checkpoint_dir else out_dir / "checkpoint")
     if resume is not None:
         tr.restore(resume)
     t = cfg.train
@@ -297,7 +298,7 @@ def train(
     finally:
         tr.close()
     last = tr.history[-1] if tr.history else {}
-    result = TrainResult(status, reason, tr.epoch, last, tr.history, out_dir)
+    result = TrainResult(status, reason, tr.epoch, last, tr.history, out_dir, tr.ckpt_dir)
     atomic_write_json(
         out_dir / "metrics.json",
         {"status": status, "reason": reason, "epochs_done": tr.epoch, "n_params": tr.n_params, "final": last,

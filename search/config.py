@@ -1,0 +1,217 @@
+"""The search config: a base ``bss_model`` config, a search space, Tune and retrain settings.
+
+    base:      # any bss_model config (same keys as configs/seed.yaml)
+      model: {variant: tiny}
+      train: {epochs: 4, steps_per_epoch: 100}
+    space:     # dotted base keys -> a distribution
+      model.filters: {choice: [8, 12, 16]}
+      model.bottleneck_convs: {int: [1, 3]}       # inclusive
+      train.lr: {loguniform: [3.0e-4, 3.0e-3]}
+    tune: {num_samples: 8, max_concurrent: 2}
+    retrain: {seeds: 3}
+
+Every space dimension is checked up front: its key must exist in the base config,
+its range must be ordered and non-empty, and its endpoints (or every choice) must
+themselves make a valid config -- so ``model.filters: {int: [0, 8]}`` fails before
+any Ray worker starts, not hours into a search.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bss_model.config import Config, apply_overrides, build, config_from_dict, read_yaml, resolve_variant
+from bss_model.errors import BssError, ConfigError
+
+DISTRIBUTIONS = ("choice", "int", "uniform", "loguniform", "logint")
+
+
+@dataclass
+class TuneSection:
+    name: str = ""  # experiment folder name under storage_path; default: the config file's stem
+    # Local folder, shared filesystem path (NFS) or any URI Ray accepts (s3://, gs://).
+    storage_path: str = "results"
+    num_samples: int = 8
+    max_concurrent: int = 2
+    cpus_per_trial: float = 1.0
+    # A GPU fraction lets several small trials share one GPU (0.25 = four per GPU).
+    # Forced to 0 when the cluster has no GPU, so the same config runs on a laptop.
+    gpus_per_trial: float = 0.0
+    seed: int = 0  # TPE sampler seed
+    n_startup_trials: int = 4  # random trials before TPE starts modelling
+    grace_period: int = 1  # ASHA: epochs before a trial can be stopped
+    reduction_factor: float = 2.0
+    max_failures: int = 2  # retries per trial, each from its last checkpoint
+    # Known-good starting points: mappings of space keys to values (e.g. the reference).
+    points_to_evaluate: list = field(default_factory=list)
+    checkpoints_to_keep: int = 2
+    verbose: int = 1  # Tune console verbosity: 0 silent, 1 trial table, 2 + results
+
+    def validate(self) -> None:
+        def check(ok: bool, key: str, value: Any, expected: str) -> None:
+            if not ok:
+                raise ConfigError(f"tune.{key}={value!r} is out of range: expected {expected}")
+
+        check(self.num_samples >= 1, "num_samples", self.num_samples, ">= 1 trial")
+        check(self.max_concurrent >= 1, "max_concurrent", self.max_concurrent, ">= 1")
+        check(self.cpus_per_trial > 0, "cpus_per_trial", self.cpus_per_trial, "> 0")
+        check(self.gpus_per_trial >= 0, "gpus_per_trial", self.gpus_per_trial, ">= 0")
+        check(self.n_startup_trials >= 0, "n_startup_trials", self.n_startup_trials, ">= 0")
+        check(self.grace_period >= 1, "grace_period", self.grace_period, ">= 1 epoch")
+        check(self.reduction_factor > 1, "reduction_factor", self.reduction_factor, "> 1")
+        check(self.max_failures >= 0, "max_failures", self.max_failures, ">= 0")
+        check(self.checkpoints_to_keep >= 1, "checkpoints_to_keep", self.checkpoints_to_keep, ">= 1")
+        check(self.verbose in (0, 1, 2, 3), "verbose", self.verbose, "0..3")
+        if self.name and (Path(self.name).name != self.name or self.name.startswith(".")):
+            raise ConfigError(f"tune.name={self.name!r} must be a plain folder name: drop slashes and leading dots")
+
+
+@dataclass
+class RetrainSection:
+    seeds: int = 5  # independent retrains of the best config; report mean ± std over them
+    first_seed: int = 1000  # seeds are first_seed, first_seed+1, ... (distinct from search seeds)
+    max_concurrent: int = 0  # 0 = tune.max_concurrent
+    # Dotted overrides applied to the best config for the retrain (e.g. a longer budget).
+    overrides: dict = field(default_factory=dict)
+    images: int = 8  # test mixtures in the separation picture
+
+    def validate(self) -> None:
+        if self.seeds < 1:
+            raise ConfigError(f"retrain.seeds={self.seeds} is out of range: expected >= 1")
+        if self.max_concurrent < 0:
+            raise ConfigError(f"retrain.max_concurrent={self.max_concurrent} is out of range: expected >= 0")
+        if self.images < 1:
+            raise ConfigError(f"retrain.images={self.images} is out of range: expected >= 1")
+
+    @property
+    def seed_list(self) -> list[int]:
+        return [self.first_seed + i for i in range(self.seeds)]
+
+
+@dataclass
+class SearchConfig:
+    base: Config = field(default_factory=Config)
+    space: dict = field(default_factory=dict)
+    tune: TuneSection = field(default_factory=TuneSection)
+    retrain: RetrainSection = field(default_factory=RetrainSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------
+
+
+def with_overrides(base: dict[str, Any], params: dict[str, Any], where: str = "") -> Config:
+    """A validated Config: ``base`` (a raw nested dict) with dotted ``params`` applied."""
+    data = copy.deepcopy(base)
+    for key, value in params.items():
+        node = data
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    try:
+        return config_from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}{exc}") from None
+
+
+def parse_dimension(key: str, spec: Any) -> tuple[str, list[Any]]:
+    """Check one space entry's shape; returns (kind, args)."""
+    where = f"space.{key}"
+    if not isinstance(spec, dict) or len(spec) != 1:
+        raise ConfigError(
+            f"{where} must be one mapping like {{loguniform: [1.0e-4, 1.0e-2]}} or {{choice: [16, 32]}}; "
+            f"kinds: {', '.join(DISTRIBUTIONS)}"
+        )
+    kind, args = next(iter(spec.items()))
+    if kind not in DISTRIBUTIONS:
+        import difflib
+
+        close = difflib.get_close_matches(str(kind), DISTRIBUTIONS, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else f"use one of {', '.join(DISTRIBUTIONS)}"
+        raise ConfigError(f"{where} has unknown distribution '{kind}': {hint}")
+    if not isinstance(args, list):
+        raise ConfigError(f"{where}.{kind} must be a list, got {type(args).__name__}")
+    if kind == "choice":
+        if not args:
+            raise ConfigError(f"{where}.choice is an empty list: give at least one value")
+        return kind, args
+    if len(args) != 2:
+        raise ConfigError(f"{where}.{kind} must be [low, high], got {args!r}")
+    try:
+        low, high = (float(a) for a in args)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}.{kind} bounds must be numbers, got {args!r}") from None
+    if low > high:
+        raise ConfigError(f"{where}.{kind} has low > high ({args[0]} > {args[1]}): swap the bounds")
+    if kind in ("loguniform", "logint") and low <= 0:
+        raise ConfigError(f"{where}.{kind} needs low > 0 for a log scale, got {args[0]}")
+    if kind in ("int", "logint"):
+        if not (low.is_integer() and high.is_integer()):
+            raise ConfigError(f"{where}.{kind} bounds must be integers, got {args!r}")
+        return kind, [int(low), int(high)]
+    return kind, [low, high]
+
+
+def validate_space(base: dict[str, Any], space: dict[str, Any]) -> dict[str, tuple[str, list[Any]]]:
+    """Parse every dimension and prove each endpoint/choice yields a valid config."""
+    if not isinstance(space, dict) or not space:
+        raise ConfigError("space is empty: declare at least one dimension, e.g. train.lr: {loguniform: [1e-4, 1e-2]}")
+    parsed = {}
+    for key, spec in space.items():
+        kind, args = parse_dimension(str(key), spec)
+        values = args if kind == "choice" else args  # endpoints of ranges, every value of a choice
+        for value in values:
+            with_overrides(base, {key: value}, where=f"space.{key}: ")
+        parsed[str(key)] = (kind, args)
+    return parsed
+
+
+def load_search_config(path: str | Path | None, sets: list[str] | None = None) -> SearchConfig:
+    """Defaults <- YAML <- ``--set``; base, space, points_to_evaluate and retrain overrides validated."""
+    raw = apply_overrides(read_yaml(path) if path else {}, sets)
+    base_raw = raw.get("base") or {}
+    if not isinstance(base_raw, dict):
+        raise ConfigError("base must be a mapping (a bss_model config: data/model/train/eval)")
+    if isinstance(base_raw.get("model"), dict) or "model" not in base_raw:
+        base_raw = {**base_raw, "model": resolve_variant(base_raw.get("model"))}
+    raw = {**raw, "base": base_raw}
+    cfg: SearchConfig = build(SearchConfig, raw)
+    try:
+        cfg.base.validate()
+    except ConfigError as exc:
+        raise ConfigError(f"base.{exc}") from None
+    cfg.tune.validate()
+    cfg.retrain.validate()
+    base = cfg.base.to_dict()
+    parsed = validate_space(base, cfg.space)
+    for i, point in enumerate(cfg.tune.points_to_evaluate):
+        if not isinstance(point, dict):
+            raise ConfigError(f"tune.points_to_evaluate[{i}] must be a mapping of space keys to values")
+        unknown = set(point) - set(parsed)
+        if unknown:
+            raise ConfigError(
+                f"tune.points_to_evaluate[{i}] sets {sorted(unknown)} which are not space dimensions: "
+                f"use keys from {sorted(parsed)}"
+            )
+        with_overrides(base, point, where=f"tune.points_to_evaluate[{i}]: ")
+    try:
+        with_overrides(base, dict(cfg.retrain.overrides), where="retrain.overrides: ")
+    except BssError:
+        raise
+    if not cfg.tune.name:
+        cfg.tune.name = Path(path).stem if path else "search"
+    return cfg
+
+
+def search_config_from_dict(data: dict[str, Any]) -> SearchConfig:
+    """Rebuild a saved (resolved) search config."""
+    cfg: SearchConfig = build(SearchConfig, data)
+    cfg.base.validate()
+    return cfg
