@@ -1,0 +1,42 @@
+# Every target creates .venv on first use, with exact pins from constraints.txt
+# (torch stays on the 2.13.0 CPU build on machines without a GPU).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+CONFIG ?= configs/smoke.yaml
+# A fresh, timestamped experiment name per `make search`, so nothing is ever overwritten.
+NAME   ?= $(basename $(notdir $(CONFIG)))-$(shell date +%Y%m%d-%H%M%S)
+
+.PHONY: setup search test lint format bench train-seed tensorboard clean
+
+$(BIN)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+setup: $(BIN)/.installed
+
+search: setup  ## the main job: search + retrain over seeds + report (local Ray by default)
+	$(BIN)/python search/run.py --config $(CONFIG) --name $(NAME) $(ARGS)
+
+test: setup  ## the whole suite (reads data from $$BSS_DATA_DIR; never downloads)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff check --fix . && $(BIN)/ruff format .
+
+bench: setup  ## training throughput: eager fp32 vs the default path, side by side
+	$(BIN)/python benchmarks/train_throughput.py $(ARGS)
+
+train-seed: setup  ## the reference run (hours on a GPU)
+	$(BIN)/python -m bss_model.train --config configs/seed.yaml $(ARGS)
+
+tensorboard: setup  ## bound to localhost; pass ARGS="--host 0.0.0.0" to expose it
+	$(BIN)/tensorboard --logdir results --host 127.0.0.1 $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

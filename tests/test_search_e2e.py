@@ -1,0 +1,172 @@
+"""End to end: the smoke search, smaller, on real data with a local Ray.
+
+One session-scoped run of ``search/run.py`` feeds every assertion here (a Ray search
+is the expensive part); a second run checks that ``--resume`` of the finished
+experiment loses no trial and recomputes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = [
+    "--set", "base.train.epochs=2",
+    "--set", "base.train.steps_per_epoch=60",
+    "--set", "base.data.val_pairs=500",
+    "--set", "base.eval.draws=2",
+    "--set", "base.eval.pairs=1000",
+    "--set", "tune.num_samples=4",
+    "--set", "retrain.seeds=2",
+    "--set", "tune.verbose=1",
+]  # fmt: skip
+REPORT_KEYS = {
+    "best_config", "best_val_mse", "num_trials", "num_completed", "num_errored", "seeds", "test_mse_per_seed",
+    "test_mse_mean", "test_mse_std", "baseline_mix_mse", "reference_test_mse",
+}  # fmt: skip
+
+pytestmark = pytest.mark.slow
+
+
+def run_search(tmp: Path, data_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "BSS_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, str(ROOT / "search/run.py"), "--config", str(ROOT / "configs/smoke.yaml"),
+           "--storage-path", str(tmp / "results"), "--name", "e2e", *TINY, *extra]  # fmt: skip
+    return subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
+
+
+def result_lines(trial_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def experiment(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> tuple[Path, subprocess.CompletedProcess]:
+    tmp = tmp_path_factory.mktemp("e2e")
+    proc = run_search(tmp, data_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    return tmp / "results" / "e2e", proc
+
+
+def test_search_completes_without_errors(experiment: tuple[Path, subprocess.CompletedProcess]) -> None:
+    exp, proc = experiment
+    report = json.loads((exp / "report.json").read_text())
+    trials = [d for d in (exp / "search").iterdir() if d.is_dir() and d.name.startswith("train_trial")]
+    assert len(trials) == report["num_trials"] == 4
+    assert report["num_errored"] == 0
+    assert not [d for d in trials if (d / "error.txt").exists()], "a trial errored"
+    assert report["num_completed"] + report["num_stopped_early"] == 4
+    assert report["num_completed"] >= 1
+    # The console ends with the report path and the headline.
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-2] == f"report: {exp / 'report.md'}"
+    assert lines[-1].startswith("test MSE ") and lines[-1].endswith(" over 2 seeds")
+
+
+def test_report_keys_and_consistency(experiment: tuple[Path, subprocess.CompletedProcess]) -> None:
+    exp, _ = experiment
+    r = json.loads((exp / "report.json").read_text())
+    assert REPORT_KEYS <= set(r)
+    assert len(r["seeds"]) == len(r["test_mse_per_seed"]) == 2
+    assert r["test_mse_mean"] == pytest.approx(np.mean(r["test_mse_per_seed"]), rel=1e-12)
+    assert r["test_mse_std"] == pytest.approx(np.std(r["test_mse_per_seed"]), rel=1e-12, abs=1e-15)
+    assert r["reference_test_mse"] == pytest.approx(3.677e-4)
+    # A tiny U-Net after 120 steps must still beat predicting the mixture for both components.
+    assert 0 < r["test_mse_mean"] < r["baseline_mix_mse"]
+    # The winner ran the full budget and has the lowest validation MSE among those that did.
+    full = [t for t in r["trials"] if t["status"] == "completed"]
+    assert r["best_val_mse"] == min(t["val_mse"] for t in full)
+    assert r["best_config"]["train"]["epochs"] == 2
+    for key, value in r["best_params"].items():
+        section, name = key.split(".")
+        assert r["best_config"][section][name] == value
+    md = (exp / "report.md").read_text()
+    assert f"{r['test_mse_mean']:.3e}" in md and "reference" in md and "mix baseline" in md
+    for png in ("separations.png", "optimization_history.png", "param_importances.png"):
+        assert f"]({png})" in md
+
+
+def test_search_trials_never_touch_the_test_set(experiment: tuple[Path, subprocess.CompletedProcess]) -> None:
+    exp, _ = experiment
+    for trial in (exp / "search").glob("train_trial*"):
+        for line in result_lines(trial):
+            assert not [k for k in line if k.startswith(("test_", "baseline_"))], trial.name
+    # ... while every retrain seed carries its protocol result.
+    for trial in (exp / "retrain").glob("train_trial*"):
+        assert "test_mse_mean" in result_lines(trial)[-1]
+
+
+def test_best_model_reloads_and_reproduces_test_mse(experiment: tuple[Path, subprocess.CompletedProcess]) -> None:
+    import torch
+
+    from bss_model.evaluate import evaluate_checkpoint
+
+    exp, _ = experiment
+    r = json.loads((exp / "report.json").read_text())
+    state = torch.load(exp / "best_model.pt", weights_only=True)
+    assert state["seed"] == r["best_seed"]
+    assert state["config"]["model"] == r["best_config"]["model"]
+    result = evaluate_checkpoint(exp / "best_model.pt", device="cpu")
+    assert result["test_mse_mean"] == pytest.approx(r["best_seed_test"]["test_mse_mean"], rel=1e-4)
+    best_index = r["seeds"].index(r["best_seed"])
+    assert result["test_mse_mean"] == pytest.approx(r["test_mse_per_seed"][best_index], rel=1e-4)
+
+
+def test_tensorboard_event_files(experiment: tuple[Path, subprocess.CompletedProcess]) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    exp, _ = experiment
+    for phase in ("search", "retrain"):
+        trials = sorted((exp / phase).glob("train_trial*"))
+        assert trials
+        for trial in trials:
+            ours = EventAccumulator(str(trial / "tb"))
+            ours.Reload()
+            tags = set(ours.Tags()["scalars"])
+            assert {"mse/train", "mse/val", "lr", "perf/samples_per_s"} <= tags, trial.name
+            last_val = ours.Scalars("mse/val")[-1].value
+            assert last_val == pytest.approx(result_lines(trial)[-1]["val_mse"], rel=1e-5)
+            tune = EventAccumulator(str(trial))
+            tune.Reload()
+            assert "ray/tune/val_mse" in tune.Tags()["scalars"], trial.name
+    first = sorted((exp / "retrain").glob("train_trial*"))[0]
+    ours = EventAccumulator(str(first / "tb"))
+    ours.Reload()
+    assert "val/separation" in ours.Tags()["images"]
+
+
+def test_pictures_are_valid_pngs(experiment: tuple[Path, subprocess.CompletedProcess]) -> None:
+    from PIL import Image
+
+    exp, _ = experiment
+    for name in ("separations.png", "optimization_history.png", "param_importances.png"):
+        data = (exp / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n", name
+        with Image.open(exp / name) as img:
+            img.verify()
+            assert img.size[0] > 100 and img.size[1] > 100
+
+
+def test_resume_of_finished_experiment_loses_nothing(
+    experiment: tuple[Path, subprocess.CompletedProcess], data_dir: Path
+) -> None:
+    exp, _ = experiment
+    before = json.loads((exp / "report.json").read_text())
+    lines_before = {t.name: (t / "result.json").read_text() for t in (exp / "search").glob("train_trial*")}
+    seeds_before = {t.name: (t / "result.json").read_text() for t in (exp / "retrain").glob("train_trial*")}
+    proc = run_search(exp.parent.parent, data_dir, "--resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    after = json.loads((exp / "report.json").read_text())
+    assert {t.name: (t / "result.json").read_text() for t in (exp / "search").glob("train_trial*")} == lines_before
+    assert {t.name: (t / "result.json").read_text() for t in (exp / "retrain").glob("train_trial*")} == seeds_before
+    assert after["num_trials"] == before["num_trials"]
+    assert after["test_mse_per_seed"] == before["test_mse_per_seed"]
+    assert after["best_params"] == before["best_params"]
+    assert not math.isnan(after["test_mse_mean"])
