@@ -26,7 +26,7 @@ import yaml
 
 from bss_model.config import Config
 from bss_model.errors import BssError, ConfigError
-from bss_model.io import atomic_write_json, atomic_write_text
+from bss_model.io import atomic_write_text
 from search.config import SearchConfig, search_config_from_dict, validate_space, with_overrides
 
 log = logging.getLogger("bss")
@@ -405,7 +405,9 @@ class RetrainProgress:
 
             def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
                 seed = trial.config.get("train.seed")
-                line = f"retrain seed {seed}: epoch {result.get('epoch')}/{epochs} val {result.get(METRIC, math.nan):.3e}"
+                line = (
+                    f"retrain seed {seed}: epoch {result.get('epoch')}/{epochs} val {result.get(METRIC, math.nan):.3e}"
+                )
                 if "test_mse_mean" in result:
                     line += f" test {result['test_mse_mean']:.3e}"
                 print(f"{line}  [{len(self.done)}/{seeds} seeds done]", flush=True)

@@ -249,7 +249,7 @@ def render_markdown(r: dict[str, Any]) -> str:
         "",
         "## Retrain over seeds (reference protocol on the test sets)",
         "",
-        f"Protocol: {r['protocol']['draws']} draws x {r['protocol']['pairs']} test pairs, seed {r['protocol']['seed']}.",
+        "Protocol: {draws} draws x {pairs} test pairs, seed {seed}.".format(**r["protocol"]),
         "",
         "| seed | val MSE | test MSE |",
         "|---|---|---|",
@@ -259,7 +259,7 @@ def render_markdown(r: dict[str, Any]) -> str:
     ratio = r["test_mse_mean"] / r["reference_test_mse"]
     lines += [
         "",
-        f"| | test MSE |",
+        "| | test MSE |",
         "|---|---|",
         f"| this search (mean ± std) | {r['test_mse_mean']:.3e} ± {r['test_mse_std']:.1e} |",
         f"| reference U-Net | {r['reference_test_mse']:.3e} |",

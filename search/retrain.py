@@ -87,10 +87,14 @@ def main(argv: list[str] | None = None) -> int:
         args = p.parse_args(argv)
         t0 = time.time()
         if args.experiment:
-            root = str(Path(args.experiment).expanduser().resolve()) if "://" not in args.experiment else args.experiment
+            root = (
+                str(Path(args.experiment).expanduser().resolve()) if "://" not in args.experiment else args.experiment
+            )
             cfg = ex.load_saved_config(root)
             if cfg is None:
-                raise ConfigError(f"{root} has no search_config.yaml: pass the folder of an experiment made by search/run.py")
+                raise ConfigError(
+                    f"{root} has no search_config.yaml: pass the folder of an experiment made by search/run.py"
+                )
             summary_path = ex.local_dir(root) / "search_summary.json"
             if not summary_path.exists():
                 raise ConfigError(

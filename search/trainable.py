@@ -40,9 +40,9 @@ def _node_info() -> dict[str, Any]:
 
 def _evaluate_on_test(cfg: Config, checkpoint_dir: Path) -> dict[str, Any]:
     """The final evaluation: the reference protocol on the test sets (retrain trials only)."""
+    from bss_model.checkpoint import load_model
     from bss_model.data import load_test
     from bss_model.evaluate import evaluate_model
-    from bss_model.checkpoint import load_model
     from bss_model.runtime import resolve_runtime
 
     runtime = resolve_runtime(cfg.train)
@@ -78,8 +78,12 @@ def train_trial(params: dict[str, Any], base: dict[str, Any], evaluate_test: boo
         if evaluate_test and metrics["epoch"] == cfg.train.epochs:
             test = _evaluate_on_test(cfg, checkpoint_dir)
             (checkpoint_dir / TEST_METRICS).write_text(json.dumps(test, indent=2))
-            out.update({k: v for k, v in test.items() if not isinstance(v, list) and k not in ("draws", "pairs", "seed")})
-            out.update({"protocol_draws": test["draws"], "protocol_pairs": test["pairs"], "protocol_seed": test["seed"]})
+            out.update(
+                {k: v for k, v in test.items() if not isinstance(v, list) and k not in ("draws", "pairs", "seed")}
+            )
+            out.update(
+                {"protocol_draws": test["draws"], "protocol_pairs": test["pairs"], "protocol_seed": test["seed"]}
+            )
         tune.report(out, checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))
 
     try:
