@@ -8,7 +8,6 @@ rebuilds its model.
 from __future__ import annotations
 
 import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +45,9 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
             f"{path} was refused by the safe loader (weights_only=True): {first}. Only load checkpoints you trust"
             " that were written by bss-search"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as exc:
+    except Exception as exc:  # garbage bytes can make the unpickler raise almost anything
+        # (RuntimeError, EOFError, BadZipFile, ValueError, but also IndexError/KeyError from a
+        # random byte stream): every one of them means "this file is not a checkpoint".
         raise CheckpointError(f"{path} is not a readable checkpoint ({type(exc).__name__}): retrain or pass another file") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a bss-search checkpoint (no '{FORMAT}' marker): pass a file written by bss-search")

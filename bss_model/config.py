@@ -177,6 +177,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = get_origin(tp)
     if origin is Literal:
         choices = get_args(tp)
+        if isinstance(value, bool) and "on" in choices and "off" in choices:
+            # YAML 1.1 (PyYAML) reads a bare on/off (and yes/no) as a boolean: `compile: off`
+            # and `--set train.compile=off` mean the string choice.
+            value = "on" if value else "off"
         if value not in choices:
             raise ConfigError(f"{key}={value!r} is not allowed: use one of {', '.join(map(repr, choices))}")
         return value

@@ -1,0 +1,261 @@
+"""Tests for bss_model.config: defaults <- YAML <- --set, type/range checks, one-line errors, the CLI contract."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bss_model.config import (
+    Config,
+    DataConfig,
+    EvalConfig,
+    ModelConfig,
+    TrainConfig,
+    load_config,
+    save_config,
+)
+from bss_model.errors import BssError, ConfigError
+from bss_model.variants import VARIANTS
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, text: str, name: str = "cfg.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def config_error(path: Path | None = None, sets: list[str] | None = None) -> str:
+    """The message of the ConfigError that loading raises; asserts it is a single line."""
+    with pytest.raises(ConfigError) as info:
+        load_config(path, sets)
+    message = str(info.value)
+    assert message, "a ConfigError must say what is wrong"
+    assert "\n" not in message, f"ConfigError must be one line, got {message!r}"
+    return message
+
+
+# --------------------------------------------------------------------------------------
+# Precedence: defaults <- YAML <- --set
+
+
+def test_defaults_load_and_match_the_dataclasses() -> None:
+    cfg = load_config()
+    assert cfg == Config()
+    # Spot-check against the dataclass field defaults, so a default cannot drift silently.
+    for section, cls in (("data", DataConfig), ("model", ModelConfig), ("train", TrainConfig), ("eval", EvalConfig)):
+        for f in dataclasses.fields(cls):
+            expected = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            assert getattr(getattr(cfg, section), f.name) == expected, f"{section}.{f.name}"
+    # The default variant is the reference network.
+    for key, value in VARIANTS["seed"].items():
+        assert getattr(cfg.model, key) == value
+    assert isinstance(cfg.train.lr, float)
+
+
+def test_yaml_overrides_defaults_and_set_overrides_yaml(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "train:\n  epochs: 7\n  batch_size: 64\n  schedule: cosine\neval:\n  draws: 3\ndata:\n  val_pairs: 500\n",
+    )
+    cfg = load_config(path)
+    assert (cfg.train.epochs, cfg.train.batch_size, cfg.train.schedule) == (7, 64, "cosine")
+    assert cfg.eval.draws == 3 and cfg.data.val_pairs == 500
+    # Keys the file does not set keep their defaults.
+    assert cfg.train.steps_per_epoch == TrainConfig.steps_per_epoch
+    assert cfg.eval.pairs == EvalConfig.pairs
+
+    cfg = load_config(path, ["train.epochs=9", "eval.pairs=123", "train.lr=3e-4", "train.tensorboard=false"])
+    assert cfg.train.epochs == 9  # --set beats the file
+    assert cfg.train.batch_size == 64  # the file still beats the default
+    assert cfg.eval.pairs == 123 and cfg.eval.draws == 3
+    assert cfg.train.lr == pytest.approx(3e-4) and isinstance(cfg.train.lr, float)
+    assert cfg.train.tensorboard is False
+    # The last --set of a key wins.
+    assert load_config(path, ["train.epochs=2", "train.epochs=5"]).train.epochs == 5
+
+
+def test_yaml_exponent_float_becomes_float(tmp_path: Path) -> None:
+    text = "train:\n  lr: 1e-3\n  min_lr: 1e-6\n  weight_decay: 5e-5\n"
+    # The premise: PyYAML (YAML 1.1) reads 1e-3 as a string.
+    assert yaml.safe_load(text)["train"]["lr"] == "1e-3"
+    cfg = load_config(write(tmp_path, text))
+    assert type(cfg.train.lr) is float and cfg.train.lr == 1e-3
+    assert type(cfg.train.min_lr) is float and cfg.train.min_lr == 1e-6
+    assert type(cfg.train.weight_decay) is float and cfg.train.weight_decay == 5e-5
+    # An integer where a float is expected becomes a float too.
+    assert type(load_config(None, ["train.lr=1"]).train.lr) is float
+
+
+def test_on_off_literals_accept_yaml_booleans(tmp_path: Path) -> None:
+    # PyYAML reads bare on/off as booleans; for on/auto/off choices they mean the strings.
+    cfg = load_config(write(tmp_path, "train:\n  channels_last: off\n  compile: on\n"))
+    assert (cfg.train.channels_last, cfg.train.compile) == ("off", "on")
+    cfg = load_config(None, ["train.compile=off", "train.channels_last=on"])
+    assert (cfg.train.compile, cfg.train.channels_last) == ("off", "on")
+    # A boolean is still no valid value for a Literal without on/off choices.
+    assert "train.precision" in config_error(None, ["train.precision=true"])
+
+
+def test_variant_preset_expands_and_explicit_keys_win(tmp_path: Path) -> None:
+    tiny = VARIANTS["tiny"]
+    cfg = load_config(write(tmp_path, "model:\n  variant: tiny\n"))
+    assert cfg.model.variant == "tiny"
+    for key, value in tiny.items():
+        assert getattr(cfg.model, key) == value, key
+
+    # A key set beside the variant (in the file or by --set) overrides the preset; the rest stays preset.
+    cfg = load_config(write(tmp_path, "model:\n  variant: tiny\n  filters: 12\n"), ["model.depth=3"])
+    assert cfg.model.filters == 12 and cfg.model.depth == 3
+    for key, value in tiny.items():
+        if key not in ("filters", "depth"):
+            assert getattr(cfg.model, key) == value, key
+
+    # The variant can come from --set alone and still expands.
+    cfg = load_config(None, ["model.variant=seed-bn-consistent"])
+    assert (cfg.model.norm, cfg.model.head) == ("batch", "consistent")
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_variant_preset_is_a_valid_config(variant: str) -> None:
+    cfg = load_config(None, [f"model.variant={variant}"])
+    assert {k: getattr(cfg.model, k) for k in VARIANTS[variant]} == VARIANTS[variant]
+
+
+def test_saved_config_round_trips(tmp_path: Path) -> None:
+    cfg = load_config(None, ["model.variant=tiny", "model.filters=6", "train.lr=2e-3", "train.compile=off"])
+    save_config(cfg, tmp_path / "saved.yaml")
+    assert load_config(tmp_path / "saved.yaml") == cfg
+
+
+# --------------------------------------------------------------------------------------
+# Errors: one line, naming the key
+
+
+def test_unknown_key_suggests_the_closest(tmp_path: Path) -> None:
+    message = config_error(write(tmp_path, "train:\n  epoch: 3\n"))
+    assert "train.epoch" in message and "did you mean 'train.epochs'" in message
+    message = config_error(None, ["trian.epochs=3"])
+    assert "trian" in message and "did you mean 'train'" in message
+    message = config_error(None, ["model.filtres=8"])
+    assert "model.filtres" in message and "did you mean 'model.filters'" in message
+
+
+@pytest.mark.parametrize(
+    ("sets", "key", "words"),
+    [
+        (["train.epochs=abc"], "train.epochs", "wrong type"),
+        (["model.filters=1.5"], "model.filters", "wrong type"),
+        (["train.lr=fast"], "train.lr", "wrong type"),
+        (["train.tensorboard=3"], "train.tensorboard", "wrong type"),
+        (["data.dir=[1, 2]"], "data.dir", "wrong type"),
+        (["train.lr=0"], "train.lr", "out of range"),
+        (["train.lr=-1e-3"], "train.lr", "out of range"),
+        (["train.lr=.nan"], "train.lr", "out of range"),
+        (["model.filters=0"], "model.filters", "out of range"),
+        (["model.depth=6"], "model.depth", "out of range"),
+        (["model.depth=0"], "model.depth", "out of range"),
+        (["data.val_fraction=1.5"], "data.val_fraction", "out of range"),
+        (["train.min_lr=1"], "train.min_lr", "out of range"),
+        (["train.device=gpu"], "train.device", "out of range"),
+        (["model.norm=layer"], "model.norm", "not allowed"),
+        (["train.schedule=step"], "train.schedule", "not allowed"),
+        (["train.precision=fp16"], "train.precision", "not allowed"),
+        (["model.variant=huge"], "model.variant", "unknown"),
+    ],
+)
+def test_bad_values_name_the_key(sets: list[str], key: str, words: str) -> None:
+    message = config_error(None, sets)
+    assert key in message and words in message
+
+
+def test_bad_values_from_yaml_name_the_key(tmp_path: Path) -> None:
+    assert "train.epochs" in config_error(write(tmp_path, 'train:\n  epochs: "abc"\n'))
+    assert "model.filters" in config_error(write(tmp_path, "model:\n  filters: 1.5\n"))
+    assert "model.depth" in config_error(write(tmp_path, "model:\n  depth: 6\n"))
+    message = config_error(write(tmp_path, "train: 3\n"))
+    assert "train" in message and "mapping" in message
+
+
+@pytest.mark.parametrize("item", ["train.epochs", "=3", "train..epochs=3", ".epochs=3", "train.=3"])
+def test_malformed_set_is_rejected(item: str) -> None:
+    message = config_error(None, [item])
+    assert "--set" in message and "malformed" in message
+
+
+def test_set_into_a_value_is_rejected() -> None:
+    message = config_error(None, ["train.epochs.x=3"])
+    assert "epochs" in message
+
+
+def test_yaml_syntax_error(tmp_path: Path) -> None:
+    path = write(tmp_path, "train:\n  epochs: [1, 2\n  lr: 3\n")
+    message = config_error(path)
+    assert str(path) in message and "not valid YAML" in message and "line" in message
+
+
+def test_python_tags_are_rejected_and_not_run(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    path = write(tmp_path, f'train: !!python/object/apply:os.system ["touch {marker}"]\n')
+    message = config_error(path)
+    assert "tag" in message and "not allowed" in message
+    assert not marker.exists(), "safe_load must never call os.system"
+
+
+@pytest.mark.parametrize("text", ["- train\n- model\n", "just a string\n", "42\n"])
+def test_non_mapping_file_is_rejected(tmp_path: Path, text: str) -> None:
+    message = config_error(write(tmp_path, text))
+    assert "mapping" in message
+
+
+def test_missing_file_and_empty_file(tmp_path: Path) -> None:
+    message = config_error(tmp_path / "nope.yaml")
+    assert "nope.yaml" in message and "does not exist" in message
+    # An empty file is an empty mapping: all defaults.
+    assert load_config(write(tmp_path, "")) == Config()
+
+
+def test_config_error_is_a_user_error() -> None:
+    assert issubclass(ConfigError, BssError) and ConfigError.exit_code == 2
+
+
+# --------------------------------------------------------------------------------------
+# The CLI contract: exit 2, one "error:" line on stderr, no traceback
+
+
+@pytest.mark.parametrize(
+    ("content", "args"),
+    [
+        (None, []),  # the file does not exist
+        ("train:\n  epochs: abc\n", []),
+        ("model:\n  depth: 6\n", []),
+        ("train: !!python/object/apply:os.system [echo hi]\n", []),
+        ("train:\n  epochs: 1\n", ["--set", "train.epochs"]),
+    ],
+    ids=["missing", "wrong-type", "out-of-range", "python-tag", "malformed-set"],
+)
+def test_train_cli_reports_bad_config_in_one_line(tmp_path: Path, content: str | None, args: list[str]) -> None:
+    path = tmp_path / "bad.yaml"
+    if content is not None:
+        path.write_text(content)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "bss_model.train", "--config", str(path), "--out", str(tmp_path / "runs"), *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error:") and "Traceback" not in proc.stderr
+    assert not (tmp_path / "runs").exists(), "a bad config must fail before a run folder is made"
