@@ -48,9 +48,13 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     except Exception as exc:  # garbage bytes can make the unpickler raise almost anything
         # (RuntimeError, EOFError, BadZipFile, ValueError, but also IndexError/KeyError from a
         # random byte stream): every one of them means "this file is not a checkpoint".
-        raise CheckpointError(f"{path} is not a readable checkpoint ({type(exc).__name__}): retrain or pass another file") from None
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint ({type(exc).__name__}): retrain or pass another file"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a bss-search checkpoint (no '{FORMAT}' marker): pass a file written by bss-search")
+        raise CheckpointError(
+            f"{path} is not a bss-search checkpoint (no '{FORMAT}' marker): pass a file written by bss-search"
+        )
     return state
 
 
@@ -58,7 +62,9 @@ def config_of(state: dict[str, Any], path: str | Path = "checkpoint") -> Config:
     try:
         return config_from_dict(state["config"])
     except (KeyError, BssError) as exc:
-        raise CheckpointError(f"{path} holds no valid config ({exc}): pass a checkpoint written by this version") from None
+        raise CheckpointError(
+            f"{path} holds no valid config ({exc}): pass a checkpoint written by this version"
+        ) from None
 
 
 def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], path: str | Path) -> None:
@@ -66,7 +72,9 @@ def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], path:
         model.load_state_dict(weights)
     except RuntimeError as exc:
         detail = str(exc).splitlines()[0]
-        raise CheckpointError(f"{path} does not fit this model ({detail}): its model config differs from yours") from None
+        raise CheckpointError(
+            f"{path} does not fit this model ({detail}): its model config differs from yours"
+        ) from None
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[UNet, Config]:

@@ -88,9 +88,7 @@ def mix_baseline(x: torch.Tensor) -> torch.Tensor:
     return x.expand(-1, 2, -1, -1)
 
 
-def run_protocol(
-    predict: Predictor, test_a: torch.Tensor, test_b: torch.Tensor, cfg: EvalConfig
-) -> dict[str, Any]:
+def run_protocol(predict: Predictor, test_a: torch.Tensor, test_b: torch.Tensor, cfg: EvalConfig) -> dict[str, Any]:
     """Per-draw MSEs of ``predict`` and their summary (mean, std, min, per component)."""
     draws = [
         batched_mse(predict, test_a, test_b, ia, ib, cfg.batch_size)

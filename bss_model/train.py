@@ -197,10 +197,9 @@ class _Trainer:
             self.opt.step()
             self.step += 1
             loss_sum += loss.detach()
-            last = i + 1 == t.steps_per_epoch
-            if (i + 1) % FINITE_CHECK_EVERY == 0 or last:
-                if not torch.isfinite(loss_sum):
-                    return float("nan"), f"non-finite loss at epoch {self.epoch + 1} step {i + 1} (lr={t.lr:g})"
+            check = (i + 1) % FINITE_CHECK_EVERY == 0 or i + 1 == t.steps_per_epoch
+            if check and not torch.isfinite(loss_sum):
+                return float("nan"), f"non-finite loss at epoch {self.epoch + 1} step {i + 1} (lr={t.lr:g})"
             if t.log_every and (i + 1) % t.log_every == 0:
                 log.info("epoch %d step %d/%d loss %.3e", self.epoch + 1, i + 1, t.steps_per_epoch, loss.item())
         return loss_sum.item() / t.steps_per_epoch, ""
@@ -214,8 +213,9 @@ class _Trainer:
     @torch.no_grad()
     def log_images(self) -> None:
         n = 8
-        ia, ib = self.val_idx[0][:n], self.val_idx[1][:n]
-        x, y = mix(self.val_a[torch.as_tensor(ia, device=self.rt.device)], self.val_b[torch.as_tensor(ib, device=self.rt.device)])
+        dev = self.rt.device
+        ia, ib = (torch.as_tensor(idx[:n], device=dev) for idx in self.val_idx)
+        x, y = mix(self.val_a[ia], self.val_b[ib])
         self.model.eval()
         pred = model_predictor(self.net, self.rt)(x).float().clamp(0, 1)
         grid = separation_grid(x.cpu().numpy(), y.cpu().numpy(), pred.cpu().numpy())
@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     @cli_entry
     def _main() -> int:
         p = argparse.ArgumentParser(prog="python -m bss_model.train", description="Train one U-Net configuration.")
-        p.add_argument("--config", default=None, help="YAML config (e.g. configs/seed.yaml); defaults in code otherwise")
+        p.add_argument("--config", default=None, help="YAML config, e.g. configs/seed.yaml (else the defaults)")
         p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. --set train.lr=3e-4 (repeatable)")  # fmt: skip
         p.add_argument("--out", default="runs", help="root folder; each run gets an auto-numbered subfolder")
