@@ -170,3 +170,57 @@ def test_resume_of_finished_experiment_loses_nothing(
     assert after["test_mse_per_seed"] == before["test_mse_per_seed"]
     assert after["best_params"] == before["best_params"]
     assert not math.isnan(after["test_mse_mean"])
+
+
+def test_retrain_progress_lines(experiment: tuple[Path, subprocess.CompletedProcess]) -> None:
+    _, proc = experiment
+    progress = [line for line in proc.stdout.splitlines() if line.startswith("retrain seed ")]
+    assert any("epoch 2/2" in line and " test " in line for line in progress), progress
+    assert any(line.endswith("[2/2 seeds done]") for line in progress), progress
+
+
+def run_retrain(cwd: Path, data_dir: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "BSS_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, str(ROOT / "search/retrain.py"), *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_retrain_step_alone_on_a_finished_search(
+    experiment: tuple[Path, subprocess.CompletedProcess], data_dir: Path
+) -> None:
+    """`retrain.py --experiment` continues the (finished) retrain: no seed is retrained."""
+    exp, _ = experiment
+    before = json.loads((exp / "report.json").read_text())
+    seeds_before = {t.name: (t / "result.json").read_text() for t in (exp / "retrain").glob("train_trial*")}
+    proc = run_retrain(exp.parent.parent, data_dir, "--experiment", str(exp))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert {t.name: (t / "result.json").read_text() for t in (exp / "retrain").glob("train_trial*")} == seeds_before
+    after = json.loads((exp / "report.json").read_text())
+    assert after["test_mse_per_seed"] == before["test_mse_per_seed"]
+    assert after["best_config"] == before["best_config"]
+
+
+def test_retrain_of_a_named_config(tmp_path: Path, data_dir: Path) -> None:
+    """`retrain.py --config` retrains a bss_model config directly over seeds and reports."""
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(
+        "model: {variant: tiny}\n"
+        "train: {epochs: 1, steps_per_epoch: 60, lr: 2.0e-3}\n"
+        "data: {val_pairs: 500}\n"
+        "eval: {draws: 2, pairs: 1000}\n"
+    )
+    proc = run_retrain(tmp_path, data_dir, "--config", str(cfg), "--seeds", "2", "--storage-path", "out")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    exp = tmp_path / "out" / "tiny-retrain"
+    r = json.loads((exp / "report.json").read_text())
+    assert len(r["test_mse_per_seed"]) == 2 and r["seeds"] == [1000, 1001]
+    assert r["test_mse_per_seed"][0] != r["test_mse_per_seed"][1]  # different seeds, different models
+    assert r["best_config"]["train"]["steps_per_epoch"] == 60 and r["num_trials"] == 0
+    assert (exp / "best_model.pt").exists() and (exp / "separations.png").exists()
+    # A second run under the same name without --resume refuses and overwrites nothing.
+    report_bytes = (exp / "report.json").read_bytes()
+    again = run_retrain(tmp_path, data_dir, "--config", str(cfg), "--seeds", "2", "--storage-path", "out")
+    assert again.returncode == 2
+    assert again.stderr.strip().startswith("error: ") and "already exists" in again.stderr
+    assert "Traceback" not in again.stderr
+    assert (exp / "report.json").read_bytes() == report_bytes
