@@ -136,6 +136,20 @@ def test_tensorboard_event_files(experiment: tuple[Path, subprocess.CompletedPro
             tune = EventAccumulator(str(trial))
             tune.Reload()
             assert "ray/tune/val_mse" in tune.Tags()["scalars"], trial.name
+    # Tune's events carry each trial's hyperparameters (the HPARAMS tab), keyed by space dimension.
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    trial = sorted((exp / "search").glob("train_trial*"))[0]
+    hparams = [
+        v
+        for f in trial.glob("events.out.tfevents*")
+        for event in EventFileLoader(str(f)).Load()
+        for v in event.summary.value
+        if v.metadata.plugin_data.plugin_name == "hparams"
+    ]
+    assert hparams, "no hparams summary in Tune's event file"
+    blob = b"".join(v.metadata.plugin_data.content for v in hparams)
+    assert b"model.filters" in blob and b"train.lr" in blob
     first = sorted((exp / "retrain").glob("train_trial*"))[0]
     ours = EventAccumulator(str(first / "tb"))
     ours.Reload()
