@@ -117,10 +117,13 @@ class _Trainer:
         self.step = 0  # optimizer steps completed
         self.history: list[dict[str, Any]] = []
         self.writer = None
-        if t.tensorboard:
+
+    def open_writer(self) -> None:
+        """Start TensorBoard logging (after a resume was accepted: a refused one leaves no event file)."""
+        if self.cfg.train.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(out_dir / "tb"))
+            self.writer = SummaryWriter(log_dir=str(self.out_dir / "tb"))
 
     # -- checkpoint --------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -243,11 +246,12 @@ def train(
     reason, leaving the last good checkpoint in place.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out_dir / "config.yaml")
     tr = _Trainer(cfg, out_dir, splits, Path(checkpoint_dir) if checkpoint_dir else out_dir / "checkpoint")
     if resume is not None:
-        tr.restore(resume)
+        tr.restore(resume)  # before writing anything: a refused resume must leave the run folder as it was
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out_dir / "config.yaml")
+    tr.open_writer()
     t = cfg.train
     log.info("training %s (%d params) %s into %s", cfg.model.variant, tr.n_params, tr.rt.describe(), out_dir)
     status, reason = "completed", ""

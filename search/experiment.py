@@ -258,7 +258,12 @@ def _experiment_path(root: str, name: str) -> str:
 
 def _finish(results: Any, expected: int, what: str, resume_cmd: str) -> Any:
     """Raise Interrupted if Ctrl-C (or a lost driver) left trials unfinished."""
-    trials = results._experiment_analysis.trials  # Trial objects carry the final status
+    from ray.tune import ExperimentAnalysis
+
+    # Judge by the experiment state Tune saved, not by the in-memory Trial objects: on Ctrl-C
+    # Tune saves the state (running trials RUNNING, which is what --resume restores) and *then*
+    # stops the running trials, which marks them TERMINATED in memory as if they had finished.
+    trials = ExperimentAnalysis(results.experiment_path, storage_filesystem=results.filesystem).trials
     unfinished = [t for t in trials if t.status not in ("TERMINATED", "ERROR")]
     if unfinished or len(trials) < expected:
         raise Interrupted(

@@ -66,6 +66,20 @@ def resolve_data_dir(cfg: Config, flag: str | None) -> None:
         cfg.data.dir = str(Path(os.environ["BSS_DATA_DIR"]).expanduser().resolve())
 
 
+def check_data(cfg: Config, address: str | None) -> None:
+    """With a local Ray, verify every data file up front (seconds): a missing, truncated or corrupt
+    file is then one clear error before Ray starts, not the same error in every trial. On a cluster
+    the files live on the nodes, so the trials check them there."""
+    import os
+
+    if address or os.environ.get("RAY_ADDRESS"):
+        return
+    from bss_model.data import DATASETS, load_dataset
+
+    for dataset in DATASETS:
+        load_dataset(dataset, cfg.data.dir or None, cfg.data.download)
+
+
 def main(argv: list[str] | None = None) -> int:
     @cli_entry
     def _main() -> int:
@@ -119,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg.retrain.validate()
         cfg.tune.validate()
         resolve_data_dir(best_cfg, args.data_dir)
+        check_data(best_cfg, args.address)
         if args.config:
             root = ex.prepare_experiment(cfg, args.resume)
             ex.save_resolved_config(cfg, root)

@@ -25,7 +25,7 @@ from bss_model.errors import cli_entry
 from bss_model.io import atomic_write_json, setup_logging
 from search import experiment as ex
 from search.config import load_search_config, with_overrides
-from search.retrain import resolve_data_dir, retrain_and_report
+from search.retrain import check_data, resolve_data_dir, retrain_and_report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             sets.append(f"tune.storage_path={args.storage_path}")
         cfg = load_search_config(args.config, sets)
         resolve_data_dir(cfg.base, args.data_dir)
+        check_data(cfg.base, args.address)
         root = ex.prepare_experiment(cfg, args.resume)
         out = ex.local_dir(root)
         logger = setup_logging(out / "search.log")
