@@ -40,7 +40,14 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe pickle"
+        # torch wraps every failure in the same preamble; the line that says why is the useful one.
+        why = [line.strip() for line in str(exc).splitlines() if "GLOBAL" in line or "Unsupported" in line]
+        first = why[0].rstrip(".") if why else "unsafe pickle"
+        if "GLOBAL" not in first:
+            # Plain garbage bytes (e.g. "Unsupported operand"), not a pickle that asks to run code.
+            raise CheckpointError(
+                f"{path} is not a readable checkpoint ({first}): retrain or pass another file"
+            ) from None
         raise CheckpointError(
             f"{path} was refused by the safe loader (weights_only=True): {first}. Only load checkpoints you trust"
             " that were written by bss-search"

@@ -267,10 +267,18 @@ def parse_set(item: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def apply_overrides(data: dict[str, Any], sets: list[str] | None) -> dict[str, Any]:
-    """Apply ``--set`` items onto a raw nested dict (validation happens in :func:`build`)."""
+def apply_overrides(
+    data: dict[str, Any], sets: list[str] | None, flat_sections: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """Apply ``--set`` items onto a raw nested dict (validation happens in :func:`build`).
+
+    Sections named in ``flat_sections`` hold *dotted* keys themselves (the search space's
+    ``train.lr``), so ``--set space.train.lr=...`` sets the key ``train.lr`` of ``space``.
+    """
     for item in sets or []:
         path, value = parse_set(item)
+        if len(path) > 2 and path[0] in flat_sections:
+            path = [path[0], ".".join(path[1:])]
         node = data
         for part in path[:-1]:
             child = node.get(part)

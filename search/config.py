@@ -175,7 +175,7 @@ def validate_space(base: dict[str, Any], space: dict[str, Any]) -> dict[str, tup
 
 def load_search_config(path: str | Path | None, sets: list[str] | None = None) -> SearchConfig:
     """Defaults <- YAML <- ``--set``; base, space, points_to_evaluate and retrain overrides validated."""
-    raw = apply_overrides(read_yaml(path) if path else {}, sets)
+    raw = apply_overrides(read_yaml(path) if path else {}, sets, flat_sections=("space",))
     base_raw = raw.get("base") or {}
     if not isinstance(base_raw, dict):
         raise ConfigError("base must be a mapping (a bss_model config: data/model/train/eval)")
