@@ -47,8 +47,10 @@ class DataConfig:
     val_seed: int = 0
 
     def validate(self) -> None:
-        _check(0.0 < self.val_fraction < 1.0, "data.val_fraction", self.val_fraction, "a fraction in (0, 1), e.g. 0.1")
-        _check(self.val_pairs >= 1, "data.val_pairs", self.val_pairs, "a positive pair count")
+        check_range(
+            0.0 < self.val_fraction < 1.0, "data.val_fraction", self.val_fraction, "a fraction in (0, 1), e.g. 0.1"
+        )
+        check_range(self.val_pairs >= 1, "data.val_pairs", self.val_pairs, "a positive pair count")
 
 
 @dataclass
@@ -65,18 +67,18 @@ class ModelConfig:
     head: Literal["depthwise", "consistent"] = "depthwise"
 
     def validate(self) -> None:
-        _check(self.variant in VARIANTS, "model.variant", self.variant, f"one of {sorted(VARIANTS)}")
-        _check(self.filters >= 1, "model.filters", self.filters, "a positive filter count, e.g. 32")
-        _check(
+        check_range(self.variant in VARIANTS, "model.variant", self.variant, f"one of {sorted(VARIANTS)}")
+        check_range(self.filters >= 1, "model.filters", self.filters, "a positive filter count, e.g. 32")
+        check_range(
             1 <= self.depth <= 5,
             "model.depth",
             self.depth,
             "1..5 (a 32x32 input halves per level: 2**depth must divide 32)",
         )
-        _check(self.encoder_convs >= 1, "model.encoder_convs", self.encoder_convs, ">= 1")
-        _check(self.bottleneck_convs >= 0, "model.bottleneck_convs", self.bottleneck_convs, ">= 0")
-        _check(self.decoder_convs >= 1, "model.decoder_convs", self.decoder_convs, ">= 1")
-        _check(self.decoder_mult >= 1, "model.decoder_mult", self.decoder_mult, ">= 1")
+        check_range(self.encoder_convs >= 1, "model.encoder_convs", self.encoder_convs, ">= 1")
+        check_range(self.bottleneck_convs >= 0, "model.bottleneck_convs", self.bottleneck_convs, ">= 0")
+        check_range(self.decoder_convs >= 1, "model.decoder_convs", self.decoder_convs, ">= 1")
+        check_range(self.decoder_mult >= 1, "model.decoder_mult", self.decoder_mult, ">= 1")
 
 
 @dataclass
@@ -108,23 +110,23 @@ class TrainConfig:
     log_every: int = 0  # steps between console progress lines; 0 = once per epoch
 
     def validate(self) -> None:
-        _check(self.epochs >= 1, "train.epochs", self.epochs, ">= 1")
-        _check(self.steps_per_epoch >= 1, "train.steps_per_epoch", self.steps_per_epoch, ">= 1")
-        _check(self.batch_size >= 1, "train.batch_size", self.batch_size, ">= 1")
-        _check(self.lr > 0 and math.isfinite(self.lr), "train.lr", self.lr, "a positive learning rate, e.g. 1e-3")
-        _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, ">= 0")
-        _check(0 < self.plateau_factor < 1, "train.plateau_factor", self.plateau_factor, "in (0, 1), e.g. 0.5")
-        _check(self.plateau_patience >= 0, "train.plateau_patience", self.plateau_patience, ">= 0")
-        _check(0 <= self.min_lr <= self.lr, "train.min_lr", self.min_lr, f"in [0, train.lr={self.lr}]")
-        _check(self.warmup_epochs >= 0, "train.warmup_epochs", self.warmup_epochs, ">= 0")
-        _check(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, ">= 0 (0 disables clipping)")
+        check_range(self.epochs >= 1, "train.epochs", self.epochs, ">= 1")
+        check_range(self.steps_per_epoch >= 1, "train.steps_per_epoch", self.steps_per_epoch, ">= 1")
+        check_range(self.batch_size >= 1, "train.batch_size", self.batch_size, ">= 1")
+        check_range(self.lr > 0 and math.isfinite(self.lr), "train.lr", self.lr, "a positive learning rate, e.g. 1e-3")
+        check_range(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, ">= 0")
+        check_range(0 < self.plateau_factor < 1, "train.plateau_factor", self.plateau_factor, "in (0, 1), e.g. 0.5")
+        check_range(self.plateau_patience >= 0, "train.plateau_patience", self.plateau_patience, ">= 0")
+        check_range(0 <= self.min_lr <= self.lr, "train.min_lr", self.min_lr, f"in [0, train.lr={self.lr}]")
+        check_range(self.warmup_epochs >= 0, "train.warmup_epochs", self.warmup_epochs, ">= 0")
+        check_range(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, ">= 0 (0 disables clipping)")
         ok_device = self.device in ("auto", "cpu", "cuda") or (
             self.device.startswith("cuda:") and self.device[5:].isdigit()
         )
-        _check(ok_device, "train.device", self.device, "auto, cpu, cuda or cuda:N")
-        _check(self.threads >= 0, "train.threads", self.threads, ">= 0")
-        _check(self.image_every >= 0, "train.image_every", self.image_every, ">= 0")
-        _check(self.log_every >= 0, "train.log_every", self.log_every, ">= 0")
+        check_range(ok_device, "train.device", self.device, "auto, cpu, cuda or cuda:N")
+        check_range(self.threads >= 0, "train.threads", self.threads, ">= 0")
+        check_range(self.image_every >= 0, "train.image_every", self.image_every, ">= 0")
+        check_range(self.log_every >= 0, "train.log_every", self.log_every, ">= 0")
 
 
 @dataclass
@@ -137,9 +139,9 @@ class EvalConfig:
     batch_size: int = 1000  # inference batch; never materialise a whole draw on the device
 
     def validate(self) -> None:
-        _check(self.draws >= 1, "eval.draws", self.draws, ">= 1")
-        _check(self.pairs >= 1, "eval.pairs", self.pairs, ">= 1")
-        _check(self.batch_size >= 1, "eval.batch_size", self.batch_size, ">= 1")
+        check_range(self.draws >= 1, "eval.draws", self.draws, ">= 1")
+        check_range(self.pairs >= 1, "eval.pairs", self.pairs, ">= 1")
+        check_range(self.batch_size >= 1, "eval.batch_size", self.batch_size, ">= 1")
 
 
 @dataclass
@@ -161,7 +163,8 @@ class Config:
 # Generic machinery
 
 
-def _check(ok: bool, key: str, value: Any, expected: str) -> None:
+def check_range(ok: bool, key: str, value: Any, expected: str) -> None:
+    """Raise the standard one-line out-of-range ConfigError unless ``ok``."""
     if not ok:
         raise ConfigError(f"{key}={value!r} is out of range: expected {expected}")
 

@@ -24,7 +24,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bss_model.config import Config, apply_overrides, build, config_from_dict, read_yaml, resolve_variant
+from bss_model.config import (
+    Config,
+    apply_overrides,
+    build,
+    check_range,
+    config_from_dict,
+    read_yaml,
+    resolve_variant,
+)
 from bss_model.errors import BssError, ConfigError
 
 DISTRIBUTIONS = ("choice", "int", "uniform", "loguniform", "logint")
@@ -53,8 +61,7 @@ class TuneSection:
 
     def validate(self) -> None:
         def check(ok: bool, key: str, value: Any, expected: str) -> None:
-            if not ok:
-                raise ConfigError(f"tune.{key}={value!r} is out of range: expected {expected}")
+            check_range(ok, f"tune.{key}", value, expected)
 
         check(self.num_samples >= 1, "num_samples", self.num_samples, ">= 1 trial")
         check(self.max_concurrent >= 1, "max_concurrent", self.max_concurrent, ">= 1")
@@ -80,12 +87,9 @@ class RetrainSection:
     images: int = 8  # test mixtures in the separation picture
 
     def validate(self) -> None:
-        if self.seeds < 1:
-            raise ConfigError(f"retrain.seeds={self.seeds} is out of range: expected >= 1")
-        if self.max_concurrent < 0:
-            raise ConfigError(f"retrain.max_concurrent={self.max_concurrent} is out of range: expected >= 0")
-        if self.images < 1:
-            raise ConfigError(f"retrain.images={self.images} is out of range: expected >= 1")
+        check_range(self.seeds >= 1, "retrain.seeds", self.seeds, ">= 1")
+        check_range(self.max_concurrent >= 0, "retrain.max_concurrent", self.max_concurrent, ">= 0 (0 = tune's)")
+        check_range(self.images >= 1, "retrain.images", self.images, ">= 1")
 
     @property
     def seed_list(self) -> list[int]:
