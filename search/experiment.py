@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import socket
 import time
 from dataclasses import dataclass
@@ -317,6 +318,7 @@ def run_search(cfg: SearchConfig, root: str, resume: bool, resume_cmd: str) -> A
 @dataclass
 class TrialRow:
     trial_id: str
+    number: int  # the order Tune created the trial in (its folder's train_trial_<id>_<number>_...)
     params: dict[str, Any]
     epochs: int
     val_mse: float
@@ -327,6 +329,12 @@ class TrialRow:
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+def trial_number(path: str) -> int:
+    """Tune names trial folders ``<trainable>_<id>_<number>_<params>_<date>``; -1 if not."""
+    match = re.match(r"^.+?_[0-9a-f]{5,}_(\d+)(_|$)", Path(path).name)
+    return int(match.group(1)) if match else -1
 
 
 def summarize_trials(results: Any, budget: int) -> list[TrialRow]:
@@ -349,6 +357,7 @@ def summarize_trials(results: Any, budget: int) -> list[TrialRow]:
         rows.append(
             TrialRow(
                 trial_id=str(m.get("trial_id", "")) or Path(r.path).name,
+                number=trial_number(r.path),
                 params=params,
                 epochs=epochs,
                 val_mse=val,

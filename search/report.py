@@ -45,7 +45,7 @@ def _plt() -> Any:
 def plot_history(trials: list[dict[str, Any]], path: Path) -> None:
     """Each trial's last validation MSE in trial order, and the best full-budget value so far."""
     plt = _plt()
-    order = sorted(trials, key=lambda t: t["trial_id"])
+    order = sorted(trials, key=lambda t: (t.get("number", -1), t["trial_id"]))  # the order they ran in
     fig, ax = plt.subplots(figsize=(6, 3.6))
     best, best_curve = math.inf, []
     for i, t in enumerate(order):
@@ -58,7 +58,7 @@ def plot_history(trials: list[dict[str, Any]], path: Path) -> None:
             ax.plot(i, v, style, color="C0" if t["status"] == "completed" else "C1")
     ax.plot(range(len(order)), best_curve, "-", color="C2", label="best (full budget)")
     ax.set_yscale("log")
-    ax.set_xlabel("trial")
+    ax.set_xlabel("trial (in the order Tune started them)")
     ax.set_ylabel("validation MSE (last epoch)")
     ax.set_title("Optimisation history (o full budget, x stopped by ASHA)")
     ax.legend(loc="upper right", fontsize=8)

@@ -72,3 +72,11 @@ def test_with_overrides_applies_dotted_params_to_a_copy() -> None:
     cfg = with_overrides(base, {"model.filters": 12, "train.lr": 3e-3})
     assert cfg.model.filters == 12 and cfg.train.lr == 3e-3
     assert base["model"]["filters"] == 8  # the base dict is not mutated
+
+
+def test_trial_number_is_parsed_from_tune_folder_names() -> None:
+    from search.experiment import trial_number
+
+    assert trial_number("/r/search/train_trial_bf4dedd4_6_model_filters=12_2026-11-23_22-37-20") == 6
+    assert trial_number("/r/retrain/train_trial_df909_00000_0_train_seed=1000_2026-11-23") == 0
+    assert trial_number("/r/search/not-a-trial") == -1

@@ -81,6 +81,8 @@ def test_report_keys_and_consistency(experiment: tuple[Path, subprocess.Complete
     # A tiny U-Net after 120 steps must still beat predicting the mixture for both components.
     assert 0 < r["test_mse_mean"] < r["baseline_mix_mse"]
     # The winner ran the full budget and has the lowest validation MSE among those that did.
+    numbers = sorted(t["number"] for t in r["trials"])  # Tune's creation order, for the history plot
+    assert numbers == list(range(numbers[0], numbers[0] + 4)) and numbers[0] >= 0
     full = [t for t in r["trials"] if t["status"] == "completed"]
     assert r["best_val_mse"] == min(t["val_mse"] for t in full)
     assert r["best_config"]["train"]["epochs"] == 2
