@@ -33,7 +33,7 @@ from bss_model.config import (
     read_yaml,
     resolve_variant,
 )
-from bss_model.errors import BssError, ConfigError
+from bss_model.errors import ConfigError
 
 DISTRIBUTIONS = ("choice", "int", "uniform", "loguniform", "logint")
 
@@ -170,8 +170,7 @@ def validate_space(base: dict[str, Any], space: dict[str, Any]) -> dict[str, tup
     parsed = {}
     for key, spec in space.items():
         kind, args = parse_dimension(str(key), spec)
-        values = args if kind == "choice" else args  # endpoints of ranges, every value of a choice
-        for value in values:
+        for value in args:  # both endpoints of a range, every value of a choice
             with_overrides(base, {key: value}, where=f"space.{key}: ")
         parsed[str(key)] = (kind, args)
     return parsed
@@ -205,10 +204,7 @@ def load_search_config(path: str | Path | None, sets: list[str] | None = None) -
                 f"use keys from {sorted(parsed)}"
             )
         with_overrides(base, point, where=f"tune.points_to_evaluate[{i}]: ")
-    try:
-        with_overrides(base, dict(cfg.retrain.overrides), where="retrain.overrides: ")
-    except BssError:
-        raise
+    with_overrides(base, dict(cfg.retrain.overrides), where="retrain.overrides: ")
     if not cfg.tune.name:
         cfg.tune.name = Path(path).stem if path else "search"
     return cfg
