@@ -23,7 +23,7 @@ def data_dir() -> Path:
             "(e.g. BSS_DATA_DIR=/work/shared/data); tests never download",
             pytrace=False,
         )
-    path = Path(value)
+    path = Path(value).resolve()  # subprocess tests run in temp folders: a relative setting must not move
     missing = [str(path / ds) for ds in ("mnist", "fashion-mnist") if not (path / ds).is_dir()]
     if missing:
         pytest.fail(
