@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -56,8 +57,6 @@ def retrain_and_report(
 
 def resolve_data_dir(cfg: Config, flag: str | None) -> None:
     """Make the data dir absolute before trials chdir into their own folders."""
-    import os
-
     if flag:
         cfg.data.dir = str(Path(flag).expanduser().resolve())
     elif cfg.data.dir:
@@ -70,8 +69,6 @@ def check_data(cfg: Config, address: str | None) -> None:
     """With a local Ray, verify every data file up front (seconds): a missing, truncated or corrupt
     file is then one clear error before Ray starts, not the same error in every trial. On a cluster
     the files live on the nodes, so the trials check them there."""
-    import os
-
     if address or os.environ.get("RAY_ADDRESS"):
         return
     from bss_model.data import DATASETS, load_dataset

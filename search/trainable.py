@@ -18,7 +18,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bss_model.config import Config
 from search.config import with_overrides
 
 # Written into a checkpoint when its run diverged: a retry restored from it fails at
@@ -38,24 +37,11 @@ def _node_info() -> dict[str, Any]:
     return {"pid": os.getpid(), "hostname": socket.gethostname(), "node_id": ctx.get_node_id()}
 
 
-def _evaluate_on_test(cfg: Config, checkpoint_dir: Path) -> dict[str, Any]:
-    """The final evaluation: the reference protocol on the test sets (retrain trials only)."""
-    from bss_model.checkpoint import load_model
-    from bss_model.data import load_test
-    from bss_model.evaluate import evaluate_model
-    from bss_model.runtime import resolve_runtime
-
-    runtime = resolve_runtime(cfg.train)
-    model, _ = load_model(checkpoint_dir, device=runtime.device)
-    model = runtime.prepare_model(model, compile_model=False)
-    test_a, test_b = load_test(cfg.data)
-    return evaluate_model(model, test_a, test_b, cfg.eval, runtime)
-
-
 def train_trial(params: dict[str, Any], base: dict[str, Any], evaluate_test: bool = False) -> None:
     """Ray Tune function trainable. ``params``: sampled dotted keys; ``base``: a resolved config dict."""
     from ray import tune
 
+    from bss_model.evaluate import evaluate_checkpoint
     from bss_model.train import train
 
     cfg = with_overrides(base, params)
@@ -76,7 +62,8 @@ def train_trial(params: dict[str, Any], base: dict[str, Any], evaluate_test: boo
     def on_epoch(metrics: dict[str, Any], checkpoint_dir: Path) -> None:
         out = {**metrics, **info, "diverged": False, "budget_epochs": cfg.train.epochs}
         if evaluate_test and metrics["epoch"] == cfg.train.epochs:
-            test = _evaluate_on_test(cfg, checkpoint_dir)
+            # The final evaluation: the reference protocol on the test sets (retrain trials only).
+            test = evaluate_checkpoint(checkpoint_dir, device=cfg.train.device)
             (checkpoint_dir / TEST_METRICS).write_text(json.dumps(test, indent=2))
             out.update(
                 {k: v for k, v in test.items() if not isinstance(v, list) and k not in ("draws", "pairs", "seed")}
