@@ -469,7 +469,7 @@ def summarize_retrain(results: Any) -> list[dict[str, Any]]:
             {
                 "seed": (r.config or {}).get("train.seed"),
                 "val_mse": m.get(METRIC),
-                "test_mse_mean": m.get("test_test_mse_mean", m.get("test_mse_mean")),
+                "test_mse_mean": m.get("test_mse_mean"),
                 "metrics": {k: v for k, v in m.items() if k.startswith(("test_", "baseline_", "protocol_"))},
                 "checkpoint": r.checkpoint.path if r.checkpoint else None,
                 "error": str(r.error).strip().splitlines()[-1] if r.error is not None else "",

@@ -181,8 +181,7 @@ def build_report(
     wall_s: float,
 ) -> dict[str, Any]:
     per_seed = [float(r["test_mse_mean"]) for r in retrain_rows if r["test_mse_mean"] is not None]
-    baselines = [r["metrics"].get("test_baseline_mix_mse_mean", r["metrics"].get("baseline_mix_mse_mean"))
-                 for r in retrain_rows]  # fmt: skip
+    baselines = [r["metrics"].get("baseline_mix_mse_mean") for r in retrain_rows]
     baselines = [b for b in baselines if b is not None]
     m0 = retrain_rows[0]["metrics"] if retrain_rows else {}
     report = {
