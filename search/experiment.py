@@ -188,6 +188,9 @@ def init_ray(address: str | None) -> None:
     import torch
 
     ray.init(
+        # "local" always starts a new Ray: a bare ray.init() would silently attach to any Ray
+        # already running on this machine (e.g. from `ray start`) and then refuse num_cpus.
+        address="local",
         num_cpus=os.cpu_count(),
         num_gpus=torch.cuda.device_count(),
         include_dashboard=False,

@@ -73,6 +73,6 @@ def test_the_local_ray_keeps_its_dashboard_on_localhost(monkeypatch: pytest.Monk
     monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
     ex.init_ray(None)
     (kwargs,) = calls
-    assert "address" not in kwargs, "no address: a local Ray of our own"
+    assert kwargs.get("address") == "local", "no --address: always a new local Ray, never an attached one"
     assert kwargs["dashboard_host"] == "127.0.0.1"
     assert kwargs["include_dashboard"] is False
