@@ -56,13 +56,19 @@ def retrain_and_report(
 
 
 def resolve_data_dir(cfg: Config, flag: str | None) -> None:
-    """Make the data dir absolute before trials chdir into their own folders."""
+    """Make the data dir absolute before trials chdir into their own folders.
+
+    $BSS_DATA_DIR itself is made absolute too: a local Ray's workers inherit this
+    process's environment, and a relative value would point elsewhere from a trial folder.
+    """
+    if os.environ.get("BSS_DATA_DIR"):
+        os.environ["BSS_DATA_DIR"] = str(Path(os.environ["BSS_DATA_DIR"]).expanduser().resolve())
     if flag:
         cfg.data.dir = str(Path(flag).expanduser().resolve())
     elif cfg.data.dir:
         cfg.data.dir = str(Path(cfg.data.dir).expanduser().resolve())
     elif os.environ.get("BSS_DATA_DIR"):
-        cfg.data.dir = str(Path(os.environ["BSS_DATA_DIR"]).expanduser().resolve())
+        cfg.data.dir = os.environ["BSS_DATA_DIR"]
 
 
 def check_data(cfg: Config, address: str | None) -> None:

@@ -330,8 +330,9 @@ def test_other_non_checkpoints_are_refused(tmp_path: Path) -> None:
 # Command line
 
 
-def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+def _run(args: list[str], cwd: Path, data_dir: Path) -> subprocess.CompletedProcess:
+    # data_dir is absolute; the raw $BSS_DATA_DIR may be relative to another folder than cwd.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "BSS_DATA_DIR": str(data_dir)}
     proc = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -355,8 +356,8 @@ def test_cli_trains_into_numbered_run_folders_and_evaluates(data_dir: Path, tmp_
     runs = tmp_path / "runs"
     train_cmd = ["-m", "bss_model.train", "--config", "tiny.yaml", "--out", str(runs)]
 
-    first = _run([*train_cmd, "--set", "train.steps_per_epoch=5"], tmp_path)
-    second = _run(train_cmd, tmp_path)
+    first = _run([*train_cmd, "--set", "train.steps_per_epoch=5"], tmp_path, data_dir)
+    second = _run(train_cmd, tmp_path, data_dir)
     assert sorted(p.name for p in runs.iterdir()) == ["000-tiny", "001-tiny"]
     for proc, run in ((first, runs / "000-tiny"), (second, runs / "001-tiny")):
         summary = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -370,6 +371,7 @@ def test_cli_trains_into_numbered_run_folders_and_evaluates(data_dir: Path, tmp_
     proc = _run(
         ["-m", "bss_model.evaluate", "--checkpoint", str(runs / "001-tiny"), "--draws", "2", "--pairs", "1000"],
         tmp_path,
+        data_dir,
     )
     result = json.loads(proc.stdout)
     assert (result["draws"], result["pairs"]) == (2, 1000)
