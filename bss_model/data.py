@@ -1,6 +1,6 @@
 """MNIST + Fashion-MNIST: finding, verifying and loading the files; splits; on-device pair mixing.
 
-The task: a network sees ``x = (digit + garment) / 2`` and must return both sources. Everything
+The task: a network sees ``x = (digit + fashion) / 2`` and must return both sources. Everything
 here serves that with three guarantees:
 
 * **Right bytes or a clear error.** Every file is checked against the canonical MD5 of its
@@ -340,19 +340,19 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, n
 
 @dataclass
 class Splits:
-    """Training and validation images, uint8 [N, 32, 32]; ``a`` = MNIST digits, ``b`` = Fashion-MNIST."""
+    """Training and validation images, uint8 [N, 32, 32]: MNIST digits and Fashion-MNIST items."""
 
-    train_a: np.ndarray
-    train_b: np.ndarray
-    val_a: np.ndarray
-    val_b: np.ndarray
+    train_digit: np.ndarray
+    train_fashion: np.ndarray
+    val_digit: np.ndarray
+    val_fashion: np.ndarray
 
 
 def load_splits(cfg: DataConfig) -> Splits:
     """Train/val splits of both *training* sets; the test files are never opened here."""
     data_dir = cfg.dir or None
     parts: dict[str, np.ndarray] = {}
-    for key, dataset in (("a", "mnist"), ("b", "fashion-mnist")):
+    for key, dataset in (("digit", "mnist"), ("fashion", "fashion-mnist")):
         images = pad32(_load_images(dataset, "train", data_dir, cfg.download))
         train_idx, val_idx = split_indices(len(images), cfg.val_fraction, cfg.split_seed)
         # take() rather than images[idx]: numpy's fancy indexing over a 3-D array is ~9x slower here.
@@ -371,15 +371,15 @@ def load_test(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
 # Mixing and sampling
 
 
-def draw_pairs(n_a: int, n_b: int, n_pairs: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded uniform pairs with replacement: ``idx_a`` then ``idx_b``, each ``rng.integers(0, n, n_pairs)``.
+def draw_pairs(n_digit: int, n_fashion: int, n_pairs: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded uniform pairs with replacement: ``idx_digit`` then ``idx_fashion``, each ``rng.integers(0, n, n_pairs)``.
 
     The draw order is part of the evaluation protocol: changing it changes every reported score.
     """
     rng = np.random.default_rng(seed)
-    idx_a = rng.integers(0, n_a, n_pairs)
-    idx_b = rng.integers(0, n_b, n_pairs)
-    return idx_a, idx_b
+    idx_digit = rng.integers(0, n_digit, n_pairs)
+    idx_fashion = rng.integers(0, n_fashion, n_pairs)
+    return idx_digit, idx_fashion
 
 
 def to_unit(images: torch.Tensor) -> torch.Tensor:
@@ -391,23 +391,24 @@ def to_unit(images: torch.Tensor) -> torch.Tensor:
     raise TypeError(f"to_unit expects uint8 or floating images, got {images.dtype}")
 
 
-def mix(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference mixing: ``x = (a + b) / 2`` as [B, 1, H, W] and ``target = (a, b)`` as [B, 2, H, W].
+def mix(digit: torch.Tensor, fashion: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference mixing: ``x = (digit + fashion) / 2`` as [B, 1, H, W], ``target = (digit, fashion)`` as
+    [B, 2, H, W].
 
-    Channel 0 of the target is the digit, channel 1 the garment; both float32 in [0, 1]. No other
+    Channel 0 of the target is the digit, channel 1 the fashion item; both float32 in [0, 1]. No other
     preprocessing (no normalisation, no augmentation): reported MSEs are on this exact scale.
     """
-    if a.shape != b.shape or a.ndim != 3:
+    if digit.shape != fashion.shape or digit.ndim != 3:
         raise ValueError(
-            f"mix expects two [B, H, W] batches of the same shape, got {list(a.shape)} and {list(b.shape)}"
+            f"mix expects two [B, H, W] batches of the same shape, got {list(digit.shape)} and {list(fashion.shape)}"
         )
-    target = torch.stack((to_unit(a), to_unit(b)), dim=1)
+    target = torch.stack((to_unit(digit), to_unit(fashion)), dim=1)
     x = (target[:, 0:1] + target[:, 1:2]) / 2  # /2 is exact in float, so x is bit-for-bit the channel mean
     return x, target
 
 
 class PairSampler:
-    """Fresh uniform random (digit, garment) pairs per step, drawn and mixed on the training device.
+    """Fresh uniform random (digit, fashion) pairs per step, drawn and mixed on the training device.
 
     Both image sets live on the device as uint8 (~55 MB each for 54k images at 32x32), a quarter of float32's
     footprint; indexing and conversion happen there, so a step costs a few small kernels and no
@@ -416,11 +417,15 @@ class PairSampler:
     """
 
     def __init__(
-        self, a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor, device: torch.device | str, seed: int
+        self,
+        digit: np.ndarray | torch.Tensor,
+        fashion: np.ndarray | torch.Tensor,
+        device: torch.device | str,
+        seed: int,
     ):
-        self.a = self._to_device(a, "a", device)
-        self.b = self._to_device(b, "b", device)
-        self.device = self.a.device  # normalised: "cuda" becomes cuda:N, matching the generator's device
+        self.digit = self._to_device(digit, "digit", device)
+        self.fashion = self._to_device(fashion, "fashion", device)
+        self.device = self.digit.device  # normalised: "cuda" becomes cuda:N, matching the generator's device
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
 
@@ -435,9 +440,9 @@ class PairSampler:
 
     def sample(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x, target)`` for ``batch_size`` fresh pairs, as :func:`mix` returns them."""
-        idx_a = torch.randint(0, len(self.a), (batch_size,), generator=self.generator, device=self.device)
-        idx_b = torch.randint(0, len(self.b), (batch_size,), generator=self.generator, device=self.device)
-        return mix(self.a[idx_a], self.b[idx_b])
+        idx_digit = torch.randint(0, len(self.digit), (batch_size,), generator=self.generator, device=self.device)
+        idx_fashion = torch.randint(0, len(self.fashion), (batch_size,), generator=self.generator, device=self.device)
+        return mix(self.digit[idx_digit], self.fashion[idx_fashion])
 
     def state_dict(self) -> dict:
         # get_state() is a CPU ByteTensor for CPU and CUDA generators alike, so checkpoints load anywhere.

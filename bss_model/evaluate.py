@@ -30,43 +30,45 @@ from bss_model.runtime import Runtime, resolve_runtime
 Predictor = Callable[[torch.Tensor], torch.Tensor]
 
 
-def protocol_indices(n_a: int, n_b: int, draws: int, pairs: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The protocol's draws: one generator, ``draws`` x (idx_a, idx_b), uniform with replacement."""
+def protocol_indices(
+    n_digit: int, n_fashion: int, draws: int, pairs: int, seed: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The protocol's draws: one generator, ``draws`` x (idx_digit, idx_fashion), uniform with replacement."""
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(draws):
-        idx_a = rng.integers(0, n_a, pairs)
-        idx_b = rng.integers(0, n_b, pairs)
-        out.append((idx_a, idx_b))
+        idx_digit = rng.integers(0, n_digit, pairs)
+        idx_fashion = rng.integers(0, n_fashion, pairs)
+        out.append((idx_digit, idx_fashion))
     return out
 
 
 @torch.no_grad()
 def batched_mse(
     predict: Predictor,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    idx_a: np.ndarray,
-    idx_b: np.ndarray,
+    digit: torch.Tensor,
+    fashion: torch.Tensor,
+    idx_digit: np.ndarray,
+    idx_fashion: np.ndarray,
     batch_size: int,
 ) -> dict[str, float]:
-    """MSE of ``predict`` over the pairs (a[idx_a], b[idx_b]), in batches.
+    """MSE of ``predict`` over the pairs (digit[idx_digit], fashion[idx_fashion]), in batches.
 
-    ``a``/``b`` are uint8 [N,32,32] tensors already on the device. Sums are kept in
+    ``digit``/``fashion`` are uint8 [N,32,32] tensors already on the device. Sums are kept in
     float64 so 20,000 x 2 x 1024 squared errors add up without drift.
     """
-    device = a.device
+    device = digit.device
     sum_digit = torch.zeros((), dtype=torch.float64, device=device)
     sum_fashion = torch.zeros((), dtype=torch.float64, device=device)
-    ia = torch.as_tensor(idx_a, device=device)
-    ib = torch.as_tensor(idx_b, device=device)
-    n = len(idx_a)
+    i_digit = torch.as_tensor(idx_digit, device=device)
+    i_fashion = torch.as_tensor(idx_fashion, device=device)
+    n = len(idx_digit)
     for start in range(0, n, batch_size):
-        x, y = mix(a[ia[start : start + batch_size]], b[ib[start : start + batch_size]])
+        x, y = mix(digit[i_digit[start : start + batch_size]], fashion[i_fashion[start : start + batch_size]])
         err = (predict(x).float() - y) ** 2
         sum_digit += err[:, 0].sum(dtype=torch.float64)
         sum_fashion += err[:, 1].sum(dtype=torch.float64)
-    per = n * a.shape[-1] * a.shape[-2]
+    per = n * digit.shape[-1] * digit.shape[-2]
     digit, fashion = (sum_digit / per).item(), (sum_fashion / per).item()
     return {"mse": (digit + fashion) / 2, "mse_digit": digit, "mse_fashion": fashion}
 
@@ -88,11 +90,13 @@ def mix_baseline(x: torch.Tensor) -> torch.Tensor:
     return x.expand(-1, 2, -1, -1)
 
 
-def run_protocol(predict: Predictor, test_a: torch.Tensor, test_b: torch.Tensor, cfg: EvalConfig) -> dict[str, Any]:
+def run_protocol(
+    predict: Predictor, test_digit: torch.Tensor, test_fashion: torch.Tensor, cfg: EvalConfig
+) -> dict[str, Any]:
     """Per-draw MSEs of ``predict`` and their summary (mean, std, min, per component)."""
     draws = [
-        batched_mse(predict, test_a, test_b, ia, ib, cfg.batch_size)
-        for ia, ib in protocol_indices(len(test_a), len(test_b), cfg.draws, cfg.pairs, cfg.seed)
+        batched_mse(predict, test_digit, test_fashion, i_digit, i_fashion, cfg.batch_size)
+        for i_digit, i_fashion in protocol_indices(len(test_digit), len(test_fashion), cfg.draws, cfg.pairs, cfg.seed)
     ]
     per_draw = np.array([d["mse"] for d in draws])
     return {
@@ -107,17 +111,17 @@ def run_protocol(predict: Predictor, test_a: torch.Tensor, test_b: torch.Tensor,
 
 def evaluate_model(
     model: torch.nn.Module,
-    test_a: np.ndarray,
-    test_b: np.ndarray,
+    test_digit: np.ndarray,
+    test_fashion: np.ndarray,
     cfg: EvalConfig,
     runtime: Runtime,
 ) -> dict[str, Any]:
     """The full protocol result: the model's figures plus the mix baseline's, on the same draws."""
-    a = torch.as_tensor(test_a, device=runtime.device)
-    b = torch.as_tensor(test_b, device=runtime.device)
+    digit = torch.as_tensor(test_digit, device=runtime.device)
+    fashion = torch.as_tensor(test_fashion, device=runtime.device)
     model.eval()
-    result = {f"test_{k}": v for k, v in run_protocol(model_predictor(model, runtime), a, b, cfg).items()}
-    result.update({f"baseline_mix_{k}": v for k, v in run_protocol(mix_baseline, a, b, cfg).items()})
+    result = {f"test_{k}": v for k, v in run_protocol(model_predictor(model, runtime), digit, fashion, cfg).items()}
+    result.update({f"baseline_mix_{k}": v for k, v in run_protocol(mix_baseline, digit, fashion, cfg).items()})
     result.update({"draws": cfg.draws, "pairs": cfg.pairs, "seed": cfg.seed})
     return result
 
@@ -140,8 +144,8 @@ def evaluate_checkpoint(
     cfg.train.device = device
     runtime = resolve_runtime(cfg.train)
     model = runtime.prepare_model(model, compile_model=False)
-    test_a, test_b = load_test(cfg.data)
-    return evaluate_model(model, test_a, test_b, cfg.eval, runtime)
+    test_digit, test_fashion = load_test(cfg.data)
+    return evaluate_model(model, test_digit, test_fashion, cfg.eval, runtime)
 
 
 def main(argv: list[str] | None = None) -> int:

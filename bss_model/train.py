@@ -97,11 +97,11 @@ class _Trainer:
         self.rt: Runtime = resolve_runtime(t)
         splits = splits if splits is not None else load_splits(cfg.data)
         dev = self.rt.device
-        self.sampler = PairSampler(splits.train_a, splits.train_b, dev, seed=t.seed)
-        self.val_a = torch.as_tensor(splits.val_a, device=dev)
-        self.val_b = torch.as_tensor(splits.val_b, device=dev)
+        self.sampler = PairSampler(splits.train_digit, splits.train_fashion, dev, seed=t.seed)
+        self.val_digit = torch.as_tensor(splits.val_digit, device=dev)
+        self.val_fashion = torch.as_tensor(splits.val_fashion, device=dev)
         # The same validation pairs for every epoch, trial and seed: val MSEs are comparable.
-        self.val_idx = draw_pairs(len(splits.val_a), len(splits.val_b), cfg.data.val_pairs, cfg.data.val_seed)
+        self.val_idx = draw_pairs(len(splits.val_digit), len(splits.val_fashion), cfg.data.val_pairs, cfg.data.val_seed)
         self.model = build_model(cfg.model)
         self.n_params = count_parameters(self.model)
         self.net = self.rt.prepare_model(self.model)  # maybe compiled; self.model owns the weights
@@ -211,14 +211,14 @@ class _Trainer:
     def validate(self) -> dict[str, float]:
         self.model.eval()
         predict = model_predictor(self.net, self.rt)
-        return batched_mse(predict, self.val_a, self.val_b, *self.val_idx, self.cfg.eval.batch_size)
+        return batched_mse(predict, self.val_digit, self.val_fashion, *self.val_idx, self.cfg.eval.batch_size)
 
     @torch.no_grad()
     def log_images(self) -> None:
         n = 8
         dev = self.rt.device
-        ia, ib = (torch.as_tensor(idx[:n], device=dev) for idx in self.val_idx)
-        x, y = mix(self.val_a[ia], self.val_b[ib])
+        i_digit, i_fashion = (torch.as_tensor(idx[:n], device=dev) for idx in self.val_idx)
+        x, y = mix(self.val_digit[i_digit], self.val_fashion[i_fashion])
         self.model.eval()
         pred = model_predictor(self.net, self.rt)(x).float().clamp(0, 1)
         grid = separation_grid(x.cpu().numpy(), y.cpu().numpy(), pred.cpu().numpy())

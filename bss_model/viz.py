@@ -10,7 +10,7 @@ COLUMNS = ("mixture", "true digit", "true fashion", "pred digit", "pred fashion"
 
 
 def separation_grid(x: np.ndarray, target: np.ndarray, pred: np.ndarray, pad: int = 2) -> np.ndarray:
-    """Rows of ``mixture | true a | true b | pred a | pred b`` as one float [H, W] image in [0, 1].
+    """Rows of ``mixture | true digit | true fashion | pred digit | pred fashion`` as one float [H, W] image in [0, 1].
 
     x: [N,1,H,W]; target, pred: [N,2,H,W]. A white ``pad``-pixel gutter separates tiles.
     """

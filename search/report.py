@@ -157,9 +157,9 @@ def plot_separations(model_path: Path, n: int, path: Path) -> None:
 
     model, cfg = load_model(model_path)
     model.eval()
-    test_a, test_b = load_test(cfg.data)
-    ia, ib = protocol_indices(len(test_a), len(test_b), 1, n, cfg.eval.seed)[0]
-    x, y = mix(torch.as_tensor(test_a[ia]), torch.as_tensor(test_b[ib]))
+    test_digit, test_fashion = load_test(cfg.data)
+    i_digit, i_fashion = protocol_indices(len(test_digit), len(test_fashion), 1, n, cfg.eval.seed)[0]
+    x, y = mix(torch.as_tensor(test_digit[i_digit]), torch.as_tensor(test_fashion[i_fashion]))
     with torch.no_grad():
         pred = model(x).float()
     mse = float(((pred - y) ** 2).mean())

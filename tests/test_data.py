@@ -417,14 +417,14 @@ def test_mix_is_the_mean_of_the_targets() -> None:
 
 
 def test_draw_pairs() -> None:
-    idx_a, idx_b = data.draw_pairs(10, 7, 1000, seed=3)
+    idx_digit, idx_fashion = data.draw_pairs(10, 7, 1000, seed=3)
     rng = np.random.default_rng(3)  # the documented protocol, spelled out
-    np.testing.assert_array_equal(idx_a, rng.integers(0, 10, 1000))
-    np.testing.assert_array_equal(idx_b, rng.integers(0, 7, 1000))
-    assert set(idx_a.tolist()) == set(range(10)) and set(idx_b.tolist()) == set(range(7))
+    np.testing.assert_array_equal(idx_digit, rng.integers(0, 10, 1000))
+    np.testing.assert_array_equal(idx_fashion, rng.integers(0, 7, 1000))
+    assert set(idx_digit.tolist()) == set(range(10)) and set(idx_fashion.tolist()) == set(range(7))
     again = data.draw_pairs(10, 7, 1000, seed=3)
-    assert np.array_equal(again[0], idx_a) and np.array_equal(again[1], idx_b)
-    assert not np.array_equal(data.draw_pairs(10, 7, 1000, seed=4)[0], idx_a)
+    assert np.array_equal(again[0], idx_digit) and np.array_equal(again[1], idx_fashion)
+    assert not np.array_equal(data.draw_pairs(10, 7, 1000, seed=4)[0], idx_digit)
 
 
 # --------------------------------------------------------------------------------------
@@ -456,7 +456,7 @@ def test_load_splits_uses_train_files_only(
     cfg = DataConfig(dir=str(tmp_path), download=False, val_fraction=0.1, split_seed=1234)
     splits = data.load_splits(cfg)
     train_idx, val_idx = data.split_indices(60000, 0.1, 1234)
-    for key, ds in (("a", "mnist"), ("b", "fashion-mnist")):
+    for key, ds in (("digit", "mnist"), ("fashion", "fashion-mnist")):
         train, val = getattr(splits, f"train_{key}"), getattr(splits, f"val_{key}")
         assert train.shape == (54000, 32, 32) and val.shape == (6000, 32, 32)
         assert train.dtype == np.uint8 and val.dtype == np.uint8

@@ -38,13 +38,15 @@ def runtime() -> Runtime:
     return resolve_runtime(TrainConfig(device="cpu", precision="fp32", compile="off"))
 
 
-def numpy_mse(a: np.ndarray, b: np.ndarray, idx_a: np.ndarray, idx_b: np.ndarray, predict) -> dict[str, float]:
+def numpy_mse(
+    a: np.ndarray, b: np.ndarray, idx_digit: np.ndarray, idx_fashion: np.ndarray, predict
+) -> dict[str, float]:
     """MSE in float64 numpy, from the padded uint8 images, independently of the torch code.
 
     ``predict(x)`` returns the two predicted components for the [N, H, W] mixtures ``x``.
     """
-    ca = a[idx_a].astype(np.float64) / 255.0
-    cb = b[idx_b].astype(np.float64) / 255.0
+    ca = a[idx_digit].astype(np.float64) / 255.0
+    cb = b[idx_fashion].astype(np.float64) / 255.0
     x = (ca + cb) / 2.0
     pa, pb = predict(x)
     digit = float(np.mean((pa - ca) ** 2))
@@ -73,14 +75,14 @@ class ZeroModule(nn.Module):
 
 
 def test_protocol_indices_follow_the_documented_generator_order() -> None:
-    # One generator; per draw idx_a then idx_b, each uniform with replacement over the test set.
+    # One generator; per draw idx_digit then idx_fashion, each uniform with replacement over the test set.
     draws = protocol_indices(10000, 9000, DRAWS, PAIRS, seed=5)
     rng = np.random.default_rng(5)
     assert len(draws) == DRAWS
-    for idx_a, idx_b in draws:
-        np.testing.assert_array_equal(idx_a, rng.integers(0, 10000, PAIRS))
-        np.testing.assert_array_equal(idx_b, rng.integers(0, 9000, PAIRS))
-        assert idx_a.min() >= 0 and idx_a.max() < 10000 and idx_b.max() < 9000
+    for idx_digit, idx_fashion in draws:
+        np.testing.assert_array_equal(idx_digit, rng.integers(0, 10000, PAIRS))
+        np.testing.assert_array_equal(idx_fashion, rng.integers(0, 9000, PAIRS))
+        assert idx_digit.min() >= 0 and idx_digit.max() < 10000 and idx_fashion.max() < 9000
     # With replacement: 2000 draws out of 10000 all distinct is essentially impossible.
     assert len(np.unique(draws[0][0])) < PAIRS
 
@@ -90,7 +92,8 @@ def test_mix_baseline_matches_numpy(test_sets) -> None:
     cfg = EvalConfig(draws=DRAWS, pairs=PAIRS, seed=0, batch_size=700)
     result = run_protocol(mix_baseline, torch.as_tensor(a), torch.as_tensor(b), cfg)
     expected = [
-        numpy_mse(a, b, ia, ib, numpy_mix_baseline) for ia, ib in protocol_indices(10000, 10000, DRAWS, PAIRS, 0)
+        numpy_mse(a, b, i_digit, i_fashion, numpy_mix_baseline)
+        for i_digit, i_fashion in protocol_indices(10000, 10000, DRAWS, PAIRS, 0)
     ]
     np.testing.assert_allclose(result["mse_per_draw"], [e["mse"] for e in expected], rtol=1e-6)
     np.testing.assert_allclose(result["mse_mean"], np.mean([e["mse"] for e in expected]), rtol=1e-6)
@@ -106,8 +109,8 @@ def test_evaluate_model_scores_model_and_baseline_on_the_protocol_draws(test_set
     draws = protocol_indices(10000, 10000, DRAWS, PAIRS, 3)
     result = evaluate_model(ZeroModule(), a, b, cfg, runtime)
     assert (result["draws"], result["pairs"], result["seed"]) == (DRAWS, PAIRS, 3)
-    zeros = [numpy_mse(a, b, ia, ib, numpy_zeros) for ia, ib in draws]
-    baseline = [numpy_mse(a, b, ia, ib, numpy_mix_baseline) for ia, ib in draws]
+    zeros = [numpy_mse(a, b, i_digit, i_fashion, numpy_zeros) for i_digit, i_fashion in draws]
+    baseline = [numpy_mse(a, b, i_digit, i_fashion, numpy_mix_baseline) for i_digit, i_fashion in draws]
     np.testing.assert_allclose(result["test_mse_per_draw"], [e["mse"] for e in zeros], rtol=1e-6)
     np.testing.assert_allclose(result["test_mse_digit"], np.mean([e["mse_digit"] for e in zeros]), rtol=1e-6)
     np.testing.assert_allclose(result["test_mse_fashion"], np.mean([e["mse_fashion"] for e in zeros]), rtol=1e-6)
@@ -145,11 +148,11 @@ def test_draws_are_reproducible_for_a_seed_and_differ_across_seeds(test_sets) ->
     first, again, other = run(7), run(7), run(8)
     assert first == again
     assert first["mse_per_draw"] != other["mse_per_draw"]
-    for (ia, ib), (ja, jb) in zip(
+    for (i_digit, i_fashion), (ja, jb) in zip(
         protocol_indices(10000, 10000, 2, 1000, 7), protocol_indices(10000, 10000, 2, 1000, 7), strict=True
     ):
-        np.testing.assert_array_equal(ia, ja)
-        np.testing.assert_array_equal(ib, jb)
+        np.testing.assert_array_equal(i_digit, ja)
+        np.testing.assert_array_equal(i_fashion, jb)
     assert not np.array_equal(
         protocol_indices(10000, 10000, 1, 1000, 7)[0][0], protocol_indices(10000, 10000, 1, 1000, 8)[0][0]
     )
@@ -160,13 +163,13 @@ def test_draws_are_reproducible_for_a_seed_and_differ_across_seeds(test_sets) ->
 
 def test_batched_mse_does_not_depend_on_the_batch_size(test_sets) -> None:
     a, b = (torch.as_tensor(t) for t in test_sets)
-    ia, ib = protocol_indices(10000, 10000, 1, 1234, 2)[0]
-    whole = batched_mse(mix_baseline, a, b, ia, ib, 1234)
+    i_digit, i_fashion = protocol_indices(10000, 10000, 1, 1234, 2)[0]
+    whole = batched_mse(mix_baseline, a, b, i_digit, i_fashion, 1234)
     for batch_size in (100, 333, 5000):
-        parts = batched_mse(mix_baseline, a, b, ia, ib, batch_size)
+        parts = batched_mse(mix_baseline, a, b, i_digit, i_fashion, batch_size)
         for key in whole:
             assert parts[key] == pytest.approx(whole[key], rel=1e-12), (batch_size, key)
-    one_by_one = batched_mse(mix_baseline, a, b, ia[:50], ib[:50], 1)
-    in_one_batch = batched_mse(mix_baseline, a, b, ia[:50], ib[:50], 50)
+    one_by_one = batched_mse(mix_baseline, a, b, i_digit[:50], i_fashion[:50], 1)
+    in_one_batch = batched_mse(mix_baseline, a, b, i_digit[:50], i_fashion[:50], 50)
     for key in one_by_one:
         assert one_by_one[key] == pytest.approx(in_one_batch[key], rel=1e-12), key

@@ -105,9 +105,9 @@ def test_tiny_unet_learns_well_below_the_mix_baseline(data_dir: Path, splits: Sp
     assert [m["step"] for m in result.history] == [100, 200, 300]
 
     # The mix baseline on exactly the validation pairs the trainer scores.
-    val_a, val_b = torch.as_tensor(splits.val_a), torch.as_tensor(splits.val_b)
-    idx = draw_pairs(len(splits.val_a), len(splits.val_b), cfg.data.val_pairs, cfg.data.val_seed)
-    baseline = batched_mse(mix_baseline, val_a, val_b, *idx, 1000)["mse"]
+    val_digit, val_fashion = torch.as_tensor(splits.val_digit), torch.as_tensor(splits.val_fashion)
+    idx = draw_pairs(len(splits.val_digit), len(splits.val_fashion), cfg.data.val_pairs, cfg.data.val_seed)
+    baseline = batched_mse(mix_baseline, val_digit, val_fashion, *idx, 1000)["mse"]
     val_mse = result.metrics["val_mse"]
     assert np.isfinite(val_mse) and val_mse < 0.8 * baseline, (val_mse, baseline)
     assert result.metrics["val_mse"] == pytest.approx(
@@ -138,7 +138,7 @@ def test_tiny_unet_learns_well_below_the_mix_baseline(data_dir: Path, splits: Sp
     assert saved_cfg == cfg
     rt = resolve_runtime(cfg.train)
     model = rt.prepare_model(model, compile_model=False).eval()
-    rescored = batched_mse(model_predictor(model, rt), val_a, val_b, *idx, cfg.eval.batch_size)["mse"]
+    rescored = batched_mse(model_predictor(model, rt), val_digit, val_fashion, *idx, cfg.eval.batch_size)["mse"]
     assert rescored == pytest.approx(val_mse, rel=1e-6)
 
 
