@@ -97,12 +97,13 @@ class TrainConfig:
     min_lr: float = 1e-5
     warmup_epochs: float = 1.0
     grad_clip: float = 0.0  # max grad norm; 0 = off
-    # Hardware knobs. "auto" picks per device: bf16 autocast where the hardware has bf16
-    # (CUDA >= Ampere, CPUs with AVX-512 BF16/AMX), channels_last on, torch.compile on CUDA.
+    # Hardware knobs. "auto" picks what measured fastest per device (bss_model/runtime.py says what).
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     channels_last: Literal["auto", "on", "off"] = "auto"
     compile: Literal["auto", "on", "off"] = "auto"
+    # Capture the whole training step in a CUDA graph and replay it (CUDA only; see bss_model/step.py).
+    cuda_graphs: Literal["auto", "on", "off"] = "auto"
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     # Logging
     tensorboard: bool = True

@@ -438,10 +438,21 @@ class PairSampler:
             )
         return tensor.to(device).contiguous()
 
+    def draw_indices(self, idx_digit: torch.Tensor, idx_fashion: torch.Tensor) -> None:
+        """Fill two preallocated index buffers with fresh uniform draws (digit first, then fashion).
+
+        In place, so a captured training step can keep reading the same buffers.
+        """
+        torch.randint(0, len(self.digit), idx_digit.shape, generator=self.generator, device=self.device, out=idx_digit)
+        torch.randint(
+            0, len(self.fashion), idx_fashion.shape, generator=self.generator, device=self.device, out=idx_fashion
+        )
+
     def sample(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x, target)`` for ``batch_size`` fresh pairs, as :func:`mix` returns them."""
-        idx_digit = torch.randint(0, len(self.digit), (batch_size,), generator=self.generator, device=self.device)
-        idx_fashion = torch.randint(0, len(self.fashion), (batch_size,), generator=self.generator, device=self.device)
+        idx_digit = torch.empty(batch_size, dtype=torch.long, device=self.device)
+        idx_fashion = torch.empty(batch_size, dtype=torch.long, device=self.device)
+        self.draw_indices(idx_digit, idx_fashion)
         return mix(self.digit[idx_digit], self.fashion[idx_fashion])
 
     def state_dict(self) -> dict:

@@ -1,11 +1,17 @@
-"""Per-device execution settings: device, bf16 autocast, channels_last, torch.compile.
+"""Per-device execution settings: device, bf16 autocast, channels_last, torch.compile, CUDA graphs.
 
-``auto`` picks what is fast *and* safe on the hardware found:
+``auto`` picks what is fast *and* safe on the hardware found (benchmarks/train_throughput.py
+measures every choice against eager fp32):
 - bf16 autocast on CUDA GPUs that support it, and on CPUs with native bf16 (AVX-512
   BF16 or AMX). On CPUs without it PyTorch emulates bf16 and runs ~10x *slower*
   than fp32 (measured on an AVX2-only EPYC), so auto stays in fp32 there.
 - channels_last everywhere: oneDNN (CPU) and cuDNN (tensor cores) prefer NHWC.
+- CUDA graphs on CUDA: small-batch steps are launch-bound, and a replayed graph removes the
+  launches (bss_model/step.py).
 - torch.compile on CUDA only: on CPU its warm-up (~30 s) buys a few per cent.
+
+:func:`resolve_runtime` only *describes* the choice; :func:`apply_torch_settings` is the one place
+that changes torch's process-wide settings (threads, cuDNN autotuning, TF32).
 """
 
 from __future__ import annotations
@@ -39,26 +45,24 @@ class Runtime:
     bf16: bool
     channels_last: bool
     compile: bool
+    cuda_graphs: bool = False
 
-    def autocast(self) -> contextlib.AbstractContextManager:
+    def autocast(self, cache_enabled: bool = True) -> contextlib.AbstractContextManager:
         if not self.bf16:
             return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, cache_enabled=cache_enabled)
 
-    def prepare_model(self, model: torch.nn.Module, compile_model: bool | None = None) -> torch.nn.Module:
-        """Move to device/memory format. Returns the module to *call* (maybe compiled);
-        keep a reference to the original for ``state_dict`` (compile prefixes keys)."""
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Move ``model`` to the device and memory format, in place (it keeps owning the weights)."""
         model = model.to(self.device)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        if self.compile if compile_model is None else compile_model:
-            return torch.compile(model)
         return model
 
     def describe(self) -> str:
         return (
             f"device={self.device} precision={'bf16' if self.bf16 else 'fp32'} "
-            f"channels_last={self.channels_last} compile={self.compile}"
+            f"channels_last={self.channels_last} compile={self.compile} cuda_graphs={self.cuda_graphs}"
         )
 
 
@@ -71,17 +75,38 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_runtime(t: TrainConfig) -> Runtime:
+    """What ``t``'s hardware knobs mean on this machine; changes no global state."""
     device = resolve_device(t.device)
-    if t.threads:
-        torch.set_num_threads(t.threads)
-    if device.type == "cuda":
-        native_bf16 = torch.cuda.is_bf16_supported()
+    cuda = device.type == "cuda"
+    native_bf16 = torch.cuda.is_bf16_supported() if cuda else cpu_has_native_bf16()
+    bf16 = t.precision == "bf16" or (t.precision == "auto" and native_bf16)
+    channels_last = t.channels_last != "off"
+    compile_ = t.compile == "on" or (t.compile == "auto" and cuda)
+    graphs = t.cuda_graphs == "on" or (t.cuda_graphs == "auto" and cuda)
+    if graphs and not cuda:
+        raise ConfigError(f"train.cuda_graphs=on needs a CUDA device, not {device}: use train.cuda_graphs=auto")
+    return Runtime(device=device, bf16=bf16, channels_last=channels_last, compile=compile_, cuda_graphs=graphs)
+
+
+def apply_torch_settings(rt: Runtime, threads: int = 0) -> None:
+    """Torch's process-wide settings for a run on ``rt``: the one place they are changed."""
+    if threads:
+        torch.set_num_threads(threads)
+    if rt.device.type == "cuda":
+        # Fixed shapes throughout a run, so cuDNN's per-shape autotuning pays for itself at once;
+        # TF32 matmuls/convs keep fp32 parts of the step (the loss, non-autocast runs) on tensor cores.
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    else:
-        native_bf16 = cpu_has_native_bf16()
-    bf16 = t.precision == "bf16" or (t.precision == "auto" and native_bf16)
-    channels_last = t.channels_last != "off"
-    compile_ = t.compile == "on" or (t.compile == "auto" and device.type == "cuda")
-    return Runtime(device=device, bf16=bf16, channels_last=channels_last, compile=compile_)
+
+
+def cap_gpu_memory(fraction: float, device: torch.device) -> None:
+    """Limit this process's CUDA caching allocator to ``fraction`` of the card.
+
+    Processes sharing a GPU (fractional Ray GPUs) are not memory-isolated: without a cap one
+    trial's cache can grow until its neighbours fail to allocate. With it, a trial that needs
+    more than its share gets an out-of-memory error of its own.
+    """
+    if device.type == "cuda" and 0 < fraction < 1:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        torch.cuda.set_per_process_memory_fraction(fraction, index)

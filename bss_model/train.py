@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
-import os
 import random
 import time
 from collections.abc import Callable
@@ -25,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from bss_model import checkpoint as ckpt
 from bss_model.config import Config, load_config, save_config
@@ -34,20 +31,13 @@ from bss_model.errors import CheckpointError, cli_entry
 from bss_model.evaluate import batched_mse, model_predictor
 from bss_model.io import atomic_write_json, next_run_dir, setup_logging
 from bss_model.model import build_model, count_parameters
-from bss_model.runtime import Runtime, resolve_runtime
+from bss_model.runtime import Runtime, apply_torch_settings, resolve_runtime
+from bss_model.step import FINITE_CHECK_EVERY, TrainStep, cosine_lr
 from bss_model.viz import separation_grid
 
 log = logging.getLogger("bss")
 
 OnEpoch = Callable[[dict[str, Any], Path], None]
-
-# How often (in steps) the loss is checked for NaN/inf. Checking every step would force a
-# device sync per step; a non-finite loss poisons the running sum, so a periodic check
-# of the sum catches it within this many steps.
-FINITE_CHECK_EVERY = 50
-# Fault injection for the reliability tests only: "EPOCH:MARKER_FILE" makes train() raise
-# once at the start of that epoch (it creates MARKER_FILE so a retry passes).
-FAULT_ENV = "BSS_FAULT_INJECT"
 
 
 @dataclass
@@ -67,24 +57,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def cosine_lr(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float:
-    """Linear warmup to ``lr`` over ``warmup`` steps, then cosine decay to ``min_lr``."""
-    if warmup and step < warmup:
-        return lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
-
-
-def _maybe_inject_fault(epoch: int) -> None:
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return
-    at, marker = spec.split(":", 1)
-    if int(at) == epoch and not Path(marker).exists():
-        Path(marker).touch()
-        raise RuntimeError(f"injected fault at epoch {epoch} ({FAULT_ENV})")
-
-
 class _Trainer:
     """The state of one run; ``train()`` below is the public entry point."""
 
@@ -95,6 +67,7 @@ class _Trainer:
         t = cfg.train
         seed_everything(t.seed)
         self.rt: Runtime = resolve_runtime(t)
+        apply_torch_settings(self.rt, t.threads)
         splits = splits if splits is not None else load_splits(cfg.data)
         dev = self.rt.device
         self.sampler = PairSampler(splits.train_digit, splits.train_fashion, dev, seed=t.seed)
@@ -102,10 +75,10 @@ class _Trainer:
         self.val_fashion = torch.as_tensor(splits.val_fashion, device=dev)
         # The same validation pairs for every epoch, trial and seed: val MSEs are comparable.
         self.val_idx = draw_pairs(len(splits.val_digit), len(splits.val_fashion), cfg.data.val_pairs, cfg.data.val_seed)
-        self.model = build_model(cfg.model)
+        self.model = self.rt.prepare_model(build_model(cfg.model))
         self.n_params = count_parameters(self.model)
-        self.net = self.rt.prepare_model(self.model)  # maybe compiled; self.model owns the weights
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        self.step_fn = TrainStep(self.model, self.sampler, t, self.rt)
+        self.opt = self.step_fn.opt
         self.plateau = (
             torch.optim.lr_scheduler.ReduceLROnPlateau(
                 self.opt, mode="min", factor=t.plateau_factor, patience=t.plateau_patience, min_lr=t.min_lr
@@ -159,7 +132,7 @@ class _Trainer:
                 f"{self.cfg.model}: resume with the checkpoint's config or start a new run"
             )
         ckpt.load_weights(self.model, state["model"], path)
-        self.opt.load_state_dict(state["optimizer"])
+        self.step_fn.load_optimizer_state(state["optimizer"])
         if self.plateau and state["scheduler"]:
             self.plateau.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
@@ -171,46 +144,35 @@ class _Trainer:
         log.info("resumed from %s at epoch %d (step %d)", path, self.epoch, self.step)
 
     # -- one epoch ---------------------------------------------------------------------
-    def set_lr(self) -> None:
+    def lr_at(self, step: int) -> float:
         t = self.cfg.train
-        if t.schedule == "cosine":
-            total = t.epochs * t.steps_per_epoch
-            warmup = int(t.warmup_epochs * t.steps_per_epoch)
-            lr = cosine_lr(self.step, total, warmup, t.lr, t.min_lr)
-            for group in self.opt.param_groups:
-                group["lr"] = lr
+        total = t.epochs * t.steps_per_epoch
+        return cosine_lr(step, total, int(t.warmup_epochs * t.steps_per_epoch), t.lr, t.min_lr)
 
     def train_epoch(self) -> tuple[float, str]:
-        """Run one epoch; returns (mean train MSE, reason if the loss went non-finite)."""
+        """Run one epoch; returns (mean train loss, reason if the loss went non-finite)."""
         t = self.cfg.train
         self.model.train()
-        loss_sum = torch.zeros((), device=self.rt.device)
-        for i in range(t.steps_per_epoch):
-            self.set_lr()
-            x, y = self.sampler.sample(t.batch_size)
-            if self.rt.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with self.rt.autocast():
-                pred = self.net(x)
-            loss = F.mse_loss(pred.float(), y)
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if t.grad_clip:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
-            self.opt.step()
-            self.step += 1
-            loss_sum += loss.detach()
-            check = (i + 1) % FINITE_CHECK_EVERY == 0 or i + 1 == t.steps_per_epoch
-            if check and not torch.isfinite(loss_sum):
-                return float("nan"), f"non-finite loss at epoch {self.epoch + 1} step {i + 1} (lr={t.lr:g})"
-            if t.log_every and (i + 1) % t.log_every == 0:
-                log.info("epoch %d step %d/%d loss %.3e", self.epoch + 1, i + 1, t.steps_per_epoch, loss.item())
-        return loss_sum.item() / t.steps_per_epoch, ""
+        self.step_fn.loss_sum.zero_()
+        lr_at = self.lr_at if t.schedule == "cosine" else None
+
+        def on_check(done: int, loss_sum: float) -> None:
+            if t.log_every and done % t.log_every == 0:
+                log.info("epoch %d step %d/%d loss %.3e", self.epoch + 1, done, t.steps_per_epoch, loss_sum / done)
+
+        bad = self.step_fn.run(
+            t.steps_per_epoch, lr_at, start=self.step, on_check=on_check, check_every=t.log_every or FINITE_CHECK_EVERY
+        )
+        self.step += bad or t.steps_per_epoch
+        if bad:
+            return float("nan"), f"non-finite loss at epoch {self.epoch + 1} step {bad} (lr={t.lr:g})"
+        return float(self.step_fn.loss_sum) / t.steps_per_epoch, ""
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
         self.model.eval()
-        predict = model_predictor(self.net, self.rt)
+        # The eager module, not the compiled/graphed step: evaluation never triggers a recompile.
+        predict = model_predictor(self.model, self.rt)
         return batched_mse(predict, self.val_digit, self.val_fashion, *self.val_idx, self.cfg.eval.batch_size)
 
     @torch.no_grad()
@@ -220,7 +182,7 @@ class _Trainer:
         i_digit, i_fashion = (torch.as_tensor(idx[:n], device=dev) for idx in self.val_idx)
         x, y = mix(self.val_digit[i_digit], self.val_fashion[i_fashion])
         self.model.eval()
-        pred = model_predictor(self.net, self.rt)(x).float().clamp(0, 1)
+        pred = model_predictor(self.model, self.rt)(x).float().clamp(0, 1)
         grid = separation_grid(x.cpu().numpy(), y.cpu().numpy(), pred.cpu().numpy())
         self.writer.add_image("val/separation", grid[None], self.epoch, dataformats="CHW")
 
@@ -257,7 +219,6 @@ def train(
     status, reason = "completed", ""
     try:
         while tr.epoch < t.epochs:
-            _maybe_inject_fault(tr.epoch + 1)
             t0 = time.perf_counter()
             train_mse, reason = tr.train_epoch()
             if reason:

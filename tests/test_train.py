@@ -137,7 +137,7 @@ def test_tiny_unet_learns_well_below_the_mix_baseline(data_dir: Path, splits: Sp
     model, saved_cfg = ckpt.load_model(out)
     assert saved_cfg == cfg
     rt = resolve_runtime(cfg.train)
-    model = rt.prepare_model(model, compile_model=False).eval()
+    model = rt.prepare_model(model).eval()
     rescored = batched_mse(model_predictor(model, rt), val_digit, val_fashion, *idx, cfg.eval.batch_size)["mse"]
     assert rescored == pytest.approx(val_mse, rel=1e-6)
 

@@ -1,0 +1,156 @@
+"""The training step (bss_model.step) on CPU: one function for train() and the benchmark, the
+optimised path against plain eager, the schedule, batch norm, divergence, fixed evaluation shapes
+and the runtime's settings. The CUDA-graph path is tested in test_cuda.py."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bss_model.config import ConfigError, TrainConfig, load_config
+from bss_model.data import PairSampler
+from bss_model.evaluate import batched_mse, mix_baseline
+from bss_model.model import build_model
+from bss_model.runtime import apply_torch_settings, resolve_runtime
+from bss_model.step import FINITE_CHECK_EVERY, TrainStep, cosine_lr
+from bss_model.train import train
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def images(seed: int, n: int = 256) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, 32, 32), dtype=np.uint8)
+
+
+def make_step(sets: list[str], loss_fn=F.mse_loss, seed: int = 0) -> TrainStep:
+    cfg = load_config(None, ["model.variant=tiny", "model.filters=4", "train.device=cpu", *sets])
+    torch.manual_seed(seed)
+    rt = resolve_runtime(cfg.train)
+    model = rt.prepare_model(build_model(cfg.model))
+    sampler = PairSampler(images(1), images(2), "cpu", seed=seed)
+    return TrainStep(model, sampler, cfg.train, rt, loss_fn=loss_fn)
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("train_throughput", REPO / "benchmarks" / "train_throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_train_and_the_benchmark_time_one_step_function(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, data_dir: Path
+) -> None:
+    calls: list[str] = []
+    real_run = TrainStep.run
+
+    def counting_run(self: TrainStep, n: int, *args, **kwargs):
+        calls.append(type(self).__qualname__)
+        return real_run(self, n, *args, **kwargs)
+
+    monkeypatch.setattr(TrainStep, "run", counting_run)
+    cfg = load_config(None, ["model.variant=tiny", "train.epochs=1", "train.steps_per_epoch=3", "train.device=cpu",
+                             "train.tensorboard=false", "data.val_pairs=100", f"data.dir={data_dir}"])  # fmt: skip
+    assert train(cfg, out_dir=tmp_path).status == "completed"
+    assert calls == ["TrainStep"]  # one epoch = one TrainStep.run
+    bench = load_benchmark()
+    template = build_model(cfg.model)
+    imgs = (torch.from_numpy(images(1)), torch.from_numpy(images(2)))
+    mode = bench.build_mode("auto", template, imgs, 8, torch.device("cpu"))
+    assert isinstance(mode.step, TrainStep)
+    assert bench.time_window(mode, 2, 8, 0, torch.device("cpu")) > 0
+    assert calls == ["TrainStep", "TrainStep"]
+
+
+def curve(step: TrainStep, n: int) -> list[float]:
+    points: list[float] = []
+    step.run(n, on_check=lambda done, total: points.append(total / done), check_every=25)
+    return points
+
+
+def test_the_optimised_path_follows_the_eager_loss_curve() -> None:
+    eager = make_step(["train.precision=fp32", "train.channels_last=off", "train.compile=off"])
+    auto = make_step([])  # bf16 + channels_last where this CPU has native bf16, else fp32 + channels_last
+    a, b = curve(eager, 300), curve(auto, 300)
+    assert len(a) == len(b) == 12 and all(map(math.isfinite, a + b))
+    assert a[-1] < 0.7 * a[0]  # it learns, so the comparison means something
+    tol = 0.05 if auto.rt.bf16 else 1e-3  # bf16 rounds activations to 8 bits of mantissa
+    for x, y in zip(a, b, strict=True):
+        assert abs(x - y) <= tol * x, (a, b)
+
+
+def test_the_schedule_reaches_the_optimizer_on_every_step() -> None:
+    step = make_step(["train.schedule=cosine"])
+    seen: list[float] = []
+    step.opt.register_step_pre_hook(lambda opt, args, kwargs: seen.append(float(opt.param_groups[0]["lr"])))
+    lr_at = lambda s: cosine_lr(s, 40, 5, 1e-3, 1e-5)  # noqa: E731
+    step.run(40, lr_at, start=0)
+    assert seen == pytest.approx([lr_at(s) for s in range(40)], rel=1e-6)
+    assert len(set(seen)) > 30  # it really changed step by step
+
+
+def test_batch_norm_statistics_update_every_step() -> None:
+    step = make_step(["model.norm=batch"])
+    bn = next(m for m in step.model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    mean0 = bn.running_mean.clone()
+    step.run(7)
+    assert int(bn.num_batches_tracked) == 7
+    assert not torch.allclose(bn.running_mean, mean0)
+
+
+def test_a_non_finite_loss_is_caught_within_the_check_interval() -> None:
+    count = {"n": 0}
+
+    def poisoned(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        count["n"] += 1
+        loss = F.mse_loss(pred, y)
+        return loss * float("nan") if count["n"] == 7 else loss
+
+    step = make_step([], loss_fn=poisoned)
+    bad = step.run(200)
+    assert bad == FINITE_CHECK_EVERY and count["n"] == FINITE_CHECK_EVERY  # stopped at the first check after step 7
+
+
+def test_evaluation_batches_have_one_shape_and_padding_changes_nothing() -> None:
+    digit, fashion = torch.from_numpy(images(3, 64)), torch.from_numpy(images(4, 64))
+    rng = np.random.default_rng(0)
+    idx_digit, idx_fashion = rng.integers(0, 64, 250), rng.integers(0, 64, 250)
+    shapes: set[tuple] = set()
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        shapes.add(tuple(x.shape))
+        return mix_baseline(x) * 0.9
+
+    got = batched_mse(predict, digit, fashion, idx_digit, idx_fashion, 100)  # 100 + 100 + 50 (padded to 100)
+    assert shapes == {(100, 1, 32, 32)}
+    d, f = digit[idx_digit].double() / 255, fashion[idx_fashion].double() / 255
+    x = (d + f) / 2
+    expect_digit = float(((0.9 * x - d) ** 2).mean())
+    expect_fashion = float(((0.9 * x - f) ** 2).mean())
+    assert got["mse_digit"] == pytest.approx(expect_digit, rel=1e-6)
+    assert got["mse_fashion"] == pytest.approx(expect_fashion, rel=1e-6)
+
+
+def test_resolve_runtime_describes_and_apply_torch_settings_changes() -> None:
+    before = torch.get_num_threads()
+    try:
+        rt = resolve_runtime(TrainConfig(device="cpu", threads=1))
+        assert torch.get_num_threads() == before  # describing the runtime changes nothing
+        assert not rt.cuda_graphs and not rt.compile
+        apply_torch_settings(rt, threads=1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_cuda_graphs_on_a_cpu_is_refused_with_the_fix() -> None:
+    with pytest.raises(ConfigError, match="train.cuda_graphs=on needs a CUDA device.*cuda_graphs=auto"):
+        resolve_runtime(TrainConfig(device="cpu", cuda_graphs="on"))
