@@ -179,7 +179,7 @@ class TrainStep:
         n: int,
         lr_at: Callable[[int], float] | None = None,
         start: int = 0,
-        on_check: Callable[[int, float], None] | None = None,
+        on_step: Callable[[int, float | None], None] | None = None,
         check_every: int = FINITE_CHECK_EVERY,
     ) -> int | None:
         """Run ``n`` steps (global step numbers ``start``, ``start + 1``, ...).
@@ -187,9 +187,10 @@ class TrainStep:
         Returns None, or the step (1-based within this call) at whose check the running loss was
         found non-finite; the run stops there.
         ``lr_at(step)`` is the per-step schedule (None: the lr only changes between calls).
-        ``on_check(steps_done, loss_sum)`` is called at each finite check (every ``check_every``
-        steps, at most FINITE_CHECK_EVERY), where the loop syncs with the device anyway: progress
-        lines and bars hook in there at no extra cost.
+        ``on_step(steps_done, loss_sum)`` is called after every step; ``loss_sum`` is the running
+        sum at each finite check (every ``check_every`` steps, at most FINITE_CHECK_EVERY), where
+        the loop syncs with the device anyway, and None in between: progress lines and bars
+        read the loss at no extra cost.
         """
         check_every = max(1, min(check_every, FINITE_CHECK_EVERY))
         for i in range(n):
@@ -198,8 +199,10 @@ class TrainStep:
             self()
             if (i + 1) % check_every == 0 or i + 1 == n:
                 total = float(self.loss_sum)
-                if on_check is not None:
-                    on_check(i + 1, total)
+                if on_step is not None:
+                    on_step(i + 1, total)
                 if not math.isfinite(total):
                     return i + 1
+            elif on_step is not None:
+                on_step(i + 1, None)
         return None
