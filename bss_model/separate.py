@@ -343,16 +343,19 @@ def _demo_items(cfg: Any, n: int, seed: int, data_dir: str | None) -> list[Item]
     This is a user-facing demo of a finished model, not part of any search or choice, so it reads the
     test sets (like ``bss_model.evaluate``): a model is shown pairs it never saw in training or validation.
     """
-    from bss_model.data import draw_pairs, load_test
+    from bss_model.data import load_test
 
     if data_dir:
         cfg.data.dir = str(Path(data_dir).resolve())
     elif cfg.data.dir and not Path(cfg.data.dir).is_dir():
         cfg.data.dir = ""  # the training machine's folder: fall back to BSS_DATA_DIR / the cache
     test_digit, test_fashion = load_test(cfg.data)
-    idx_digit, idx_fashion = draw_pairs(len(test_digit), len(test_fashion), n, seed)
+    # One pair at a time (digit index, then fashion index) from one seeded generator, so demo-k is the same
+    # pair whatever N is: --demo 8 extends --demo 4 rather than reshuffling it.
+    rng = np.random.default_rng(seed)
     items = []
-    for k, (i, j) in enumerate(zip(idx_digit, idx_fashion, strict=True)):
+    for k in range(n):
+        i, j = int(rng.integers(0, len(test_digit))), int(rng.integers(0, len(test_fashion)))
         # load_test pads to 32x32; the 28x28 original is the centre (pad32 adds 2 pixels each side).
         digit = test_digit[i, 2:30, 2:30].astype(np.float32) / 255
         fashion = test_fashion[j, 2:30, 2:30].astype(np.float32) / 255

@@ -280,9 +280,10 @@ def test_demo_writes_test_mixtures_and_scores_them_against_the_truth(
     )  # fmt: skip
     assert code == 0, stderr
     doc = json.loads(stdout)
-    # The documented draw: one generator, n digit indices then n fashion indices, over the 10k test images.
+    # The documented draw: one generator, per demo a digit index then a fashion index, over the 10k test images.
     rng = np.random.default_rng(seed)
-    idx_digit, idx_fashion = rng.integers(0, 10000, n), rng.integers(0, 10000, n)
+    pairs = [(rng.integers(0, 10000), rng.integers(0, 10000)) for _ in range(n)]
+    idx_digit, idx_fashion = [p[0] for p in pairs], [p[1] for p in pairs]
     test_digit, test_fashion = load_test(DataConfig(dir=str(data_dir), download=False))
     mses, baselines = [], []
     for k in range(n):
@@ -308,6 +309,14 @@ def test_demo_writes_test_mixtures_and_scores_them_against_the_truth(
     assert doc["demo"]["mse"] == pytest.approx(np.mean(mses), rel=1e-4)
     assert doc["demo"]["baseline_mix_mse"] == pytest.approx(np.mean(baselines), rel=1e-6)
     assert len(listing(out)) == 5 * n + 1  # mixture, 2 truths, 2 outputs per demo, and the panel
+    # A smaller N draws the same first pairs: demo-k does not depend on N.
+    code, _, _ = separate(capsys, model_file, "--demo", "2", "--seed", str(seed), "--data-dir", str(data_dir),
+                          "--out", str(tmp_path / "two"))  # fmt: skip
+    assert code == 0
+    for k in range(2):
+        for suffix in ("png", "true-digit.png", "true-fashion.png", "digit.png"):
+            name = f"demo-{k:03d}.{suffix}"
+            assert (tmp_path / "two" / name).read_bytes() == (out / name).read_bytes()
 
 
 def test_panel_holds_a_row_per_input(tmp_path: Path, capsys, model_file: Path) -> None:
