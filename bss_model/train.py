@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import random
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from bss_model.errors import CheckpointError, cli_entry
 from bss_model.evaluate import batched_mse, model_predictor
 from bss_model.io import atomic_write_json, next_run_dir, setup_logging
 from bss_model.model import build_model, count_parameters
+from bss_model.progress import EpochProgress
 from bss_model.runtime import Runtime, resolve_runtime
 from bss_model.viz import separation_grid
 
@@ -117,6 +119,7 @@ class _Trainer:
         self.step = 0  # optimizer steps completed
         self.history: list[dict[str, Any]] = []
         self.writer = None
+        self.progress = False  # a per-epoch bar on stderr (bss_model.progress); the CLI turns it on for terminals
 
     def open_writer(self) -> None:
         """Start TensorBoard logging (after a resume was accepted: a refused one leaves no event file)."""
@@ -185,6 +188,7 @@ class _Trainer:
         t = self.cfg.train
         self.model.train()
         loss_sum = torch.zeros((), device=self.rt.device)
+        bar = EpochProgress(self.epoch + 1, t.epochs, t.steps_per_epoch, t.batch_size, self.progress)
         for i in range(t.steps_per_epoch):
             self.set_lr()
             x, y = self.sampler.sample(t.batch_size)
@@ -202,9 +206,13 @@ class _Trainer:
             loss_sum += loss.detach()
             check = (i + 1) % FINITE_CHECK_EVERY == 0 or i + 1 == t.steps_per_epoch
             if check and not torch.isfinite(loss_sum):
+                bar.close()
                 return float("nan"), f"non-finite loss at epoch {self.epoch + 1} step {i + 1} (lr={t.lr:g})"
+            # Step counts every step; the loss only where the check above has just synced, so no extra device wait.
+            bar.update(i + 1, loss_sum.item() / (i + 1) if check and bar.enabled else None)
             if t.log_every and (i + 1) % t.log_every == 0:
                 log.info("epoch %d step %d/%d loss %.3e", self.epoch + 1, i + 1, t.steps_per_epoch, loss.item())
+        bar.close()
         return loss_sum.item() / t.steps_per_epoch, ""
 
     @torch.no_grad()
@@ -236,17 +244,19 @@ def train(
     resume: str | Path | None = None,
     splits: Splits | None = None,
     checkpoint_dir: str | Path | None = None,
+    progress: bool = False,
 ) -> TrainResult:
     """Train ``cfg`` into ``out_dir`` (checkpoint/, tb/, metrics.json), resuming if asked.
 
     The checkpoint goes to ``checkpoint_dir`` (default ``out_dir/checkpoint``), rewritten
-    atomically after every epoch.
+    atomically after every epoch. ``progress`` shows a per-epoch bar on stderr (for terminals).
 
     A non-finite loss does not raise: it ends the run with ``status="diverged"`` and the
     reason, leaving the last good checkpoint in place.
     """
     out_dir = Path(out_dir)
     tr = _Trainer(cfg, out_dir, splits, Path(checkpoint_dir) if checkpoint_dir else out_dir / "checkpoint")
+    tr.progress = progress
     if resume is not None:
         tr.restore(resume)  # before writing anything: a refused resume must leave the run folder as it was
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -331,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
             resume = None
             out = next_run_dir(Path(args.out), Path(args.config).stem if args.config else "default")
         setup_logging(out / "train.log")
-        result = train(cfg, out_dir=out, resume=resume)
+        # The bar only on a terminal: CI logs and redirected output keep just the plain per-epoch lines.
+        result = train(cfg, out_dir=out, resume=resume, progress=sys.stderr.isatty())
         print(json.dumps({"status": result.status, "reason": result.reason, "run_dir": str(out), **result.metrics}))
         return 0 if result.status == "completed" else 1
 
