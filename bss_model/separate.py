@@ -139,7 +139,7 @@ def read_npy(path: Path) -> np.ndarray:
 
 def read_picture(path: Path) -> tuple[np.ndarray, list[str]]:
     """A PNG, JPEG or BMP as float32 [H, W] in [0, 1], and the notices it earned (colour converted)."""
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     notices: list[str] = []
     try:
@@ -170,11 +170,12 @@ def read_picture(path: Path) -> tuple[np.ndarray, list[str]]:
             notices.append(f"{path} has {im.n_frames} frames: only the first is used")
         try:
             im.load()  # decodes now: a truncated or damaged file fails here, not halfway through writing
+            mode = im.mode
+            im = ImageOps.exif_transpose(im)  # a camera's JPEG: the pixels as the photo is meant to be seen
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
             raise InputError(
                 f"{path} is a truncated or damaged {im.format} ({one_line(exc)}): re-export or re-download it"
             ) from None
-        mode = im.mode
         if mode in _GRAY_MODES:
             gray = im.convert("L")
         elif mode in _COLOUR_MODES:
@@ -381,14 +382,15 @@ def _plan_outputs(items: list[Item], out: Path) -> dict[str, dict[str, Path]]:
     """Output paths per item; refuses two inputs that would write the same file, or an output over an input."""
     seen: dict[str, str] = {}
     for item in items:
-        if item.stem in seen:
-            other = seen[item.stem]
+        key = item.stem.casefold()  # X.png and x.png are one file on case-insensitive filesystems (macOS, Windows)
+        if key in seen:
+            other = seen[key]
             what = "is given twice" if other == item.name else f"and {other} share the stem '{item.stem}'"
             raise InputError(
                 f"{item.name} {what}, so both would write {item.stem}.digit.png: rename one, or run them with "
                 "different --out folders"
             )
-        seen[item.stem] = item.name
+        seen[key] = item.name
     plans = {}
     for item in items:
         plan = {"digit": out / f"{item.stem}.digit.png", "fashion": out / f"{item.stem}.fashion.png"}
@@ -408,6 +410,8 @@ def _plan_outputs(items: list[Item], out: Path) -> dict[str, dict[str, Path]]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Everything after argument parsing; returns the ``--json`` document."""
+    import torch
+
     from bss_model.checkpoint import load_model
     from bss_model.io import atomic_write_bytes
     from bss_model.runtime import resolve_runtime
@@ -435,6 +439,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # The checkpoint's own runtime (precision, memory format), but on this machine's device and threads,
     # and never compiled: a one-off inference is over before torch.compile's warm-up would pay off.
     cfg.train.device, cfg.train.threads = args.device, args.threads
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise BssError(f"--device {args.device} but no CUDA GPU is available: use --device auto or cpu")
     runtime = resolve_runtime(cfg.train)
     model = runtime.prepare_model(model, compile_model=False).eval()
     preds = separate_images(model, runtime, [item.image for item in items], depth)

@@ -246,6 +246,29 @@ def test_npy_float_and_uint8(tmp_path: Path, capsys, model_file: Path, net) -> N
         assert (out / f"{stem}.digit.png").read_bytes() == (out / "u8.digit.png").read_bytes()
 
 
+def test_bmp_and_jpeg(tmp_path: Path, capsys, model_file: Path, net) -> None:
+    pixels = mixture(22)
+    save_png(tmp_path / "p.png", pixels)
+    Image.fromarray(pixels).save(tmp_path / "b.bmp")
+    Image.fromarray(pixels).save(tmp_path / "j.jpg", quality=95)
+    # A camera JPEG stored sideways with EXIF orientation 6 ("rotate 90 clockwise to view"): 20 wide, 28 high
+    # as stored, 28 wide and 20 high as seen.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored = mixture(23, 28, 20)
+    Image.fromarray(stored).save(tmp_path / "cam.jpg", quality=95, exif=exif)
+    args = [str(tmp_path / n) for n in ("p.png", "b.bmp", "j.jpg", "cam.jpg")]
+    code, _, stderr = separate(capsys, model_file, *args, "--out", str(tmp_path / "out"))
+    assert code == 0, stderr
+    out = tmp_path / "out"
+    assert (out / "b.digit.png").read_bytes() == (out / "p.digit.png").read_bytes()  # BMP is lossless
+    jpeg_seen = np.asarray(Image.open(tmp_path / "j.jpg"))
+    assert np.abs(jpeg_seen.astype(int) - pixels).max() > 0  # JPEG is lossy: its own pixels are the input
+    assert_png_close(out / "j.digit.png", expected_28(net, jpeg_seen)[0])
+    assert read_png(out / "cam.digit.png").shape == (20, 28)
+    assert "cam.jpg is 28x20" in stderr  # the notice names the size as seen
+
+
 def test_json_figures_match_numpy(tmp_path: Path, capsys, model_file: Path, net) -> None:
     a, b = mixture(7), mixture(8)
     save_png(tmp_path / "a.png", a)
@@ -469,11 +492,13 @@ def test_same_stems_are_refused(tmp_path: Path, capsys, model_file: Path) -> Non
     second = save_png(tmp_path / "b" / "x.png", mixture(17))
     np.save(tmp_path / "a" / "x.npy", mixture(18))
     out = tmp_path / "out"
-    for pair in ((first, second), (first, tmp_path / "a" / "x.npy"), (first, first)):
+    save_png(tmp_path / "b" / "X.png", mixture(19))
+    cases = ((first, second), (first, tmp_path / "a" / "x.npy"), (first, tmp_path / "b" / "X.png"), (first, first))
+    for pair in cases:
         code, _, stderr = separate(capsys, model_file, *map(str, pair), "--out", str(out))
         lines = stderr.strip().splitlines()
         assert code == 2 and len(lines) == 1, stderr
-        assert str(pair[1]) in lines[0] and "x.digit.png" in lines[0] and "rename" in lines[0]
+        assert str(pair[1]) in lines[0] and ".digit.png" in lines[0] and "rename" in lines[0]
         assert not out.exists()
     assert "given twice" in lines[0]
 
