@@ -146,7 +146,7 @@ def evaluate_checkpoint(
     for key, value in (eval_overrides or {}).items():
         setattr(cfg.eval, key, value)
     cfg.eval.validate()
-    cfg.train.device = device
+    cfg.train.device, cfg.train.cuda_graphs = device, "off"  # graphs are a training-step matter
     runtime = resolve_runtime(cfg.train)
     apply_torch_settings(runtime)
     model = runtime.prepare_model(model)

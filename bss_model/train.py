@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 import random
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from bss_model.errors import CheckpointError, cli_entry
 from bss_model.evaluate import batched_mse, model_predictor
 from bss_model.io import atomic_write_json, next_run_dir, setup_logging
 from bss_model.model import build_model, count_parameters
+from bss_model.progress import EpochProgress
 from bss_model.runtime import Runtime, apply_torch_settings, resolve_runtime
 from bss_model.step import FINITE_CHECK_EVERY, TrainStep, cosine_lr
 from bss_model.viz import separation_grid
@@ -90,6 +92,7 @@ class _Trainer:
         self.step = 0  # optimizer steps completed
         self.history: list[dict[str, Any]] = []
         self.writer = None
+        self.progress = False  # a per-epoch bar on stderr (bss_model.progress); the CLI turns it on for terminals
 
     def open_writer(self) -> None:
         """Start TensorBoard logging (after a resume was accepted: a refused one leaves no event file)."""
@@ -155,14 +158,24 @@ class _Trainer:
         self.model.train()
         self.step_fn.loss_sum.zero_()
         lr_at = self.lr_at if t.schedule == "cosine" else None
+        bar = EpochProgress(self.epoch + 1, t.epochs, t.steps_per_epoch, t.batch_size, self.progress)
 
-        def on_check(done: int, loss_sum: float) -> None:
-            if t.log_every and done % t.log_every == 0:
+        def on_step(done: int, loss_sum: float | None) -> None:
+            # The loss arrives only at the finite checks, where the step loop has just synced.
+            bar.update(done, None if loss_sum is None else loss_sum / done)
+            if loss_sum is not None and t.log_every and done % t.log_every == 0:
                 log.info("epoch %d step %d/%d loss %.3e", self.epoch + 1, done, t.steps_per_epoch, loss_sum / done)
 
-        bad = self.step_fn.run(
-            t.steps_per_epoch, lr_at, start=self.step, on_check=on_check, check_every=t.log_every or FINITE_CHECK_EVERY
-        )
+        try:
+            bad = self.step_fn.run(
+                t.steps_per_epoch,
+                lr_at,
+                start=self.step,
+                on_step=on_step,
+                check_every=t.log_every or FINITE_CHECK_EVERY,
+            )
+        finally:
+            bar.close()
         self.step += bad or t.steps_per_epoch
         if bad:
             return float("nan"), f"non-finite loss at epoch {self.epoch + 1} step {bad} (lr={t.lr:g})"
@@ -198,17 +211,19 @@ def train(
     resume: str | Path | None = None,
     splits: Splits | None = None,
     checkpoint_dir: str | Path | None = None,
+    progress: bool = False,
 ) -> TrainResult:
     """Train ``cfg`` into ``out_dir`` (checkpoint/, tb/, metrics.json), resuming if asked.
 
     The checkpoint goes to ``checkpoint_dir`` (default ``out_dir/checkpoint``), rewritten
-    atomically after every epoch.
+    atomically after every epoch. ``progress`` shows a per-epoch bar on stderr (for terminals).
 
     A non-finite loss does not raise: it ends the run with ``status="diverged"`` and the
     reason, leaving the last good checkpoint in place.
     """
     out_dir = Path(out_dir)
     tr = _Trainer(cfg, out_dir, splits, Path(checkpoint_dir) if checkpoint_dir else out_dir / "checkpoint")
+    tr.progress = progress
     if resume is not None:
         tr.restore(resume)  # before writing anything: a refused resume must leave the run folder as it was
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -292,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
             resume = None
             out = next_run_dir(Path(args.out), Path(args.config).stem if args.config else "default")
         setup_logging(out / "train.log")
-        result = train(cfg, out_dir=out, resume=resume)
+        # The bar only on a terminal: CI logs and redirected output keep just the plain per-epoch lines.
+        result = train(cfg, out_dir=out, resume=resume, progress=sys.stderr.isatty())
         print(json.dumps({"status": result.status, "reason": result.reason, "run_dir": str(out), **result.metrics}))
         return 0 if result.status == "completed" else 1
 
