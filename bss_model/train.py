@@ -115,6 +115,7 @@ class _Trainer:
         )
         self.epoch = 0  # epochs completed
         self.step = 0  # optimizer steps completed
+        self.samples = 0  # training samples seen (steps x batch_size, summed over epochs)
         self.history: list[dict[str, Any]] = []
         self.writer = None
 
@@ -140,6 +141,7 @@ class _Trainer:
             },
             "epoch": self.epoch,
             "step": self.step,
+            "samples": self.samples,
             "history": self.history,
             "n_params": self.n_params,
         }
@@ -168,6 +170,8 @@ class _Trainer:
             torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
         random.setstate(state["rng"]["python"])
         self.epoch, self.step, self.history = state["epoch"], state["step"], list(state["history"])
+        # Checkpoints from before sample budgets lack the count: their batch size never changed mid-run.
+        self.samples = state.get("samples", self.step * self.cfg.train.batch_size)
         log.info("resumed from %s at epoch %d (step %d)", path, self.epoch, self.step)
 
     # -- one epoch ---------------------------------------------------------------------
@@ -253,7 +257,11 @@ def train(
     save_config(cfg, out_dir / "config.yaml")
     tr.open_writer()
     t = cfg.train
-    log.info("training %s (%d params) %s into %s", cfg.model.variant, tr.n_params, tr.rt.describe(), out_dir)
+    log.info(
+        "training %s (%d params) %s into %s: %d epochs x %d steps x batch %d = %d samples",
+        cfg.model.variant, tr.n_params, tr.rt.describe(), out_dir, t.epochs, t.steps_per_epoch, t.batch_size,
+        t.epochs * t.epoch_samples,
+    )  # fmt: skip
     status, reason = "completed", ""
     try:
         while tr.epoch < t.epochs:
@@ -269,15 +277,17 @@ def train(
             if tr.plateau:
                 tr.plateau.step(val["mse"])
             tr.epoch += 1
+            tr.samples += t.epoch_samples
             metrics = {
                 "epoch": tr.epoch,
                 "step": tr.step,
+                "samples": tr.samples,  # cumulative: the x-axis that compares batch sizes fairly
                 "train_mse": train_mse,
                 "val_mse": val["mse"],
                 "val_mse_digit": val["mse_digit"],
                 "val_mse_fashion": val["mse_fashion"],
                 "lr": tr.opt.param_groups[0]["lr"],
-                "samples_per_s": t.steps_per_epoch * t.batch_size / train_time,
+                "samples_per_s": t.epoch_samples / train_time,
                 "epoch_time_s": time.perf_counter() - t0,
             }
             tr.history.append(metrics)
@@ -305,8 +315,10 @@ def train(
     result = TrainResult(status, reason, tr.epoch, last, tr.history, out_dir, tr.ckpt_dir)
     atomic_write_json(
         out_dir / "metrics.json",
-        {"status": status, "reason": reason, "epochs_done": tr.epoch, "n_params": tr.n_params, "final": last,
-         "history": tr.history},
+        {"status": status, "reason": reason, "epochs_done": tr.epoch, "n_params": tr.n_params,
+         # The budget as run: samples seen in total, and per epoch (= steps_per_epoch x batch_size).
+         "samples": tr.samples, "samples_per_epoch": t.epoch_samples, "steps_per_epoch": t.steps_per_epoch,
+         "batch_size": t.batch_size, "final": last, "history": tr.history},
     )  # fmt: skip
     return result
 
