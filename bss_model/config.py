@@ -65,6 +65,8 @@ class ModelConfig:
     decoder_mult: int = 4  # decoder level width = decoder_mult x the matching encoder width
     norm: Literal["none", "batch"] = "none"
     head: Literal["depthwise", "consistent"] = "depthwise"
+    # Output activation after the head: none (the reference) or relu (the sources are >= 0).
+    output: Literal["none", "relu"] = "none"
 
     def validate(self) -> None:
         check_range(self.variant in VARIANTS, "model.variant", self.variant, f"one of {sorted(VARIANTS)}")
@@ -92,7 +94,16 @@ class TrainConfig:
     samples_per_epoch: int = 161_984
     batch_size: int = 32
     lr: float = 1e-3
+    # adam: the reference; weight_decay is then an L2 term added to the gradient (Adam rescales it).
+    # adamw: decoupled weight decay (Loshchilov & Hutter), applied to conv/linear weights only.
+    optimizer: Literal["adam", "adamw"] = "adam"
     weight_decay: float = 0.0
+    # The training objective (bss_model/losses.py). The score is always MSE, whatever this is.
+    loss: Literal["mse", "l1", "charbonnier"] = "mse"
+    charbonnier_eps: float = 1e-3
+    # Exponential moving average of the weights (bss_model/ema.py); 0 = off. When on, validation,
+    # checkpoints' evaluated weights, best_model.pt and the protocol all use the average.
+    ema_decay: float = 0.0
     # plateau: the reference's ReduceLROnPlateau on val MSE, stepped once per epoch.
     # cosine: linear warmup for warmup_epochs, then cosine decay to min_lr, per step.
     schedule: Literal["plateau", "cosine"] = "plateau"
@@ -119,6 +130,10 @@ class TrainConfig:
         check_range(self.batch_size >= 1, "train.batch_size", self.batch_size, ">= 1")
         check_range(self.lr > 0 and math.isfinite(self.lr), "train.lr", self.lr, "a positive learning rate, e.g. 1e-3")
         check_range(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, ">= 0")
+        check_range(self.charbonnier_eps > 0, "train.charbonnier_eps", self.charbonnier_eps, "> 0, e.g. 1e-3")
+        check_range(
+            0 <= self.ema_decay < 1, "train.ema_decay", self.ema_decay, "in [0, 1): 0 = off, e.g. 0.999 or 0.9999"
+        )
         check_range(0 < self.plateau_factor < 1, "train.plateau_factor", self.plateau_factor, "in (0, 1), e.g. 0.5")
         check_range(self.plateau_patience >= 0, "train.plateau_patience", self.plateau_patience, ">= 0")
         check_range(0 <= self.min_lr <= self.lr, "train.min_lr", self.min_lr, f"in [0, train.lr={self.lr}]")

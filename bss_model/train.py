@@ -25,10 +25,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from torch import nn
 
 from bss_model import checkpoint as ckpt
-from bss_model.config import Config, load_config, save_config
+from bss_model import losses
+from bss_model.config import Config, TrainConfig, load_config, save_config
 from bss_model.data import PairSampler, Splits, draw_pairs, load_splits, mix
 from bss_model.errors import CheckpointError, cli_entry
 from bss_model.evaluate import batched_mse, model_predictor
@@ -75,6 +76,23 @@ def cosine_lr(step: int, total: int, warmup: int, lr: float, min_lr: float) -> f
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
+def build_optimizer(model: nn.Module, t: TrainConfig, **kwargs: Any) -> torch.optim.Optimizer:
+    """``train.optimizer``: Adam (the reference) or AdamW; ``kwargs`` pass through (e.g. capturable=True).
+
+    Adam's weight_decay is L2 on every parameter, as in the reference and torch. AdamW's is
+    decoupled and skips the 1-D tensors (biases, batch-norm scales and shifts): shrinking a BN
+    scale or a bias towards 0 is no regulariser, it only fights the normalisation.
+    """
+    if t.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay, **kwargs)
+    params = list(model.parameters())
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": t.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=t.lr, **kwargs)
+
+
 def _maybe_inject_fault(epoch: int) -> None:
     spec = os.environ.get(FAULT_ENV)
     if not spec:
@@ -105,7 +123,9 @@ class _Trainer:
         self.model = build_model(cfg.model)
         self.n_params = count_parameters(self.model)
         self.net = self.rt.prepare_model(self.model)  # maybe compiled; self.model owns the weights
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        self.opt = build_optimizer(self.model, t)
+        # (loss to descend, detached MSE): the score is always MSE, whatever train.loss is.
+        self.objective = losses.objective(t.loss, t.charbonnier_eps)
         self.plateau = (
             torch.optim.lr_scheduler.ReduceLROnPlateau(
                 self.opt, mode="min", factor=t.plateau_factor, patience=t.plateau_patience, min_lr=t.min_lr
@@ -184,11 +204,12 @@ class _Trainer:
             for group in self.opt.param_groups:
                 group["lr"] = lr
 
-    def train_epoch(self) -> tuple[float, str]:
-        """Run one epoch; returns (mean train MSE, reason if the loss went non-finite)."""
+    def train_epoch(self) -> tuple[float, float, str]:
+        """Run one epoch; returns (mean train loss, mean train MSE, reason if the loss went non-finite)."""
         t = self.cfg.train
         self.model.train()
         loss_sum = torch.zeros((), device=self.rt.device)
+        mse_sum = torch.zeros((), device=self.rt.device)
         for i in range(t.steps_per_epoch):
             self.set_lr()
             x, y = self.sampler.sample(t.batch_size)
@@ -196,7 +217,7 @@ class _Trainer:
                 x = x.contiguous(memory_format=torch.channels_last)
             with self.rt.autocast():
                 pred = self.net(x)
-            loss = F.mse_loss(pred.float(), y)
+            loss, mse = self.objective(pred.float(), y)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             if t.grad_clip:
@@ -204,12 +225,14 @@ class _Trainer:
             self.opt.step()
             self.step += 1
             loss_sum += loss.detach()
+            mse_sum += mse
             check = (i + 1) % FINITE_CHECK_EVERY == 0 or i + 1 == t.steps_per_epoch
             if check and not torch.isfinite(loss_sum):
-                return float("nan"), f"non-finite loss at epoch {self.epoch + 1} step {i + 1} (lr={t.lr:g})"
+                reason = f"non-finite loss at epoch {self.epoch + 1} step {i + 1} (lr={t.lr:g})"
+                return float("nan"), float("nan"), reason
             if t.log_every and (i + 1) % t.log_every == 0:
                 log.info("epoch %d step %d/%d loss %.3e", self.epoch + 1, i + 1, t.steps_per_epoch, loss.item())
-        return loss_sum.item() / t.steps_per_epoch, ""
+        return loss_sum.item() / t.steps_per_epoch, mse_sum.item() / t.steps_per_epoch, ""
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
@@ -267,7 +290,7 @@ def train(
         while tr.epoch < t.epochs:
             _maybe_inject_fault(tr.epoch + 1)
             t0 = time.perf_counter()
-            train_mse, reason = tr.train_epoch()
+            train_loss, train_mse, reason = tr.train_epoch()
             if reason:
                 status = "diverged"
                 log.warning("run diverged: %s", reason)
@@ -283,6 +306,7 @@ def train(
                 "step": tr.step,
                 "samples": tr.samples,  # cumulative: the x-axis that compares batch sizes fairly
                 "train_mse": train_mse,
+                "train_loss": train_loss,  # train.loss's value (== train_mse with the reference's mse)
                 "val_mse": val["mse"],
                 "val_mse_digit": val["mse_digit"],
                 "val_mse_fashion": val["mse_fashion"],
@@ -294,6 +318,7 @@ def train(
             if tr.writer:
                 w, e = tr.writer, tr.epoch
                 w.add_scalar("mse/train", train_mse, e)
+                w.add_scalar("loss/train", train_loss, e)
                 w.add_scalar("mse/val", val["mse"], e)
                 w.add_scalar("mse/val_digit", val["mse_digit"], e)
                 w.add_scalar("mse/val_fashion", val["mse_fashion"], e)

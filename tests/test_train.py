@@ -144,6 +144,23 @@ def test_tiny_unet_learns_well_below_the_mix_baseline(data_dir: Path, splits: Sp
     assert rescored == pytest.approx(val_mse, rel=1e-6)
 
 
+def test_train_loss_and_optimizer_keys_are_used(data_dir: Path, one_epoch_run: Path, splits: Splits, tmp_path):
+    # The reference objective: the logged loss is the MSE itself.
+    mse_run = read_json(one_epoch_run / "metrics.json")["final"]
+    assert mse_run["train_loss"] == mse_run["train_mse"]
+    cfg = make_config(
+        data_dir, "train.epochs=1", "train.samples_per_epoch=160", "train.loss=l1", "train.optimizer=adamw",
+        "train.weight_decay=1e-2",
+    )  # fmt: skip
+    result = train(cfg, out_dir=tmp_path, splits=splits)
+    m = result.metrics
+    assert result.status == "completed"
+    # An L1 objective's value differs from the MSE it is scored by (|d| > d^2 for small residuals).
+    assert m["train_loss"] > m["train_mse"] > 0 and np.isfinite(m["val_mse"])
+    groups = ckpt.load(tmp_path)["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [1e-2, 0.0]  # AdamW: conv weights decayed, biases not
+
+
 # --------------------------------------------------------------------------------------
 # Exact resume
 
