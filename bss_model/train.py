@@ -31,6 +31,7 @@ from bss_model import checkpoint as ckpt
 from bss_model import losses
 from bss_model.config import Config, TrainConfig, load_config, save_config
 from bss_model.data import PairSampler, Splits, draw_pairs, load_splits, mix
+from bss_model.ema import EMA
 from bss_model.errors import CheckpointError, cli_entry
 from bss_model.evaluate import batched_mse, model_predictor
 from bss_model.io import atomic_write_json, next_run_dir, setup_logging
@@ -123,6 +124,11 @@ class _Trainer:
         self.model = build_model(cfg.model)
         self.n_params = count_parameters(self.model)
         self.net = self.rt.prepare_model(self.model)  # maybe compiled; self.model owns the weights
+        # The EMA shadow is copied from the model after prepare_model (same device and layout).
+        # eval_model/eval_net: the weights validation, checkpoints and the protocol score.
+        self.ema = EMA(self.model, t.ema_decay) if t.ema_decay > 0 else None
+        self.eval_model = self.ema.model if self.ema else self.model
+        self.eval_net = self.ema.model if self.ema else self.net  # the shadow runs eagerly (never compiled)
         self.opt = build_optimizer(self.model, t)
         # (loss to descend, detached MSE): the score is always MSE, whatever train.loss is.
         self.objective = losses.objective(t.loss, t.charbonnier_eps)
@@ -148,9 +154,18 @@ class _Trainer:
 
     # -- checkpoint --------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
+        # "model" is always the weights to *evaluate* (checkpoint.load_model, best_model.pt); with
+        # an EMA those are the average, and the raw weights travel as "train_model" for resume.
+        ema = {}
+        if self.ema:
+            ema = {
+                "train_model": self.model.state_dict(),
+                "ema": {"num_updates": self.ema.num_updates, "decay": self.ema.decay},
+            }
         return {
             "config": self.cfg.to_dict(),
-            "model": self.model.state_dict(),
+            "model": self.eval_model.state_dict(),
+            **ema,
             "optimizer": self.opt.state_dict(),
             "scheduler": self.plateau.state_dict() if self.plateau else {},
             "sampler": self.sampler.state_dict(),
@@ -180,7 +195,13 @@ class _Trainer:
                 f"checkpoint {path} was trained with model config {saved.model} but this run asks for "
                 f"{self.cfg.model}: resume with the checkpoint's config or start a new run"
             )
-        ckpt.load_weights(self.model, state["model"], path)
+        ckpt.load_weights(self.model, state.get("train_model", state["model"]), path)
+        if self.ema and "ema" in state:
+            self.ema.load_state_dict({"model": state["model"], "num_updates": state["ema"]["num_updates"]})
+        elif self.ema:
+            # The checkpoint was trained without an EMA: start the average at the restored weights.
+            log.warning("%s has no EMA state: the EMA starts from its weights", path)
+            ckpt.load_weights(self.ema.model, self.model.state_dict(), path)
         self.opt.load_state_dict(state["optimizer"])
         if self.plateau and state["scheduler"]:
             self.plateau.load_state_dict(state["scheduler"])
@@ -223,6 +244,8 @@ class _Trainer:
             if t.grad_clip:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
             self.opt.step()
+            if self.ema is not None:
+                self.ema.update(self.model)
             self.step += 1
             loss_sum += loss.detach()
             mse_sum += mse
@@ -236,8 +259,8 @@ class _Trainer:
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        self.model.eval()
-        predict = model_predictor(self.net, self.rt)
+        self.eval_model.eval()
+        predict = model_predictor(self.eval_net, self.rt)
         return batched_mse(predict, self.val_digit, self.val_fashion, *self.val_idx, self.cfg.eval.batch_size)
 
     @torch.no_grad()
@@ -246,8 +269,8 @@ class _Trainer:
         dev = self.rt.device
         i_digit, i_fashion = (torch.as_tensor(idx[:n], device=dev) for idx in self.val_idx)
         x, y = mix(self.val_digit[i_digit], self.val_fashion[i_fashion])
-        self.model.eval()
-        pred = model_predictor(self.net, self.rt)(x).float().clamp(0, 1)
+        self.eval_model.eval()
+        pred = model_predictor(self.eval_net, self.rt)(x).float().clamp(0, 1)
         grid = separation_grid(x.cpu().numpy(), y.cpu().numpy(), pred.cpu().numpy())
         self.writer.add_image("val/separation", grid[None], self.epoch, dataformats="CHW")
 

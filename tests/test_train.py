@@ -222,6 +222,71 @@ def test_resume_is_exact(data_dir: Path, splits: Splits, tmp_path: Path, schedul
         assert straight.history[0]["lr"] == 3e-3
 
 
+def test_ema_resume_is_exact(data_dir: Path, splits: Splits, tmp_path: Path) -> None:
+    # Plateau with patience 0: the EMA's validation MSE drives the learning rate, so a resume that
+    # restored the average inexactly would change the schedule as well as the weights.
+    cfg = make_config(
+        data_dir, "train.epochs=2", "train.samples_per_epoch=480", "train.precision=fp32", "train.ema_decay=0.95",
+        "train.plateau_patience=0", "train.lr=3e-3",
+    )  # fmt: skip
+    straight = train(cfg, out_dir=tmp_path / "straight", splits=splits)
+    with pytest.raises(Interrupted):
+        train(cfg, on_epoch=_stop_after_first_epoch, out_dir=tmp_path / "first", splits=splits)
+    first = ckpt.load(tmp_path / "first")
+    assert int(first["ema"]["num_updates"]) == 30
+    resumed = train(cfg, out_dir=tmp_path / "resumed", resume=tmp_path / "first", splits=splits)
+    assert straight.status == resumed.status == "completed"
+    for epoch in range(2):
+        for key in EXACT_KEYS:
+            assert resumed.history[epoch][key] == straight.history[epoch][key], (epoch, key)
+    a, b = ckpt.load(tmp_path / "straight"), ckpt.load(tmp_path / "resumed")
+    assert int(a["ema"]["num_updates"]) == int(b["ema"]["num_updates"]) == 60
+    for weights in ("model", "train_model"):  # the EMA and the raw weights, bitwise
+        assert a[weights].keys() == b[weights].keys()
+        for name in a[weights]:
+            assert torch.equal(a[weights][name], b[weights][name]), (weights, name)
+    # The average really moved since epoch 1, and it is not the raw weights.
+    assert any(not torch.equal(first["model"][n], b["model"][n]) for n in b["model"])
+    assert any(not torch.equal(b["model"][n], b["train_model"][n]) for n in b["model"])
+
+
+def test_ema_is_what_validation_and_the_checkpoint_score(data_dir: Path, splits: Splits, tmp_path: Path) -> None:
+    # Cosine: the schedule ignores validation, so with and without an EMA the raw weights follow
+    # exactly the same trajectory -- the EMA only watches.
+    common = ["train.epochs=1", "train.samples_per_epoch=480", "train.precision=fp32", "train.schedule=cosine"]
+    off = train(make_config(data_dir, *common), out_dir=tmp_path / "off", splits=splits)
+    cfg = make_config(data_dir, *common, "train.ema_decay=0.9")
+    on = train(cfg, out_dir=tmp_path / "on", splits=splits)
+    a, b = ckpt.load(tmp_path / "off"), ckpt.load(tmp_path / "on")
+    assert "train_model" not in a and "ema" not in a
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["train_model"][name]), name
+    assert on.metrics["train_mse"] == off.metrics["train_mse"]
+    assert on.metrics["val_mse"] != off.metrics["val_mse"]
+
+    # load_model (evaluation, best_model.pt) returns the EMA weights, and they score the logged val MSE.
+    model, _ = ckpt.load_model(tmp_path / "on")
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, b["model"][name]), name
+    rt = resolve_runtime(cfg.train)
+    model = rt.prepare_model(model, compile_model=False).eval()
+    val_digit, val_fashion = torch.as_tensor(splits.val_digit), torch.as_tensor(splits.val_fashion)
+    idx = draw_pairs(len(splits.val_digit), len(splits.val_fashion), cfg.data.val_pairs, cfg.data.val_seed)
+    rescored = batched_mse(model_predictor(model, rt), val_digit, val_fashion, *idx, cfg.eval.batch_size)["mse"]
+    assert rescored == pytest.approx(on.metrics["val_mse"], rel=1e-6)
+
+
+def test_switching_the_ema_on_at_a_resume_starts_it_from_the_weights(data_dir: Path, one_epoch_run: Path, splits,
+                                                                     tmp_path: Path) -> None:  # fmt: skip
+    before = ckpt.load(one_epoch_run)
+    cfg = make_config(data_dir, "train.epochs=2", "train.samples_per_epoch=160", "train.ema_decay=0.5")
+    assert train(cfg, out_dir=tmp_path, resume=one_epoch_run, splits=splits).status == "completed"
+    after = ckpt.load(tmp_path)
+    assert int(after["ema"]["num_updates"]) == 10  # one epoch of 160 / 16 updates, counted from the resume
+    # The average started at the epoch-1 weights and followed the training away from them.
+    assert any(not torch.equal(before["model"][n], after["model"][n]) for n in before["model"])
+
+
 # --------------------------------------------------------------------------------------
 # Divergence
 
