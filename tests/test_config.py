@@ -318,3 +318,33 @@ def test_the_old_steps_key_points_to_samples_per_epoch(tmp_path: Path, source: s
     assert "train.steps_per_epoch was replaced by train.samples_per_epoch" in message
     assert "train.samples_per_epoch=128000" in message  # 2000 x 64, the same budget in samples
     assert "did you mean" not in message
+
+
+# --------------------------------------------------------------------------------------
+# configs/seed.yaml is the reference run, exactly
+
+
+def test_seed_yaml_is_the_reference_network_and_training() -> None:
+    import torch
+
+    from bss_model.losses import objective
+    from bss_model.model import build_model, count_parameters
+    from bss_model.train import build_optimizer
+
+    cfg = load_config(REPO / "configs" / "seed.yaml")
+    model = build_model(cfg.model)
+    assert count_parameters(model) == 3_684_214
+    assert {k: getattr(cfg.model, k) for k in VARIANTS["seed"]} == VARIANTS["seed"] and cfg.model.output == "none"
+    t = cfg.train
+    assert (t.optimizer, t.lr, t.weight_decay, t.batch_size, t.epochs) == ("adam", 1e-3, 0.0, 32, 120)
+    assert (t.samples_per_epoch, t.steps_per_epoch, t.epoch_samples) == (161_984, 5062, 161_984)
+    assert t.epochs * t.epoch_samples == 19_438_080  # the reference's 19.4M training samples
+    assert (t.schedule, t.plateau_factor, t.plateau_patience, t.min_lr) == ("plateau", 0.5, 10, 1e-5)
+    assert (t.loss, t.ema_decay, t.grad_clip) == ("mse", 0.0, 0.0)
+    assert cfg.data.val_fraction == 0.1 and (cfg.eval.draws, cfg.eval.pairs) == (10, 20000)
+    # What the trainer builds from it: plain Adam over every parameter, and the MSE objective.
+    opt = build_optimizer(model, t)
+    assert type(opt) is torch.optim.Adam and len(opt.param_groups) == 1
+    assert (opt.defaults["lr"], opt.defaults["weight_decay"], opt.defaults["betas"]) == (1e-3, 0.0, (0.9, 0.999))
+    pred, target = torch.tensor([0.5, -1.0]), torch.zeros(2)
+    assert objective(t.loss)(pred, target)[0].item() == (0.25 + 1.0) / 2
