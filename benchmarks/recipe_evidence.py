@@ -17,7 +17,7 @@ EMA-off run (``tests/test_train.py::test_ema_is_what_validation_and_the_checkpoi
 With ``--schedule plateau`` the validation score drives the learning rate, so the script then
 trains the EMA-off runs separately (``--separate`` forces that for cosine too).
 
-    python benchmarks/recipe_evidence.py                      # tiny, 3 seeds x 96,000 samples, ~4 min on 1 core
+    python benchmarks/recipe_evidence.py                      # tiny, 3 seeds x 96,000 samples: 5.4 min on 1 busy core
     python benchmarks/recipe_evidence.py --seeds 1 --min-lr 1e-3          # EMA at a constant lr (no decay)
     python benchmarks/recipe_evidence.py --samples 192000 --ema-decay 0.998 --json out.json
 """
