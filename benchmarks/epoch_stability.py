@@ -30,10 +30,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
-    steps = max(1, round(args.samples_per_epoch / args.batch))
-    cfg = load_config(None, [f"model.variant={args.variant}", f"train.batch_size={args.batch}",
-                             f"train.epochs={args.epochs}", f"train.steps_per_epoch={steps}", "train.schedule=cosine",
-                             "train.lr=2e-3", "data.download=false", *args.sets])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            f"model.variant={args.variant}",
+            f"train.batch_size={args.batch}",
+            f"train.epochs={args.epochs}",
+            f"train.samples_per_epoch={args.samples_per_epoch}",
+            "train.schedule=cosine",
+            "train.lr=2e-3",
+            "data.download=false",
+            *args.sets,
+        ],
+    )
     with tempfile.TemporaryDirectory(prefix="bss-stability-") as tmp:
         result = train(cfg, out_dir=tmp)
     rates = [h["samples_per_s"] for h in result.history]

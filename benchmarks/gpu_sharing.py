@@ -29,10 +29,18 @@ def child(args: argparse.Namespace) -> int:
     from bss_model.train import train
 
     cap_gpu_memory(1 / args.trials, torch.device("cuda"))
-    steps = max(1, round(args.samples_per_epoch / args.batch))
-    cfg = load_config(None, [f"model.variant={args.variant}", f"train.batch_size={args.batch}",
-                             f"train.epochs={args.epochs}", f"train.steps_per_epoch={steps}", f"train.seed={args.seed}",
-                             "train.tensorboard=false", "data.download=false"])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            f"model.variant={args.variant}",
+            f"train.batch_size={args.batch}",
+            f"train.epochs={args.epochs}",
+            f"train.samples_per_epoch={args.samples_per_epoch}",
+            f"train.seed={args.seed}",
+            "train.tensorboard=false",
+            "data.download=false",
+        ],
+    )
     result = train(cfg, out_dir=args.out)
     peak = torch.cuda.max_memory_reserved() / 2**30
     rates = [h["samples_per_s"] for h in result.history]

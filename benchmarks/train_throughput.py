@@ -221,7 +221,7 @@ def short_run(args: argparse.Namespace) -> dict[str, Any]:
         "data.download=false",  # real data from BSS_DATA_DIR; never download here
         f"data.val_pairs={args.val_pairs}",
         "train.epochs=1",
-        f"train.steps_per_epoch={args.short_run}",
+        f"train.samples_per_epoch={args.short_run * batch}",  # exactly short_run steps
         f"train.batch_size={batch}",
         f"train.seed={args.seed}",
         f"train.device={args.device}",

@@ -65,6 +65,8 @@ class ModelConfig:
     decoder_mult: int = 4  # decoder level width = decoder_mult x the matching encoder width
     norm: Literal["none", "batch"] = "none"
     head: Literal["depthwise", "consistent"] = "depthwise"
+    # Output activation after the head: none (the reference) or relu (the sources are >= 0).
+    output: Literal["none", "relu"] = "none"
 
     def validate(self) -> None:
         check_range(self.variant in VARIANTS, "model.variant", self.variant, f"one of {sorted(VARIANTS)}")
@@ -85,10 +87,23 @@ class ModelConfig:
 class TrainConfig:
     seed: int = 0
     epochs: int = 120
-    steps_per_epoch: int = 5062
+    # The budget is counted in samples, not steps, so trials with different batch sizes see
+    # the same data per epoch (and per ASHA rung). Steps per epoch = round(samples / batch),
+    # so the samples actually seen are steps x batch_size (see steps_per_epoch()).
+    # The default is the reference's 5,062 steps x batch 32.
+    samples_per_epoch: int = 161_984
     batch_size: int = 32
     lr: float = 1e-3
+    # adam: the reference; weight_decay is then an L2 term added to the gradient (Adam rescales it).
+    # adamw: decoupled weight decay (Loshchilov & Hutter), applied to conv/linear weights only.
+    optimizer: Literal["adam", "adamw"] = "adam"
     weight_decay: float = 0.0
+    # The training objective (bss_model/losses.py). The score is always MSE, whatever this is.
+    loss: Literal["mse", "l1", "charbonnier"] = "mse"
+    charbonnier_eps: float = 1e-3
+    # Exponential moving average of the weights (bss_model/ema.py); 0 = off. When on, validation,
+    # checkpoints' evaluated weights, best_model.pt and the protocol all use the average.
+    ema_decay: float = 0.0
     # plateau: the reference's ReduceLROnPlateau on val MSE, stepped once per epoch.
     # cosine: linear warmup for warmup_epochs, then cosine decay to min_lr, per step.
     schedule: Literal["plateau", "cosine"] = "plateau"
@@ -112,10 +127,14 @@ class TrainConfig:
 
     def validate(self) -> None:
         check_range(self.epochs >= 1, "train.epochs", self.epochs, ">= 1")
-        check_range(self.steps_per_epoch >= 1, "train.steps_per_epoch", self.steps_per_epoch, ">= 1")
+        check_range(self.samples_per_epoch >= 1, "train.samples_per_epoch", self.samples_per_epoch, ">= 1, e.g. 161984")
         check_range(self.batch_size >= 1, "train.batch_size", self.batch_size, ">= 1")
         check_range(self.lr > 0 and math.isfinite(self.lr), "train.lr", self.lr, "a positive learning rate, e.g. 1e-3")
         check_range(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, ">= 0")
+        check_range(self.charbonnier_eps > 0, "train.charbonnier_eps", self.charbonnier_eps, "> 0, e.g. 1e-3")
+        check_range(
+            0 <= self.ema_decay < 1, "train.ema_decay", self.ema_decay, "in [0, 1): 0 = off, e.g. 0.999 or 0.9999"
+        )
         check_range(0 < self.plateau_factor < 1, "train.plateau_factor", self.plateau_factor, "in (0, 1), e.g. 0.5")
         check_range(self.plateau_patience >= 0, "train.plateau_patience", self.plateau_patience, ">= 0")
         check_range(0 <= self.min_lr <= self.lr, "train.min_lr", self.min_lr, f"in [0, train.lr={self.lr}]")
@@ -128,6 +147,16 @@ class TrainConfig:
         check_range(self.threads >= 0, "train.threads", self.threads, ">= 0")
         check_range(self.image_every >= 0, "train.image_every", self.image_every, ">= 0")
         check_range(self.log_every >= 0, "train.log_every", self.log_every, ">= 0")
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch, from the sample budget (see :func:`steps_per_epoch`)."""
+        return steps_per_epoch(self)
+
+    @property
+    def epoch_samples(self) -> int:
+        """Samples actually seen per epoch: steps x batch_size (may differ slightly from samples_per_epoch)."""
+        return self.steps_per_epoch * self.batch_size
 
 
 @dataclass
@@ -158,6 +187,52 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------
+# Sample budgets
+#
+# Comparing a batch-32 trial with a batch-128 trial at the same number of *steps* gives the
+# latter 4x the data at every ASHA rung. Budgets are therefore samples; steps follow.
+
+
+def steps_per_epoch(t: TrainConfig) -> int:
+    """round(samples_per_epoch / batch_size), at least 1; ties round half up (exact integer maths)."""
+    return max(1, (2 * t.samples_per_epoch + t.batch_size) // (2 * t.batch_size))
+
+
+def check_fair_budget(samples_per_epoch: int, batch_sizes: list[int] | tuple[int, ...], key: str = "train") -> None:
+    """Refuse a sample budget that some batch size does not divide.
+
+    Otherwise rounding to whole steps gives that batch size a slightly different number of
+    samples per epoch (and per rung) than the others. The fix names the nearest fair budgets:
+    multiples of the least common multiple of all the batch sizes.
+    """
+    lcm = math.lcm(*batch_sizes) if batch_sizes else 1
+    for b in batch_sizes:
+        if samples_per_epoch % b:
+            lower = max(lcm, samples_per_epoch // lcm * lcm)
+            upper = (samples_per_epoch // lcm + 1) * lcm
+            raise ConfigError(
+                f"{key}.samples_per_epoch={samples_per_epoch} is not a multiple of {key}.batch_size={b}, so batch "
+                f"sizes {sorted(set(batch_sizes))} would see different samples per epoch: use a multiple of {lcm}, "
+                f"e.g. {lower} or {upper}"
+            )
+
+
+# Keys that were removed, with the one-line migration hint build() gives instead of "unknown key".
+def _replaced_key(cls: type, key: str, data: dict[str, Any], prefix: str) -> ConfigError | None:
+    if cls is TrainConfig and key == "steps_per_epoch":
+        steps, batch = data[key], data.get("batch_size", TrainConfig.batch_size)
+        example = "steps x batch_size, e.g. 5062 x 32 = 161984"
+        if isinstance(steps, int) and isinstance(batch, int) and not isinstance(steps, bool):
+            example = f"{steps} x {batch} = {steps * batch}"
+        return ConfigError(
+            f"{prefix}steps_per_epoch was replaced by {prefix}samples_per_epoch (= steps x batch_size, so trials "
+            f"with different batch sizes see the same data): use {prefix}samples_per_epoch={example.split()[-1]} "
+            f"({example})"
+        )
+    return None
 
 
 # --------------------------------------------------------------------------------------
@@ -245,7 +320,7 @@ def build(cls: type, data: Any, prefix: str = "") -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in data:
         if key not in fields:
-            raise _unknown_key(str(key), list(fields), prefix)
+            raise _replaced_key(cls, key, data, prefix) or _unknown_key(str(key), list(fields), prefix)
     kwargs = {}
     for name, value in data.items():
         tp = hints[name]

@@ -9,6 +9,7 @@ variant the network is the reference Keras model exactly (3,684,214 parameters):
                          Up(256) ← convT ─ cat┘ ─ 4 convs
                          Up(128) ← convT ─ cat ─┘ ─ 4 convs
                          Head: 1x1 conv → 2 ch → depthwise 3x3
+                         [Output: ReLU, if model.output = relu]
 """
 
 from __future__ import annotations
@@ -106,6 +107,12 @@ class UNet(nn.Module):
             self.decoders.append(Up(c, w, cfg.decoder_mult * w, cfg.decoder_convs, cfg.norm))
             c = cfg.decoder_mult * w
         self.head = HEADS[cfg.head](c)
+        # The output activation comes after the head, so with the consistent head the ReLU clips
+        # the *projected* components: both are >= 0, and (digit + fashion)/2 == x still holds
+        # exactly wherever neither was clipped -- as for the true sources, which are in [0, 1].
+        # (Before the projection it would be undone: adding the residual can make a component
+        # negative again.) No parameters: seed stays 3,684,214 with either output.
+        self.output = nn.ReLU() if cfg.output == "relu" else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, skips = x, []
@@ -115,7 +122,7 @@ class UNet(nn.Module):
         h = self.bottleneck(h)
         for up, skip in zip(self.decoders, reversed(skips), strict=True):
             h = up(h, skip)
-        return self.head(h, x)
+        return self.output(self.head(h, x))
 
 
 def build_model(cfg: ModelConfig) -> UNet:

@@ -25,8 +25,8 @@ import math
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
+from bss_model import losses
 from bss_model.config import TrainConfig
 from bss_model.data import PairSampler, mix
 from bss_model.runtime import Runtime
@@ -40,8 +40,6 @@ FINITE_CHECK_EVERY = 50
 # Their effect on the weights is undone before the first real step.
 CAPTURE_WARMUP = 3
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
 
 def cosine_lr(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float:
     """Linear warmup to ``lr`` over ``warmup`` steps, then cosine decay to ``min_lr``."""
@@ -51,13 +49,32 @@ def cosine_lr(step: int, total: int, warmup: int, lr: float, min_lr: float) -> f
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def make_optimizer(params, t: TrainConfig, capturable: bool, device: torch.device) -> torch.optim.Optimizer:
-    """Adam (or AdamW) as the step needs it: fused on CUDA; captured graphs need a tensor lr."""
-    cls = torch.optim.AdamW if getattr(t, "optimizer", "adam") == "adamw" else torch.optim.Adam
-    if capturable:
-        lr = torch.tensor(t.lr, dtype=torch.float32, device=device)
-        return cls(params, lr=lr, weight_decay=t.weight_decay, fused=True, capturable=True)
-    return cls(params, lr=t.lr, weight_decay=t.weight_decay, fused=device.type == "cuda" or None)
+def build_optimizer(model: torch.nn.Module, t: TrainConfig, **kwargs) -> torch.optim.Optimizer:
+    """``train.optimizer``: Adam (the reference) or AdamW; ``kwargs`` pass through (e.g. fused=True).
+
+    Adam's weight_decay is L2 on every parameter, as in the reference and torch. AdamW's is
+    decoupled and skips the 1-D tensors (biases, batch-norm scales and shifts): shrinking a BN
+    scale or a bias towards 0 is no regulariser, it only fights the normalisation.
+    """
+    if t.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay, **kwargs)
+    params = list(model.parameters())
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": t.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=t.lr, **kwargs)
+
+
+def make_optimizer(model: torch.nn.Module, t: TrainConfig, capturable: bool, device: torch.device):
+    """The optimizer as the step needs it: fused on CUDA; inside a captured graph, capturable with
+    one lr *tensor per group* (a shared one would be scaled once per group by ReduceLROnPlateau)."""
+    if not capturable:
+        return build_optimizer(model, t, fused=True if device.type == "cuda" else None)
+    opt = build_optimizer(model, t, fused=True, capturable=True)
+    for group in opt.param_groups:
+        group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
+    return opt
 
 
 class TrainStep:
@@ -73,19 +90,21 @@ class TrainStep:
         sampler: PairSampler,
         t: TrainConfig,
         rt: Runtime,
-        loss_fn: LossFn = F.mse_loss,
+        objective: losses.Objective | None = None,
         ema=None,
     ) -> None:
-        self.model, self.sampler, self.rt, self.loss_fn, self.ema = model, sampler, rt, loss_fn, ema
+        self.model, self.sampler, self.rt, self.ema = model, sampler, rt, ema
+        self.objective = objective or losses.objective("mse")
         self.batch_size, self.grad_clip = t.batch_size, t.grad_clip
         self.net = torch.compile(model) if rt.compile else model
         self.graphed = rt.cuda_graphs
         dev = rt.device
-        self.opt = make_optimizer(model.parameters(), t, capturable=self.graphed, device=dev)
-        self._lr = self.opt.param_groups[0]["lr"] if self.graphed else None  # the tensor the graph reads
+        self.opt = make_optimizer(model, t, capturable=self.graphed, device=dev)
+        self._lrs = [g["lr"] for g in self.opt.param_groups] if self.graphed else []  # tensors the graph reads
         self.idx_digit = torch.zeros(t.batch_size, dtype=torch.long, device=dev)
         self.idx_fashion = torch.zeros(t.batch_size, dtype=torch.long, device=dev)
-        self.loss_sum = torch.zeros((), device=dev)  # sum of step losses since the last reset
+        self.loss_sum = torch.zeros((), device=dev)  # sums of step losses since reset_sums()
+        self.mse_sum = torch.zeros((), device=dev)  # ... and of step MSEs (== loss_sum with the mse loss)
         self.graph: torch.cuda.CUDAGraph | None = None
 
     # -- the learning rate -------------------------------------------------------------
@@ -101,12 +120,15 @@ class TrainStep:
                 group["lr"] = lr
 
     def _adopt_lr(self) -> None:
-        """Put the graph's lr tensor back into the optimizer after a load replaced it."""
-        if self._lr is not None:
-            for group in self.opt.param_groups:
-                if group["lr"] is not self._lr:
-                    self._lr.fill_(float(group["lr"]))
-                    group["lr"] = self._lr
+        """Put the graph's lr tensors back into the optimizer after a load replaced them."""
+        for group, lr in zip(self.opt.param_groups, self._lrs, strict=False):
+            if group["lr"] is not lr:
+                lr.fill_(float(group["lr"]))
+                group["lr"] = lr
+
+    def reset_sums(self) -> None:
+        self.loss_sum.zero_()
+        self.mse_sum.zero_()
 
     def optimizer_state(self) -> dict:
         return self.opt.state_dict()
@@ -125,7 +147,7 @@ class TrainStep:
             x = x.contiguous(memory_format=torch.channels_last)
         with self.rt.autocast(cache_enabled=not self.graphed):  # autocast's weight cache breaks replays
             pred = self.net(x)
-        loss = self.loss_fn(pred.float(), y)
+        loss, mse = self.objective(pred.float(), y)
         loss.backward()
         if self.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip, foreach=True)
@@ -133,6 +155,7 @@ class TrainStep:
         if self.ema is not None:
             self.ema.update(self.model)
         self.loss_sum += loss.detach()
+        self.mse_sum += mse
 
     def __call__(self) -> None:
         self.sampler.draw_indices(self.idx_digit, self.idx_fashion)
@@ -145,7 +168,7 @@ class TrainStep:
         self.graph.replay()
 
     def _state_tensors(self) -> list[torch.Tensor]:
-        tensors = [*self.model.parameters(), *self.model.buffers(), self.loss_sum]
+        tensors = [*self.model.parameters(), *self.model.buffers(), self.loss_sum, self.mse_sum]
         for state in self.opt.state.values():
             tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
         if self.ema is not None:

@@ -26,8 +26,10 @@ import numpy as np
 import torch
 
 from bss_model import checkpoint as ckpt
+from bss_model import losses
 from bss_model.config import Config, load_config, save_config
 from bss_model.data import PairSampler, Splits, draw_pairs, load_splits, mix
+from bss_model.ema import EMA
 from bss_model.errors import CheckpointError, cli_entry
 from bss_model.evaluate import batched_mse, model_predictor
 from bss_model.io import atomic_write_json, next_run_dir, setup_logging
@@ -79,7 +81,14 @@ class _Trainer:
         self.val_idx = draw_pairs(len(splits.val_digit), len(splits.val_fashion), cfg.data.val_pairs, cfg.data.val_seed)
         self.model = self.rt.prepare_model(build_model(cfg.model))
         self.n_params = count_parameters(self.model)
-        self.step_fn = TrainStep(self.model, self.sampler, t, self.rt)
+        # The EMA shadow is copied from the model after prepare_model (same device and layout).
+        # eval_model: the weights validation, checkpoints and the protocol score (always eager:
+        # evaluation never triggers a recompile or touches the captured step).
+        self.ema = EMA(self.model, t.ema_decay) if t.ema_decay > 0 else None
+        self.eval_model = self.ema.model if self.ema else self.model
+        # (loss to descend, detached MSE): the score is always MSE, whatever train.loss is.
+        objective = losses.objective(t.loss, t.charbonnier_eps)
+        self.step_fn = TrainStep(self.model, self.sampler, t, self.rt, objective=objective, ema=self.ema)
         self.opt = self.step_fn.opt
         self.plateau = (
             torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -90,6 +99,7 @@ class _Trainer:
         )
         self.epoch = 0  # epochs completed
         self.step = 0  # optimizer steps completed
+        self.samples = 0  # training samples seen (steps x batch_size, summed over epochs)
         self.history: list[dict[str, Any]] = []
         self.writer = None
         self.progress = False  # a per-epoch bar on stderr (bss_model.progress); the CLI turns it on for terminals
@@ -103,9 +113,18 @@ class _Trainer:
 
     # -- checkpoint --------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
+        # "model" is always the weights to *evaluate* (checkpoint.load_model, best_model.pt); with
+        # an EMA those are the average, and the raw weights travel as "train_model" for resume.
+        ema = {}
+        if self.ema:
+            ema = {
+                "train_model": self.model.state_dict(),
+                "ema": {"num_updates": self.ema.num_updates, "decay": self.ema.decay},
+            }
         return {
             "config": self.cfg.to_dict(),
-            "model": self.model.state_dict(),
+            "model": self.eval_model.state_dict(),
+            **ema,
             "optimizer": self.opt.state_dict(),
             "scheduler": self.plateau.state_dict() if self.plateau else {},
             "sampler": self.sampler.state_dict(),
@@ -116,6 +135,7 @@ class _Trainer:
             },
             "epoch": self.epoch,
             "step": self.step,
+            "samples": self.samples,
             "history": self.history,
             "n_params": self.n_params,
         }
@@ -134,7 +154,13 @@ class _Trainer:
                 f"checkpoint {path} was trained with model config {saved.model} but this run asks for "
                 f"{self.cfg.model}: resume with the checkpoint's config or start a new run"
             )
-        ckpt.load_weights(self.model, state["model"], path)
+        ckpt.load_weights(self.model, state.get("train_model", state["model"]), path)
+        if self.ema and "ema" in state:
+            self.ema.load_state_dict({"model": state["model"], "num_updates": state["ema"]["num_updates"]})
+        elif self.ema:
+            # The checkpoint was trained without an EMA: start the average at the restored weights.
+            log.warning("%s has no EMA state: the EMA starts from its weights", path)
+            ckpt.load_weights(self.ema.model, self.model.state_dict(), path)
         self.step_fn.load_optimizer_state(state["optimizer"])
         if self.plateau and state["scheduler"]:
             self.plateau.load_state_dict(state["scheduler"])
@@ -144,6 +170,8 @@ class _Trainer:
             torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
         random.setstate(state["rng"]["python"])
         self.epoch, self.step, self.history = state["epoch"], state["step"], list(state["history"])
+        # Checkpoints from before sample budgets lack the count: their batch size never changed mid-run.
+        self.samples = state.get("samples", self.step * self.cfg.train.batch_size)
         log.info("resumed from %s at epoch %d (step %d)", path, self.epoch, self.step)
 
     # -- one epoch ---------------------------------------------------------------------
@@ -152,11 +180,11 @@ class _Trainer:
         total = t.epochs * t.steps_per_epoch
         return cosine_lr(step, total, int(t.warmup_epochs * t.steps_per_epoch), t.lr, t.min_lr)
 
-    def train_epoch(self) -> tuple[float, str]:
-        """Run one epoch; returns (mean train loss, reason if the loss went non-finite)."""
+    def train_epoch(self) -> tuple[float, float, str]:
+        """Run one epoch; returns (mean train loss, mean train MSE, reason if the loss went non-finite)."""
         t = self.cfg.train
         self.model.train()
-        self.step_fn.loss_sum.zero_()
+        self.step_fn.reset_sums()
         lr_at = self.lr_at if t.schedule == "cosine" else None
         bar = EpochProgress(self.epoch + 1, t.epochs, t.steps_per_epoch, t.batch_size, self.progress)
 
@@ -167,25 +195,22 @@ class _Trainer:
                 log.info("epoch %d step %d/%d loss %.3e", self.epoch + 1, done, t.steps_per_epoch, loss_sum / done)
 
         try:
-            bad = self.step_fn.run(
-                t.steps_per_epoch,
-                lr_at,
-                start=self.step,
-                on_step=on_step,
-                check_every=t.log_every or FINITE_CHECK_EVERY,
-            )
+            check_every = t.log_every or FINITE_CHECK_EVERY
+            bad = self.step_fn.run(t.steps_per_epoch, lr_at, start=self.step, on_step=on_step, check_every=check_every)
         finally:
             bar.close()
         self.step += bad or t.steps_per_epoch
         if bad:
-            return float("nan"), f"non-finite loss at epoch {self.epoch + 1} step {bad} (lr={t.lr:g})"
-        return float(self.step_fn.loss_sum) / t.steps_per_epoch, ""
+            reason = f"non-finite loss at epoch {self.epoch + 1} step {bad} (lr={t.lr:g})"
+            return float("nan"), float("nan"), reason
+        n = t.steps_per_epoch
+        return float(self.step_fn.loss_sum) / n, float(self.step_fn.mse_sum) / n, ""
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        self.model.eval()
+        self.eval_model.eval()
         # The eager module, not the compiled/graphed step: evaluation never triggers a recompile.
-        predict = model_predictor(self.model, self.rt)
+        predict = model_predictor(self.eval_model, self.rt)
         return batched_mse(predict, self.val_digit, self.val_fashion, *self.val_idx, self.cfg.eval.batch_size)
 
     @torch.no_grad()
@@ -194,8 +219,8 @@ class _Trainer:
         dev = self.rt.device
         i_digit, i_fashion = (torch.as_tensor(idx[:n], device=dev) for idx in self.val_idx)
         x, y = mix(self.val_digit[i_digit], self.val_fashion[i_fashion])
-        self.model.eval()
-        pred = model_predictor(self.model, self.rt)(x).float().clamp(0, 1)
+        self.eval_model.eval()
+        pred = model_predictor(self.eval_model, self.rt)(x).float().clamp(0, 1)
         grid = separation_grid(x.cpu().numpy(), y.cpu().numpy(), pred.cpu().numpy())
         self.writer.add_image("val/separation", grid[None], self.epoch, dataformats="CHW")
 
@@ -230,12 +255,16 @@ def train(
     save_config(cfg, out_dir / "config.yaml")
     tr.open_writer()
     t = cfg.train
-    log.info("training %s (%d params) %s into %s", cfg.model.variant, tr.n_params, tr.rt.describe(), out_dir)
+    log.info(
+        "training %s (%d params) %s into %s: %d epochs x %d steps x batch %d = %d samples",
+        cfg.model.variant, tr.n_params, tr.rt.describe(), out_dir, t.epochs, t.steps_per_epoch, t.batch_size,
+        t.epochs * t.epoch_samples,
+    )  # fmt: skip
     status, reason = "completed", ""
     try:
         while tr.epoch < t.epochs:
             t0 = time.perf_counter()
-            train_mse, reason = tr.train_epoch()
+            train_loss, train_mse, reason = tr.train_epoch()
             if reason:
                 status = "diverged"
                 log.warning("run diverged: %s", reason)
@@ -245,21 +274,25 @@ def train(
             if tr.plateau:
                 tr.plateau.step(val["mse"])
             tr.epoch += 1
+            tr.samples += t.epoch_samples
             metrics = {
                 "epoch": tr.epoch,
                 "step": tr.step,
+                "samples": tr.samples,  # cumulative: the x-axis that compares batch sizes fairly
                 "train_mse": train_mse,
+                "train_loss": train_loss,  # train.loss's value (== train_mse with the reference's mse)
                 "val_mse": val["mse"],
                 "val_mse_digit": val["mse_digit"],
                 "val_mse_fashion": val["mse_fashion"],
                 "lr": tr.opt.param_groups[0]["lr"],
-                "samples_per_s": t.steps_per_epoch * t.batch_size / train_time,
+                "samples_per_s": t.epoch_samples / train_time,
                 "epoch_time_s": time.perf_counter() - t0,
             }
             tr.history.append(metrics)
             if tr.writer:
                 w, e = tr.writer, tr.epoch
                 w.add_scalar("mse/train", train_mse, e)
+                w.add_scalar("loss/train", train_loss, e)
                 w.add_scalar("mse/val", val["mse"], e)
                 w.add_scalar("mse/val_digit", val["mse_digit"], e)
                 w.add_scalar("mse/val_fashion", val["mse_fashion"], e)
@@ -281,8 +314,10 @@ def train(
     result = TrainResult(status, reason, tr.epoch, last, tr.history, out_dir, tr.ckpt_dir)
     atomic_write_json(
         out_dir / "metrics.json",
-        {"status": status, "reason": reason, "epochs_done": tr.epoch, "n_params": tr.n_params, "final": last,
-         "history": tr.history},
+        {"status": status, "reason": reason, "epochs_done": tr.epoch, "n_params": tr.n_params,
+         # The budget as run: samples seen in total, and per epoch (= steps_per_epoch x batch_size).
+         "samples": tr.samples, "samples_per_epoch": t.epoch_samples, "steps_per_epoch": t.steps_per_epoch,
+         "batch_size": t.batch_size, "final": last, "history": tr.history},
     )  # fmt: skip
     return result
 

@@ -27,12 +27,13 @@ PY = sys.executable
 RUN = str(REPO / "search" / "run.py")
 SMOKE = str(REPO / "configs" / "smoke.yaml")
 
-# The smallest search that still exercises everything: 3 trials x 2 epochs x 20 steps, 2 retrain
-# seeds. grace_period = epochs switches ASHA's early stopping off, so "finished" = "ran 2 epochs".
+# The smallest search that still exercises everything: 3 trials x 2 epochs x 20 steps (x batch 32
+# = 640 samples), 2 retrain seeds. grace_period = epochs switches ASHA's early stopping off, so
+# "finished" = "ran 2 epochs".
 EPOCHS, STEPS = 2, 20
 TINY = [
     f"base.train.epochs={EPOCHS}",
-    f"base.train.steps_per_epoch={STEPS}",
+    f"base.train.samples_per_epoch={STEPS * 32}",
     "base.data.val_pairs=500",
     "base.eval.draws=2",
     "base.eval.pairs=1000",

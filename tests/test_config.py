@@ -17,8 +17,10 @@ from bss_model.config import (
     EvalConfig,
     ModelConfig,
     TrainConfig,
+    check_fair_budget,
     load_config,
     save_config,
+    steps_per_epoch,
 )
 from bss_model.errors import BssError, ConfigError
 from bss_model.variants import VARIANTS
@@ -69,7 +71,7 @@ def test_yaml_overrides_defaults_and_set_overrides_yaml(tmp_path: Path) -> None:
     assert (cfg.train.epochs, cfg.train.batch_size, cfg.train.schedule) == (7, 64, "cosine")
     assert cfg.eval.draws == 3 and cfg.data.val_pairs == 500
     # Keys the file does not set keep their defaults.
-    assert cfg.train.steps_per_epoch == TrainConfig.steps_per_epoch
+    assert cfg.train.samples_per_epoch == TrainConfig.samples_per_epoch
     assert cfg.eval.pairs == EvalConfig.pairs
 
     cfg = load_config(path, ["train.epochs=9", "eval.pairs=123", "train.lr=3e-4", "train.tensorboard=false"])
@@ -259,3 +261,90 @@ def test_train_cli_reports_bad_config_in_one_line(tmp_path: Path, content: str |
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("error:") and "Traceback" not in proc.stderr
     assert not (tmp_path / "runs").exists(), "a bad config must fail before a run folder is made"
+
+
+# --------------------------------------------------------------------------------------
+# Sample budgets
+
+
+@pytest.mark.parametrize(
+    ("samples", "batch", "steps"),
+    [(161_984, 32, 5062), (161_984, 64, 2531), (161_984, 128, 1266), (100, 64, 2), (95, 64, 1), (96, 64, 2),
+     (1, 256, 1), (640, 32, 20)],
+)  # fmt: skip
+def test_steps_per_epoch_rounds_the_sample_budget(samples: int, batch: int, steps: int) -> None:
+    # By hand: 161984/128 = 1265.5 rounds half up to 1266; 100/64 = 1.56 -> 2; 95/64 = 1.48 -> 1;
+    # 96/64 = 1.5 -> 2; a budget below one batch still trains one step.
+    t = load_config(None, [f"train.samples_per_epoch={samples}", f"train.batch_size={batch}"]).train
+    assert steps_per_epoch(t) == t.steps_per_epoch == steps
+    assert t.epoch_samples == steps * batch
+
+
+def test_a_budget_all_batch_sizes_divide_gives_equal_samples_per_rung() -> None:
+    samples, rung_epochs = 163_840, (1, 3, 9)  # 163,840 = 640 x 256
+    seen = {}
+    for batch in (32, 64, 128, 256):
+        t = load_config(None, [f"train.samples_per_epoch={samples}", f"train.batch_size={batch}"]).train
+        seen[batch] = [k * t.epoch_samples for k in rung_epochs]
+        assert t.steps_per_epoch == samples // batch
+    assert seen[32] == seen[64] == seen[128] == seen[256] == [163_840, 491_520, 1_474_560]
+    check_fair_budget(samples, [32, 64, 128, 256])  # accepted
+    # The reference budget is fair for 32 and 64 but not for 128 (161,984 / 128 = 1265.5).
+    t128 = load_config(None, ["train.samples_per_epoch=161984", "train.batch_size=128"]).train
+    assert t128.epoch_samples == 162_048 != 161_984
+
+
+def test_check_fair_budget_names_the_batch_size_and_the_fix() -> None:
+    check_fair_budget(161_984, [32, 64])
+    with pytest.raises(ConfigError) as info:
+        check_fair_budget(161_984, [32, 64, 128, 256])
+    message = str(info.value)
+    assert "\n" not in message
+    assert "train.samples_per_epoch=161984" in message and "train.batch_size=128" in message
+    # The fix: the nearest multiples of lcm(32, 64, 128, 256) = 256 below and above.
+    assert "multiple of 256" in message and "161792" in message and "162048" in message
+    assert 161_792 % 256 == 0 and 162_048 % 256 == 0 and 161_792 < 161_984 < 162_048
+    check_fair_budget(162_048, [32, 64, 128, 256])
+    with pytest.raises(ConfigError, match=r"base\.train\.batch_size=48"):
+        check_fair_budget(1024, [32, 48], key="base.train")
+
+
+@pytest.mark.parametrize("source", ["yaml", "set"])
+def test_the_old_steps_key_points_to_samples_per_epoch(tmp_path: Path, source: str) -> None:
+    if source == "yaml":
+        message = config_error(write(tmp_path, "train:\n  steps_per_epoch: 2000\n  batch_size: 64\n"))
+    else:
+        message = config_error(None, ["train.batch_size=64", "train.steps_per_epoch=2000"])
+    assert "train.steps_per_epoch was replaced by train.samples_per_epoch" in message
+    assert "train.samples_per_epoch=128000" in message  # 2000 x 64, the same budget in samples
+    assert "did you mean" not in message
+
+
+# --------------------------------------------------------------------------------------
+# configs/seed.yaml is the reference run, exactly
+
+
+def test_seed_yaml_is_the_reference_network_and_training() -> None:
+    import torch
+
+    from bss_model.losses import objective
+    from bss_model.model import build_model, count_parameters
+    from bss_model.step import build_optimizer
+
+    cfg = load_config(REPO / "configs" / "seed.yaml")
+    model = build_model(cfg.model)
+    assert count_parameters(model) == 3_684_214
+    assert {k: getattr(cfg.model, k) for k in VARIANTS["seed"]} == VARIANTS["seed"] and cfg.model.output == "none"
+    t = cfg.train
+    assert (t.optimizer, t.lr, t.weight_decay, t.batch_size, t.epochs) == ("adam", 1e-3, 0.0, 32, 120)
+    assert (t.samples_per_epoch, t.steps_per_epoch, t.epoch_samples) == (161_984, 5062, 161_984)
+    assert t.epochs * t.epoch_samples == 19_438_080  # the reference's 19.4M training samples
+    assert (t.schedule, t.plateau_factor, t.plateau_patience, t.min_lr) == ("plateau", 0.5, 10, 1e-5)
+    assert (t.loss, t.ema_decay, t.grad_clip) == ("mse", 0.0, 0.0)
+    assert cfg.data.val_fraction == 0.1 and (cfg.eval.draws, cfg.eval.pairs) == (10, 20000)
+    # What the trainer builds from it: plain Adam over every parameter, and the MSE objective.
+    opt = build_optimizer(model, t)
+    assert type(opt) is torch.optim.Adam and len(opt.param_groups) == 1
+    assert (opt.defaults["lr"], opt.defaults["weight_decay"], opt.defaults["betas"]) == (1e-3, 0.0, (0.9, 0.999))
+    pred, target = torch.tensor([0.5, -1.0]), torch.zeros(2)
+    assert objective(t.loss)(pred, target)[0].item() == (0.25 + 1.0) / 2

@@ -14,10 +14,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from bss_model import checkpoint as ckpt
 from bss_model.config import load_config
 from bss_model.data import PairSampler
+from bss_model.ema import EMA
 from bss_model.model import build_model
 from bss_model.runtime import apply_torch_settings, resolve_runtime
 from bss_model.step import FINITE_CHECK_EVERY, TrainStep, cosine_lr
@@ -28,7 +30,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 EXACT = ["train.precision=fp32", "train.compile=off"]  # the graph alone, against eager, in fp32
 
 
-def make_step(sets: list[str], loss_fn=F.mse_loss) -> TrainStep:
+def make_step(sets: list[str], objective=None) -> TrainStep:
     cfg = load_config(None, ["model.variant=tiny", "model.norm=batch", "train.device=cuda", *sets])
     torch.manual_seed(0)
     rt = resolve_runtime(cfg.train)
@@ -37,7 +39,7 @@ def make_step(sets: list[str], loss_fn=F.mse_loss) -> TrainStep:
     model = rt.prepare_model(build_model(cfg.model))
     rng = np.random.default_rng(0)
     imgs = [rng.integers(0, 256, (512, 32, 32), dtype=np.uint8) for _ in range(2)]
-    return TrainStep(model, PairSampler(*imgs, "cuda", seed=0), cfg.train, rt, loss_fn=loss_fn)
+    return TrainStep(model, PairSampler(*imgs, "cuda", seed=0), cfg.train, rt, objective=objective)
 
 
 def test_the_graphed_step_trains_like_the_eager_step() -> None:
@@ -101,7 +103,12 @@ def test_batch_norm_statistics_update_in_the_graph() -> None:
 
 def test_a_non_finite_loss_in_the_graph_is_caught_within_the_check_interval() -> None:
     scale = torch.ones((), device="cuda")
-    step = make_step(["train.cuda_graphs=on"], loss_fn=lambda p, y: F.mse_loss(p, y) * scale)
+
+    def scaled(pred: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        loss = F.mse_loss(pred, y) * scale
+        return loss, loss.detach()
+
+    step = make_step(["train.cuda_graphs=on"], objective=scaled)
     assert step.run(10) is None
     scale.fill_(float("nan"))  # read by the captured graph on its next replay
     assert step.run(200) == FINITE_CHECK_EVERY
@@ -109,7 +116,7 @@ def test_a_non_finite_loss_in_the_graph_is_caught_within_the_check_interval() ->
 
 def run_cfg(data_dir: Path, epochs: int) -> object:
     return load_config(None, ["model.variant=tiny", "model.norm=batch", "train.device=cuda", f"train.epochs={epochs}",
-                              "train.steps_per_epoch=30", "train.image_every=1",
+                              "train.samples_per_epoch=960", "train.image_every=1",
                               "data.val_pairs=700", f"data.dir={data_dir}"])  # fmt: skip
 
 
@@ -151,3 +158,32 @@ def test_a_fractional_trial_is_capped_at_its_share() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "capped", out.stderr
+
+
+def test_the_ema_update_replays_correctly_from_a_cuda_graph() -> None:
+    device = "cuda"
+    # Capturable: no host sync, the warmup step lives on the device. Replaying the captured update
+    # must match eager updates exactly, warmup included.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8)).to(device)
+    eager, graphed = EMA(model, decay=0.99), EMA(model, decay=0.99)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        graphed.update(model)  # warm up outside the graph, as CUDA graphs require
+    torch.cuda.current_stream().wait_stream(side)
+    eager.update(model)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graphed.update(model)
+    # Capture recorded the update without running it; the graph now replays it.
+    for _ in range(20):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        eager.update(model)
+        graph.replay()
+    torch.cuda.synchronize()
+    assert graphed.num_updates.item() == eager.num_updates.item() == 21
+    for (name, a), b in zip(eager.model.state_dict().items(), graphed.model.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)

@@ -11,7 +11,14 @@ from torch import nn
 
 from bss_model.config import DataConfig, EvalConfig, TrainConfig
 from bss_model.data import load_test
-from bss_model.evaluate import batched_mse, evaluate_model, mix_baseline, protocol_indices, run_protocol
+from bss_model.evaluate import (
+    batched_mse,
+    evaluate_ensemble,
+    evaluate_model,
+    mix_baseline,
+    protocol_indices,
+    run_protocol,
+)
 from bss_model.runtime import Runtime, resolve_runtime
 
 DRAWS, PAIRS = 3, 2000
@@ -173,3 +180,94 @@ def test_batched_mse_does_not_depend_on_the_batch_size(test_sets) -> None:
     in_one_batch = batched_mse(mix_baseline, a, b, i_digit[:50], i_fashion[:50], 50)
     for key in one_by_one:
         assert one_by_one[key] == pytest.approx(in_one_batch[key], rel=1e-12), key
+
+
+# --------------------------------------------------------------------------------------
+# Seed ensembles
+
+
+class Affine(nn.Module):
+    """digit = a_d * x + b_d, fashion = a_f * x + b_f: simple enough to recompute in numpy."""
+
+    def __init__(self, a_digit: float, b_digit: float, a_fashion: float, b_fashion: float) -> None:
+        super().__init__()
+        self.coef = (a_digit, b_digit, a_fashion, b_fashion)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a_d, b_d, a_f, b_f = self.coef
+        return torch.cat([a_d * x + b_d, a_f * x + b_f], dim=1)
+
+
+AFFINE = [(0.9, 0.01, 1.1, -0.02), (1.3, -0.05, 0.6, 0.04), (0.7, 0.0, 1.2, 0.01)]
+
+
+def test_ensemble_of_affine_models_matches_numpy(test_sets, runtime) -> None:
+    a, b = test_sets
+    cfg = EvalConfig(draws=2, pairs=500, seed=4, batch_size=200)
+    result = evaluate_ensemble([Affine(*c) for c in AFFINE], a, b, cfg, runtime)
+
+    def numpy_average(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        digit = np.mean([a_d * x + b_d for a_d, b_d, _, _ in AFFINE], axis=0)
+        fashion = np.mean([a_f * x + b_f for _, _, a_f, b_f in AFFINE], axis=0)
+        return digit, fashion
+
+    expected = [numpy_mse(a, b, i_d, i_f, numpy_average) for i_d, i_f in protocol_indices(10000, 10000, 2, 500, 4)]
+    np.testing.assert_allclose(result["test_mse_ensemble_per_draw"], [e["mse"] for e in expected], rtol=1e-5)
+    np.testing.assert_allclose(result["test_mse_ensemble"], np.mean([e["mse"] for e in expected]), rtol=1e-5)
+    np.testing.assert_allclose(
+        result["test_mse_ensemble_digit"], np.mean([e["mse_digit"] for e in expected]), rtol=1e-5
+    )
+    assert result["ensemble_size"] == 3 and (result["draws"], result["pairs"], result["seed"]) == (2, 500, 4)
+
+
+def test_ensemble_of_unets_matches_numpy_averaged_predictions(test_sets, runtime) -> None:
+    # Three different random tiny U-Nets; numpy averages their separate predictions on the same draws.
+    from bss_model.config import config_from_dict
+    from bss_model.model import build_model
+
+    a, b = test_sets
+    models = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        models.append(build_model(config_from_dict({"model": {"variant": "tiny", "head": "consistent"}}).model))
+    cfg = EvalConfig(draws=2, pairs=300, seed=9, batch_size=128)
+    result = evaluate_ensemble(models, a, b, cfg, runtime)
+    singles = [evaluate_model(m, a, b, cfg, runtime)["test_mse_mean"] for m in models]
+
+    expected = []
+    for i_digit, i_fashion in protocol_indices(10000, 10000, 2, 300, 9):
+        x = (a[i_digit].astype(np.float64) + b[i_fashion].astype(np.float64)) / 2 / 255.0
+        with torch.no_grad():
+            preds = [m.eval()(torch.as_tensor(x[:, None], dtype=torch.float32)).double().numpy() for m in models]
+        average = np.mean(preds, axis=0)
+        expected.append(numpy_mse(a, b, i_digit, i_fashion, lambda _x, p=average: (p[:, 0], p[:, 1]))["mse"])
+    np.testing.assert_allclose(result["test_mse_ensemble_per_draw"], expected, rtol=1e-5)
+    # Convexity of the squared error: the average's MSE never exceeds the mean single-model MSE,
+    # and three different models really differ (the average is strictly better here).
+    assert result["test_mse_ensemble"] < np.mean(singles)
+    # One model is its own ensemble.
+    one = evaluate_ensemble(models[:1], a, b, cfg, runtime)
+    assert one["test_mse_ensemble"] == pytest.approx(singles[0], rel=1e-12)
+    with pytest.raises(ValueError, match="at least one"):
+        evaluate_ensemble([], a, b, cfg, runtime)
+
+
+def test_ensemble_of_checkpoints_scores_their_evaluated_weights(test_sets, runtime, data_dir, tmp_path) -> None:
+    from bss_model import checkpoint as ckpt
+    from bss_model.config import load_config
+    from bss_model.evaluate import evaluate_ensemble_checkpoints
+    from bss_model.model import build_model
+
+    a, b = test_sets
+    cfg = load_config(None, ["model.variant=tiny", "train.precision=fp32", "train.compile=off", "eval.seed=5"])
+    models, paths = [], []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        models.append(build_model(cfg.model))
+        paths.append(tmp_path / f"seed{seed}.pt")
+        ckpt.save({"config": cfg.to_dict(), "model": models[-1].state_dict()}, paths[-1])
+    result = evaluate_ensemble_checkpoints(paths, str(data_dir), {"draws": 2, "pairs": 300}, device="cpu")
+    direct = evaluate_ensemble(models, a, b, EvalConfig(draws=2, pairs=300, seed=5), runtime)
+    assert result["checkpoints"] == [str(p) for p in paths]
+    np.testing.assert_allclose(result["test_mse_ensemble_per_draw"], direct["test_mse_ensemble_per_draw"], rtol=1e-6)
+    assert (result["draws"], result["pairs"], result["seed"], result["ensemble_size"]) == (2, 300, 5, 2)

@@ -169,3 +169,71 @@ def test_forward_flops_scales_with_width() -> None:
     model.train()
     forward_flops(model)
     assert model.training
+
+
+# --------------------------------------------------------------------------------------
+# Output activation and the published shape
+
+
+@pytest.mark.parametrize("variant", ["seed", "tiny"])
+def test_relu_output_is_the_relu_of_the_plain_output(variant: str) -> None:
+    plain = build_model(model_config(variant))
+    relu = build_model(model_config(variant, output="relu"))
+    assert count_parameters(relu) == count_parameters(plain)
+    _randomize(plain, std=0.05)
+    relu.load_state_dict(plain.state_dict())  # same keys: the activation holds no state
+    x = torch.rand(4, 1, 32, 32)
+    with torch.no_grad():
+        y_plain, y_relu = plain(x), relu(x)
+    assert (y_plain < 0).any() and (y_plain > 0).any(), "the check needs outputs of both signs"
+    torch.testing.assert_close(y_relu, y_plain.clamp(min=0), atol=0, rtol=0)
+    _check_runs(model_config(variant, output="relu"))
+
+
+def test_seed_keeps_the_reference_size_with_a_relu_output() -> None:
+    assert count_parameters(build_model(model_config("seed", output="relu"))) == 3_684_214
+    assert model_config("seed").output == "none"
+
+
+def test_consistent_head_with_relu_clips_after_the_projection() -> None:
+    torch.manual_seed(3)
+    plain = build_model(model_config("tiny", head="consistent"))
+    _randomize(plain, std=0.05)
+    relu = build_model(model_config("tiny", head="consistent", output="relu"))
+    relu.load_state_dict(plain.state_dict())
+    x = torch.rand(4, 1, 32, 32)
+    with torch.no_grad():
+        y_plain, y = plain(x), relu(x)
+    assert (y >= 0).all()
+    clipped = (y_plain < 0).any(dim=1, keepdim=True)
+    assert clipped.any() and (~clipped).any(), "the check needs clipped and unclipped pixels"
+    # Mixture consistency holds exactly wherever neither component was clipped...
+    mean = (y[:, 0:1] + y[:, 1:2]) / 2
+    torch.testing.assert_close(mean[~clipped], x[~clipped], atol=1e-6, rtol=0)
+    # ...and the clipped pixels are the projection's, clamped (the ReLU is not applied before it).
+    torch.testing.assert_close(y, y_plain.clamp(min=0), atol=0, rtol=0)
+
+
+def _conv(c_in: int, c_out: int, k: int, bias: bool) -> int:
+    return c_in * c_out * k * k + (c_out if bias else 0)
+
+
+def test_published_shape_parameters_by_hand() -> None:
+    cfg = model_config("published-shape")
+    assert (cfg.filters, cfg.depth, cfg.norm, cfg.output, cfg.decoder_mult) == (128, 2, "batch", "relu", 1)
+
+    def block(c_in: int, c_out: int) -> int:  # 2 x (conv3x3 without bias, BN with weight and bias)
+        return _conv(c_in, c_out, 3, False) + 2 * c_out + _conv(c_out, c_out, 3, False) + 2 * c_out
+
+    expected = (
+        block(1, 128) + block(128, 256)  # encoders
+        + block(256, 512)  # bottleneck
+        + _conv(512, 256, 2, True) + block(512, 256)  # up: transposed conv, then convs on [up, skip]
+        + _conv(256, 128, 2, True) + block(256, 128)
+        + _conv(128, 2, 1, True) + 2 * 9 + 2  # head: 1x1 to 2 channels, depthwise 3x3
+    )  # fmt: skip
+    model = build_model(cfg)
+    assert count_parameters(model) == expected
+    widths = [d.convs[0].out_channels for d in model.encoders] + [model.bottleneck[0].out_channels]
+    assert widths == [128, 256, 512]
+    assert isinstance(model.output, nn.ReLU)

@@ -109,7 +109,7 @@ def test_train_feeds_the_bar_step_counts_and_synced_losses(
         None,
         [f"data.dir={data_dir}", "data.download=false", "data.val_pairs=200", "model.variant=tiny",
          "train.device=cpu", "train.threads=1", "train.tensorboard=false", "train.batch_size=8",
-         "train.epochs=1", f"train.steps_per_epoch={steps}", "eval.batch_size=200"],
+         "train.epochs=1", f"train.samples_per_epoch={steps * 8}", "eval.batch_size=200"],
     )  # fmt: skip
     result = train(cfg, out_dir=tmp_path, splits=splits, progress=progress)
     assert result.status == "completed"
@@ -127,7 +127,7 @@ def _train_cli(tmp_path: Path, data_dir: Path, stderr) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "bss_model.train", "--out", str(tmp_path / "runs"), "--data-dir", str(data_dir)]
     for s in ("model.variant=tiny", "train.device=cpu", "train.threads=1", "train.tensorboard=false",
-              "train.epochs=1", "train.steps_per_epoch=120", "train.batch_size=16", "data.val_pairs=200",
+              "train.epochs=1", "train.samples_per_epoch=1920", "train.batch_size=16", "data.val_pairs=200",
               "data.download=false", "eval.batch_size=200"):  # fmt: skip
         cmd += ["--set", s]
     return subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)

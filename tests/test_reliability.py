@@ -77,7 +77,7 @@ def crash_chain(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> dic
         *sets(
             "retrain.max_concurrent=1",
             f"retrain.seeds={len(CHAIN_SEEDS)}",
-            "retrain.overrides={train.steps_per_epoch: 60}",
+            "retrain.overrides={train.samples_per_epoch: 1920}",  # 60 steps x batch 32
         ),
     )
     exp = cwd / "results" / "chain"
@@ -486,7 +486,7 @@ def test_resume_with_an_incompatible_config_is_refused_and_leaves_the_run_alone(
     from bss_model.train import main, train
 
     run = tmp_path / "runs" / "000-tiny"
-    cfg = load_config(None, ["model.variant=tiny", "train.epochs=1", "train.steps_per_epoch=2", "train.threads=1",
+    cfg = load_config(None, ["model.variant=tiny", "train.epochs=1", "train.samples_per_epoch=64", "train.threads=1",
                              "data.val_pairs=10", "train.tensorboard=false", f"data.dir={data_dir}"])  # fmt: skip
     train(cfg, out_dir=run)
     save_config(cfg, tmp_path / "tiny.yaml")

@@ -20,7 +20,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 TINY = [
     "--set", "base.train.epochs=2",
-    "--set", "base.train.steps_per_epoch=60",
+    "--set", "base.train.samples_per_epoch=1920",  # 60 steps x batch 32
     "--set", "base.data.val_pairs=500",
     "--set", "base.eval.draws=2",
     "--set", "base.eval.pairs=1000",
@@ -221,7 +221,7 @@ def test_retrain_of_a_named_config(tmp_path: Path, data_dir: Path) -> None:
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(
         "model: {variant: tiny}\n"
-        "train: {epochs: 1, steps_per_epoch: 60, lr: 2.0e-3}\n"
+        "train: {epochs: 1, samples_per_epoch: 1920, lr: 2.0e-3}\n"  # 60 steps x batch 32
         "data: {val_pairs: 500}\n"
         "eval: {draws: 2, pairs: 1000}\n"
     )
@@ -231,7 +231,7 @@ def test_retrain_of_a_named_config(tmp_path: Path, data_dir: Path) -> None:
     r = json.loads((exp / "report.json").read_text())
     assert len(r["test_mse_per_seed"]) == 2 and r["seeds"] == [1000, 1001]
     assert r["test_mse_per_seed"][0] != r["test_mse_per_seed"][1]  # different seeds, different models
-    assert r["best_config"]["train"]["steps_per_epoch"] == 60 and r["num_trials"] == 0
+    assert r["best_config"]["train"]["samples_per_epoch"] == 1920 and r["num_trials"] == 0
     assert (exp / "best_model.pt").exists() and (exp / "separations.png").exists()
     # A second run under the same name without --resume refuses and overwrites nothing.
     report_bytes = (exp / "report.json").read_bytes()

@@ -50,7 +50,7 @@ def model_file(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
         None,
         [f"data.dir={data_dir}", "data.download=false", "data.val_pairs=200", "model.variant=tiny",
          "train.device=cpu", "train.threads=1", "train.precision=fp32", "train.tensorboard=false",
-         "train.batch_size=32", "train.epochs=1", "train.steps_per_epoch=150", "eval.batch_size=200"],
+         "train.batch_size=32", "train.epochs=1", "train.samples_per_epoch=4800", "eval.batch_size=200"],
     )  # fmt: skip
     assert train(cfg, out_dir=run).status == "completed"
     state = ckpt.load(run / "checkpoint" / ckpt.FILENAME)

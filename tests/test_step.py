@@ -29,13 +29,13 @@ def images(seed: int, n: int = 256) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (n, 32, 32), dtype=np.uint8)
 
 
-def make_step(sets: list[str], loss_fn=F.mse_loss, seed: int = 0) -> TrainStep:
+def make_step(sets: list[str], objective=None, seed: int = 0) -> TrainStep:
     cfg = load_config(None, ["model.variant=tiny", "model.filters=4", "train.device=cpu", *sets])
     torch.manual_seed(seed)
     rt = resolve_runtime(cfg.train)
     model = rt.prepare_model(build_model(cfg.model))
     sampler = PairSampler(images(1), images(2), "cpu", seed=seed)
-    return TrainStep(model, sampler, cfg.train, rt, loss_fn=loss_fn)
+    return TrainStep(model, sampler, cfg.train, rt, objective=objective)
 
 
 def load_benchmark():
@@ -57,7 +57,7 @@ def test_train_and_the_benchmark_time_one_step_function(
         return real_run(self, n, *args, **kwargs)
 
     monkeypatch.setattr(TrainStep, "run", counting_run)
-    cfg = load_config(None, ["model.variant=tiny", "train.epochs=1", "train.steps_per_epoch=3", "train.device=cpu",
+    cfg = load_config(None, ["model.variant=tiny", "train.epochs=1", "train.samples_per_epoch=96", "train.device=cpu",
                              "train.tensorboard=false", "data.val_pairs=100", f"data.dir={data_dir}"])  # fmt: skip
     assert train(cfg, out_dir=tmp_path).status == "completed"
     assert calls == ["TrainStep"]  # one epoch = one TrainStep.run
@@ -109,12 +109,13 @@ def test_batch_norm_statistics_update_every_step() -> None:
 def test_a_non_finite_loss_is_caught_within_the_check_interval() -> None:
     count = {"n": 0}
 
-    def poisoned(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def poisoned(pred: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         count["n"] += 1
         loss = F.mse_loss(pred, y)
-        return loss * float("nan") if count["n"] == 7 else loss
+        loss = loss * float("nan") if count["n"] == 7 else loss
+        return loss, loss.detach()
 
-    step = make_step([], loss_fn=poisoned)
+    step = make_step([], objective=poisoned)
     bad = step.run(200)
     assert bad == FINITE_CHECK_EVERY and count["n"] == FINITE_CHECK_EVERY  # stopped at the first check after step 7
 

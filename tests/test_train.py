@@ -30,7 +30,7 @@ from bss_model.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 # Metrics that must reproduce exactly (the timing ones cannot).
-EXACT_KEYS = ("epoch", "step", "train_mse", "val_mse", "val_mse_digit", "val_mse_fashion", "lr")
+EXACT_KEYS = ("epoch", "step", "samples", "train_mse", "val_mse", "val_mse_digit", "val_mse_fashion", "lr")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -68,7 +68,7 @@ def read_json(path: Path) -> dict[str, Any]:
 def one_epoch_run(data_dir: Path, splits: Splits, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished 1-epoch run folder; tests copy it before writing into it."""
     out = tmp_path_factory.mktemp("one_epoch")
-    result = train(make_config(data_dir, "train.epochs=1", "train.steps_per_epoch=10"), out_dir=out, splits=splits)
+    result = train(make_config(data_dir, "train.epochs=1", "train.samples_per_epoch=160"), out_dir=out, splits=splits)
     assert result.status == "completed"
     return out
 
@@ -81,7 +81,7 @@ def test_tiny_unet_learns_well_below_the_mix_baseline(data_dir: Path, splits: Sp
     cfg = make_config(
         data_dir,
         "train.epochs=3",
-        "train.steps_per_epoch=100",
+        "train.samples_per_epoch=3200",  # 100 steps x 32
         "train.batch_size=32",
         "data.val_pairs=2000",
         "train.tensorboard=true",
@@ -103,6 +103,7 @@ def test_tiny_unet_learns_well_below_the_mix_baseline(data_dir: Path, splits: Sp
     assert all(d == out / "checkpoint" for _, d in calls)
     assert result.metrics == result.history[-1]
     assert [m["step"] for m in result.history] == [100, 200, 300]
+    assert [m["samples"] for m in result.history] == [3200, 6400, 9600]  # cumulative, steps x batch
 
     # The mix baseline on exactly the validation pairs the trainer scores.
     val_digit, val_fashion = torch.as_tensor(splits.val_digit), torch.as_tensor(splits.val_fashion)
@@ -118,6 +119,7 @@ def test_tiny_unet_learns_well_below_the_mix_baseline(data_dir: Path, splits: Sp
     metrics = read_json(out / "metrics.json")
     assert metrics["status"] == "completed" and metrics["epochs_done"] == 3
     assert metrics["final"]["val_mse"] == val_mse and len(metrics["history"]) == 3
+    assert (metrics["samples"], metrics["samples_per_epoch"], metrics["steps_per_epoch"]) == (9600, 3200, 100)
     assert metrics["n_params"] == sum(p.numel() for p in ckpt.load(out)["model"].values())
     assert (out / "checkpoint" / "checkpoint.pt").is_file()
     assert load_config(out / "checkpoint" / "config.yaml") == cfg
@@ -142,6 +144,23 @@ def test_tiny_unet_learns_well_below_the_mix_baseline(data_dir: Path, splits: Sp
     assert rescored == pytest.approx(val_mse, rel=1e-6)
 
 
+def test_train_loss_and_optimizer_keys_are_used(data_dir: Path, one_epoch_run: Path, splits: Splits, tmp_path):
+    # The reference objective: the logged loss is the MSE itself.
+    mse_run = read_json(one_epoch_run / "metrics.json")["final"]
+    assert mse_run["train_loss"] == mse_run["train_mse"]
+    cfg = make_config(
+        data_dir, "train.epochs=1", "train.samples_per_epoch=160", "train.loss=l1", "train.optimizer=adamw",
+        "train.weight_decay=1e-2",
+    )  # fmt: skip
+    result = train(cfg, out_dir=tmp_path, splits=splits)
+    m = result.metrics
+    assert result.status == "completed"
+    # An L1 objective's value differs from the MSE it is scored by (|d| > d^2 for small residuals).
+    assert m["train_loss"] > m["train_mse"] > 0 and np.isfinite(m["val_mse"])
+    groups = ckpt.load(tmp_path)["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [1e-2, 0.0]  # AdamW: conv weights decayed, biases not
+
+
 # --------------------------------------------------------------------------------------
 # Exact resume
 
@@ -160,7 +179,7 @@ def test_resume_is_exact(data_dir: Path, splits: Splits, tmp_path: Path, schedul
     cfg = make_config(
         data_dir,
         "train.epochs=2",
-        "train.steps_per_epoch=30",
+        "train.samples_per_epoch=480",  # 30 steps x 16
         "train.precision=fp32",
         f"train.schedule={schedule}",
         "train.plateau_patience=0",
@@ -173,7 +192,7 @@ def test_resume_is_exact(data_dir: Path, splits: Splits, tmp_path: Path, schedul
         train(cfg, on_epoch=_stop_after_first_epoch, out_dir=tmp_path / "first", splits=splits)
     first_ckpt = tmp_path / "first" / "checkpoint" / "checkpoint.pt"
     first_state = ckpt.load(first_ckpt)
-    assert first_state["epoch"] == 1 and first_state["step"] == 30
+    assert first_state["epoch"] == 1 and first_state["step"] == 30 and first_state["samples"] == 480
     resumed = train(cfg, out_dir=tmp_path / "resumed", resume=first_ckpt, splits=splits)
 
     assert straight.status == resumed.status == "completed"
@@ -203,12 +222,77 @@ def test_resume_is_exact(data_dir: Path, splits: Splits, tmp_path: Path, schedul
         assert straight.history[0]["lr"] == 3e-3
 
 
+def test_ema_resume_is_exact(data_dir: Path, splits: Splits, tmp_path: Path) -> None:
+    # Plateau with patience 0: the EMA's validation MSE drives the learning rate, so a resume that
+    # restored the average inexactly would change the schedule as well as the weights.
+    cfg = make_config(
+        data_dir, "train.epochs=2", "train.samples_per_epoch=480", "train.precision=fp32", "train.ema_decay=0.95",
+        "train.plateau_patience=0", "train.lr=3e-3",
+    )  # fmt: skip
+    straight = train(cfg, out_dir=tmp_path / "straight", splits=splits)
+    with pytest.raises(Interrupted):
+        train(cfg, on_epoch=_stop_after_first_epoch, out_dir=tmp_path / "first", splits=splits)
+    first = ckpt.load(tmp_path / "first")
+    assert int(first["ema"]["num_updates"]) == 30
+    resumed = train(cfg, out_dir=tmp_path / "resumed", resume=tmp_path / "first", splits=splits)
+    assert straight.status == resumed.status == "completed"
+    for epoch in range(2):
+        for key in EXACT_KEYS:
+            assert resumed.history[epoch][key] == straight.history[epoch][key], (epoch, key)
+    a, b = ckpt.load(tmp_path / "straight"), ckpt.load(tmp_path / "resumed")
+    assert int(a["ema"]["num_updates"]) == int(b["ema"]["num_updates"]) == 60
+    for weights in ("model", "train_model"):  # the EMA and the raw weights, bitwise
+        assert a[weights].keys() == b[weights].keys()
+        for name in a[weights]:
+            assert torch.equal(a[weights][name], b[weights][name]), (weights, name)
+    # The average really moved since epoch 1, and it is not the raw weights.
+    assert any(not torch.equal(first["model"][n], b["model"][n]) for n in b["model"])
+    assert any(not torch.equal(b["model"][n], b["train_model"][n]) for n in b["model"])
+
+
+def test_ema_is_what_validation_and_the_checkpoint_score(data_dir: Path, splits: Splits, tmp_path: Path) -> None:
+    # Cosine: the schedule ignores validation, so with and without an EMA the raw weights follow
+    # exactly the same trajectory -- the EMA only watches.
+    common = ["train.epochs=1", "train.samples_per_epoch=480", "train.precision=fp32", "train.schedule=cosine"]
+    off = train(make_config(data_dir, *common), out_dir=tmp_path / "off", splits=splits)
+    cfg = make_config(data_dir, *common, "train.ema_decay=0.9")
+    on = train(cfg, out_dir=tmp_path / "on", splits=splits)
+    a, b = ckpt.load(tmp_path / "off"), ckpt.load(tmp_path / "on")
+    assert "train_model" not in a and "ema" not in a
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["train_model"][name]), name
+    assert on.metrics["train_mse"] == off.metrics["train_mse"]
+    assert on.metrics["val_mse"] != off.metrics["val_mse"]
+
+    # load_model (evaluation, best_model.pt) returns the EMA weights, and they score the logged val MSE.
+    model, _ = ckpt.load_model(tmp_path / "on")
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, b["model"][name]), name
+    rt = resolve_runtime(cfg.train)
+    model = rt.prepare_model(model).eval()
+    val_digit, val_fashion = torch.as_tensor(splits.val_digit), torch.as_tensor(splits.val_fashion)
+    idx = draw_pairs(len(splits.val_digit), len(splits.val_fashion), cfg.data.val_pairs, cfg.data.val_seed)
+    rescored = batched_mse(model_predictor(model, rt), val_digit, val_fashion, *idx, cfg.eval.batch_size)["mse"]
+    assert rescored == pytest.approx(on.metrics["val_mse"], rel=1e-6)
+
+
+def test_switching_the_ema_on_at_a_resume_starts_it_from_the_weights(data_dir: Path, one_epoch_run: Path, splits,
+                                                                     tmp_path: Path) -> None:  # fmt: skip
+    before = ckpt.load(one_epoch_run)
+    cfg = make_config(data_dir, "train.epochs=2", "train.samples_per_epoch=160", "train.ema_decay=0.5")
+    assert train(cfg, out_dir=tmp_path, resume=one_epoch_run, splits=splits).status == "completed"
+    after = ckpt.load(tmp_path)
+    assert int(after["ema"]["num_updates"]) == 10  # one epoch of 160 / 16 updates, counted from the resume
+    # The average started at the epoch-1 weights and followed the training away from them.
+    assert any(not torch.equal(before["model"][n], after["model"][n]) for n in before["model"])
+
+
 # --------------------------------------------------------------------------------------
 # Divergence
 
 
 def test_diverging_run_reports_instead_of_raising(data_dir: Path, splits: Splits, tmp_path: Path) -> None:
-    cfg = make_config(data_dir, "train.epochs=2", "train.steps_per_epoch=20", "train.batch_size=8", "train.lr=1e6")
+    cfg = make_config(data_dir, "train.epochs=2", "train.samples_per_epoch=160", "train.batch_size=8", "train.lr=1e6")
     calls = []
     result = train(cfg, on_epoch=lambda m, d: calls.append(m), out_dir=tmp_path, splits=splits)
     assert result.status == "diverged"
@@ -225,7 +309,7 @@ def test_divergence_keeps_the_last_good_checkpoint(data_dir: Path, one_epoch_run
     good = ckpt.load(run)
     # Same model, a second epoch at an absurd learning rate (cosine sets the lr every step).
     cfg = make_config(
-        data_dir, "train.epochs=2", "train.steps_per_epoch=10", "train.schedule=cosine", "train.lr=1e6",
+        data_dir, "train.epochs=2", "train.samples_per_epoch=160", "train.schedule=cosine", "train.lr=1e6",
         "train.warmup_epochs=0",
     )  # fmt: skip
     result = train(cfg, out_dir=run, resume=run / "checkpoint" / "checkpoint.pt", splits=splits)
@@ -243,11 +327,11 @@ def test_divergence_keeps_the_last_good_checkpoint(data_dir: Path, one_epoch_run
 
 
 def test_resume_with_a_different_model_config_is_refused(data_dir: Path, one_epoch_run: Path, splits, tmp_path):
-    cfg = make_config(data_dir, "train.epochs=2", "train.steps_per_epoch=10", "model.filters=4")
+    cfg = make_config(data_dir, "train.epochs=2", "train.samples_per_epoch=160", "model.filters=4")
     with pytest.raises(CheckpointError, match="model config"):
         train(cfg, out_dir=tmp_path, resume=one_epoch_run / "checkpoint" / "checkpoint.pt", splits=splits)
     # The same model config resumes fine from the same checkpoint.
-    cfg = make_config(data_dir, "train.epochs=2", "train.steps_per_epoch=10")
+    cfg = make_config(data_dir, "train.epochs=2", "train.samples_per_epoch=160")
     assert train(cfg, out_dir=tmp_path / "ok", resume=one_epoch_run, splits=splits).epochs_done == 2
 
 
@@ -344,7 +428,7 @@ def test_cli_trains_into_numbered_run_folders_and_evaluates(data_dir: Path, tmp_
         "model": {"variant": "tiny"},
         "train": {
             "epochs": 1,
-            "steps_per_epoch": 100,
+            "samples_per_epoch": 3200,  # 100 steps x 32
             "batch_size": 32,
             "lr": "3e-3",
             "device": "cpu",
@@ -356,7 +440,7 @@ def test_cli_trains_into_numbered_run_folders_and_evaluates(data_dir: Path, tmp_
     runs = tmp_path / "runs"
     train_cmd = ["-m", "bss_model.train", "--config", "tiny.yaml", "--out", str(runs)]
 
-    first = _run([*train_cmd, "--set", "train.steps_per_epoch=5"], tmp_path, data_dir)
+    first = _run([*train_cmd, "--set", "train.samples_per_epoch=160"], tmp_path, data_dir)
     second = _run(train_cmd, tmp_path, data_dir)
     assert sorted(p.name for p in runs.iterdir()) == ["000-tiny", "001-tiny"]
     for proc, run in ((first, runs / "000-tiny"), (second, runs / "001-tiny")):
