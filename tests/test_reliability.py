@@ -341,7 +341,6 @@ def no_ray(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(ray, "init", refuse)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.delenv("BSS_FAULT_INJECT", raising=False)
     logger = logging.getLogger("bss")
     handlers = list(logger.handlers)
     yield
