@@ -7,7 +7,7 @@ CONFIG ?= configs/smoke.yaml
 # A fresh, timestamped experiment name per `make search`, so nothing is ever overwritten.
 NAME   ?= $(basename $(notdir $(CONFIG)))-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: setup search test lint format bench train-seed tensorboard clean
+.PHONY: setup search test test-fast lint format bench train-seed tensorboard clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ search: setup  ## the main job: search + retrain over seeds + report (local Ray 
 
 test: setup  ## the whole suite (reads data from $$BSS_DATA_DIR; never downloads)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: setup  ## the quick tier: everything but the tests marked slow (the Ray searches)
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

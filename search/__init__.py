@@ -1,5 +1,13 @@
 """search: Ray Tune + Optuna search over the bss_model U-Net family, retrain over seeds, report.
 
 Entry points: ``python search/run.py --config configs/<name>.yaml`` and
-``python search/retrain.py --experiment results/<name>``.
+``python search/retrain.py --experiment results/<name>``, both thin command lines over
+``pipeline``, which chains the steps in this order:
+
+    config, space     the search config and its distributions, checked before Ray starts
+    storage, cluster  the experiment folder and the Ray connection
+    tuners, trainable the search and the retrain as Tune experiments of one trainable
+    selection         Tune's results as typed rows (``results``) and the winner among them
+    best_model        best_model.pt and its test separations
+    report            report.json, report.md and the pictures
 """

@@ -11,9 +11,9 @@
     retrain: {seeds: 3}
 
 Every space dimension is checked up front: its key must exist in the base config,
-its range must be ordered and non-empty, and its endpoints (or every choice) must
-themselves make a valid config -- so ``model.filters: {int: [0, 8]}`` fails before
-any Ray worker starts, not hours into a search.
+its range must be ordered and non-empty (``search/space.py``), and its endpoints (or
+every choice) must themselves make a valid config -- so ``model.filters: {int: [0, 8]}``
+fails before any Ray worker starts, not hours into a search.
 """
 
 from __future__ import annotations
@@ -34,8 +34,7 @@ from bss_model.config import (
     resolve_variant,
 )
 from bss_model.errors import ConfigError
-
-DISTRIBUTIONS = ("choice", "int", "uniform", "loguniform", "logint")
+from search.space import Dimension, parse_space
 
 
 @dataclass
@@ -106,6 +105,10 @@ class SearchConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def dimensions(self) -> dict[str, Dimension]:
+        """The space, parsed and checked against the base (empty for a retrain of a named config)."""
+        return validate_space(self.base.to_dict(), self.space) if self.space else {}
+
 
 # --------------------------------------------------------------------------------------
 
@@ -125,55 +128,13 @@ def with_overrides(base: dict[str, Any], params: dict[str, Any], where: str = ""
         raise ConfigError(f"{where}{exc}") from None
 
 
-def parse_dimension(key: str, spec: Any) -> tuple[str, list[Any]]:
-    """Check one space entry's shape; returns (kind, args)."""
-    where = f"space.{key}"
-    if not isinstance(spec, dict) or len(spec) != 1:
-        raise ConfigError(
-            f"{where} must be one mapping like {{loguniform: [1.0e-4, 1.0e-2]}} or {{choice: [16, 32]}}; "
-            f"kinds: {', '.join(DISTRIBUTIONS)}"
-        )
-    kind, args = next(iter(spec.items()))
-    if kind not in DISTRIBUTIONS:
-        import difflib
-
-        close = difflib.get_close_matches(str(kind), DISTRIBUTIONS, n=1)
-        hint = f"did you mean '{close[0]}'?" if close else f"use one of {', '.join(DISTRIBUTIONS)}"
-        raise ConfigError(f"{where} has unknown distribution '{kind}': {hint}")
-    if not isinstance(args, list):
-        raise ConfigError(f"{where}.{kind} must be a list, got {type(args).__name__}")
-    if kind == "choice":
-        if not args:
-            raise ConfigError(f"{where}.choice is an empty list: give at least one value")
-        return kind, args
-    if len(args) != 2:
-        raise ConfigError(f"{where}.{kind} must be [low, high], got {args!r}")
-    try:
-        low, high = (float(a) for a in args)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{where}.{kind} bounds must be numbers, got {args!r}") from None
-    if low > high:
-        raise ConfigError(f"{where}.{kind} has low > high ({args[0]} > {args[1]}): swap the bounds")
-    if kind in ("loguniform", "logint") and low <= 0:
-        raise ConfigError(f"{where}.{kind} needs low > 0 for a log scale, got {args[0]}")
-    if kind in ("int", "logint"):
-        if not (low.is_integer() and high.is_integer()):
-            raise ConfigError(f"{where}.{kind} bounds must be integers, got {args!r}")
-        return kind, [int(low), int(high)]
-    return kind, [low, high]
-
-
-def validate_space(base: dict[str, Any], space: dict[str, Any]) -> dict[str, tuple[str, list[Any]]]:
+def validate_space(base: dict[str, Any], space: dict[str, Any]) -> dict[str, Dimension]:
     """Parse every dimension and prove each endpoint/choice yields a valid config."""
-    if not isinstance(space, dict) or not space:
-        raise ConfigError("space is empty: declare at least one dimension, e.g. train.lr: {loguniform: [1e-4, 1e-2]}")
-    parsed = {}
-    for key, spec in space.items():
-        kind, args = parse_dimension(str(key), spec)
-        for value in args:  # both endpoints of a range, every value of a choice
+    dims = parse_space(space)
+    for key, dim in dims.items():
+        for value in dim.args:  # both endpoints of a range, every value of a choice
             with_overrides(base, {key: value}, where=f"space.{key}: ")
-        parsed[str(key)] = (kind, args)
-    return parsed
+    return dims
 
 
 def load_search_config(path: str | Path | None, sets: list[str] | None = None) -> SearchConfig:

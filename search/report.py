@@ -1,7 +1,9 @@
-"""The user's results: report.json, report.md, best_model.pt and pictures.
+"""The user's results, rendered: report.json, report.md and the pictures.
 
-Every file is written to a temporary name and renamed into place, so an
-interrupted report never leaves a truncated file behind.
+The report only renders the typed results it is given (the search summary, the retrain's
+seeds, the best model's test separations); it opens no checkpoint and runs no model.
+Every file is written to a temporary name and renamed into place, so an interrupted
+report never leaves a truncated file behind.
 """
 
 from __future__ import annotations
@@ -13,9 +15,12 @@ from typing import Any
 
 import numpy as np
 
-from bss_model import checkpoint as ckpt
 from bss_model.io import atomic_write_bytes, atomic_write_json, atomic_write_text
-from search.experiment import REFERENCE_TEST_MSE
+from bss_model.viz import save_separation_png
+from search.results import COMPLETED, STOPPED, RetrainSummary, SearchSummary, Separations, TrialRow
+from search.space import Dimension, optuna_distributions
+
+REFERENCE_TEST_MSE = 3.677e-4  # the Keras reference notebook, 10 draws x 20,000 test pairs
 
 PICTURES = {
     "separations": "separations.png",
@@ -42,20 +47,19 @@ def _plt() -> Any:
     return plt
 
 
-def plot_history(trials: list[dict[str, Any]], path: Path) -> None:
+def plot_history(trials: list[TrialRow], path: Path) -> None:
     """Each trial's last validation MSE in trial order, and the best full-budget value so far."""
     plt = _plt()
-    order = sorted(trials, key=lambda t: (t.get("number", -1), t["trial_id"]))  # the order they ran in
+    order = sorted(trials, key=lambda t: (t.number, t.trial_id))  # the order they ran in
     fig, ax = plt.subplots(figsize=(6, 3.6))
     best, best_curve = math.inf, []
     for i, t in enumerate(order):
-        v = t["val_mse"]
-        if t["status"] == "completed":
-            best = min(best, v)
+        if t.status == COMPLETED:
+            best = min(best, t.val_mse)
         best_curve.append(best if math.isfinite(best) else np.nan)
-        if math.isfinite(v):
-            style = {"completed": "o", "stopped": "x"}.get(t["status"], "s")
-            ax.plot(i, v, style, color="C0" if t["status"] == "completed" else "C1")
+        if math.isfinite(t.val_mse):
+            style = {COMPLETED: "o", STOPPED: "x"}.get(t.status, "s")
+            ax.plot(i, t.val_mse, style, color="C0" if t.status == COMPLETED else "C1")
     ax.plot(range(len(order)), best_curve, "-", color="C2", label="best (full budget)")
     ax.set_yscale("log")
     ax.set_xlabel("trial (in the order Tune started them)")
@@ -66,45 +70,37 @@ def plot_history(trials: list[dict[str, Any]], path: Path) -> None:
     atomic_write_bytes(path, _fig_bytes(fig))
 
 
-def optuna_study(trials: list[dict[str, Any]], parsed_space: dict[str, tuple[str, list[Any]]]) -> Any:
+def optuna_study(trials: list[TrialRow], dims: dict[str, Dimension]) -> Any:
     """An in-memory Optuna study of the finished trials (their last validation MSE)."""
     import optuna
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    dists = {}
-    for key, (kind, args) in parsed_space.items():
-        if kind == "choice":
-            dists[key] = CategoricalDistribution(args)
-        elif kind in ("int", "logint"):
-            dists[key] = IntDistribution(args[0], args[1], log=kind == "logint")
-        else:
-            dists[key] = FloatDistribution(args[0], args[1], log=kind == "loguniform")
+    dists = optuna_distributions(dims)
     study = optuna.create_study(direction="minimize")
     for t in trials:
-        if not math.isfinite(t["val_mse"]):
+        if not math.isfinite(t.val_mse):
             continue
-        params = {k: t["params"][k] for k in dists if k in t["params"]}
+        params = {k: t.params[k] for k in dists if k in t.params}
         try:
-            study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=t["val_mse"]))
+            study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=t.val_mse))
         except ValueError:  # a value outside its distribution (e.g. a hand-given starting point)
             continue
     return study
 
 
-def plot_importances(trials: list[dict[str, Any]], parsed_space: dict[str, Any], path: Path) -> dict[str, float]:
+def plot_importances(trials: list[TrialRow], dims: dict[str, Dimension], path: Path) -> dict[str, float]:
     """Hyperparameter importances from the Optuna study (PED-ANOVA, Optuna's default)."""
     import optuna
 
     plt = _plt()
-    study = optuna_study(trials, parsed_space)
+    study = optuna_study(trials, dims)
     importances: dict[str, float] = {}
     note = ""
     try:
         importances = dict(optuna.importance.get_param_importances(study))
     except (RuntimeError, ValueError, ZeroDivisionError) as exc:
         note = f"importances unavailable: {exc}"
-    fig, ax = plt.subplots(figsize=(6, 0.5 + 0.45 * max(1, len(parsed_space))))
+    fig, ax = plt.subplots(figsize=(6, 0.5 + 0.45 * max(1, len(dims))))
     if importances:
         names = list(importances)[::-1]
         ax.barh(names, [importances[n] for n in names], color="C0")
@@ -118,52 +114,9 @@ def plot_importances(trials: list[dict[str, Any]], parsed_space: dict[str, Any],
     return importances
 
 
-def save_best_model(retrain_rows: list[dict[str, Any]], out: Path) -> dict[str, Any]:
-    """Copy the best seed's weights + resolved config into best_model.pt (weights_only-loadable).
-
-    The best seed is chosen by *validation* MSE, so the test set stays out of every choice.
-    """
-    finished = [r for r in retrain_rows if r["checkpoint"] and r["val_mse"] is not None and not r["error"]]
-    if not finished:
-        raise RuntimeError("no retrain seed finished with a checkpoint")
-    best = min(finished, key=lambda r: r["val_mse"])
-    import ray.tune
-
-    with ray.tune.Checkpoint(best["checkpoint"]).as_directory() as d:
-        state = ckpt.load(Path(d) / ckpt.FILENAME)
-    ckpt.save(
-        {
-            "config": state["config"],
-            "model": state["model"],
-            "epoch": state["epoch"],
-            "n_params": state.get("n_params"),
-            "seed": best["seed"],
-            "val_mse": best["val_mse"],
-            "test": {k: v for k, v in best["metrics"].items() if not isinstance(v, list)},
-        },
-        out / "best_model.pt",
-    )
-    return best
-
-
-def plot_separations(model_path: Path, n: int, path: Path) -> None:
-    """Test mixtures (the protocol's first draw) with their true and predicted components."""
-    import torch
-
-    from bss_model.checkpoint import load_model
-    from bss_model.data import load_test, mix
-    from bss_model.evaluate import protocol_indices
-    from bss_model.viz import save_separation_png
-
-    model, cfg = load_model(model_path)
-    model.eval()
-    test_digit, test_fashion = load_test(cfg.data)
-    i_digit, i_fashion = protocol_indices(len(test_digit), len(test_fashion), 1, n, cfg.eval.seed)[0]
-    x, y = mix(torch.as_tensor(test_digit[i_digit]), torch.as_tensor(test_fashion[i_fashion]))
-    with torch.no_grad():
-        pred = model(x).float()
-    mse = float(((pred - y) ** 2).mean())
-    save_separation_png(x.numpy(), y.numpy(), pred.numpy(), path, title=f"best model on test mixtures (MSE {mse:.2e})")
+def plot_separations(sep: Separations, path: Path) -> None:
+    title = f"best model on test mixtures (MSE {sep.mse:.2e})"
+    save_separation_png(sep.x, sep.target, sep.pred, path, title=title)
 
 
 def _fmt(v: Any) -> str:
@@ -173,41 +126,58 @@ def _fmt(v: Any) -> str:
 
 
 def build_report(
-    summary: dict[str, Any] | None,
-    retrain_rows: list[dict[str, Any]],
-    best_seed_row: dict[str, Any],
-    best_config: dict[str, Any],
-    out: Path,
-    wall_s: float,
+    search: SearchSummary | None, retrain: RetrainSummary, best_config: dict[str, Any], wall_s: float
 ) -> dict[str, Any]:
-    per_seed = [float(r["test_mse_mean"]) for r in retrain_rows if r["test_mse_mean"] is not None]
-    baselines = [r["metrics"].get("baseline_mix_mse_mean") for r in retrain_rows]
+    """report.json's content. ``search`` is None for a named config retrained directly (no trials)."""
+    if search is None:  # then the best seed's validation MSE is the best there is
+        search = SearchSummary("", {}, retrain.best.val_mse, best_config, search_wall_s=None, trials=[])
+    s = search.to_dict()
+    evaluated = retrain.evaluated
+    per_seed = [float(r.test_mse_mean) for r in evaluated]
+    baselines = [r.metrics.get("baseline_mix_mse_mean") for r in retrain.seeds]
     baselines = [b for b in baselines if b is not None]
-    m0 = retrain_rows[0]["metrics"] if retrain_rows else {}
-    report = {
+    m0 = retrain.seeds[0].metrics
+    return {
         "best_config": best_config,
-        "best_params": (summary or {}).get("best_params", {}),
-        "best_val_mse": (summary or {}).get("best_val_mse", best_seed_row.get("val_mse")),
-        "num_trials": (summary or {}).get("num_trials", 0),
-        "num_completed": (summary or {}).get("num_completed", 0),
-        "num_stopped_early": (summary or {}).get("num_stopped_early", 0),
-        "num_errored": (summary or {}).get("num_errored", 0),
-        "num_diverged": (summary or {}).get("num_diverged", 0),
-        "seeds": [r["seed"] for r in retrain_rows if r["test_mse_mean"] is not None],
+        "best_params": s["best_params"],
+        "best_val_mse": s["best_val_mse"],
+        "num_trials": s["num_trials"],
+        "num_completed": s["num_completed"],
+        "num_stopped_early": s["num_stopped_early"],
+        "num_errored": s["num_errored"],
+        "num_diverged": s["num_diverged"],
+        "seeds": [r.seed for r in evaluated],
         "test_mse_per_seed": per_seed,
         "test_mse_mean": float(np.mean(per_seed)),
         "test_mse_std": float(np.std(per_seed)),  # ddof=0, like the protocol's std over draws
-        "val_mse_per_seed": [r["val_mse"] for r in retrain_rows if r["test_mse_mean"] is not None],
-        "best_seed": best_seed_row["seed"],
-        "best_seed_test": best_seed_row["metrics"],
+        "val_mse_per_seed": [r.val_mse for r in evaluated],
+        "best_seed": retrain.best.seed,
+        "best_seed_test": retrain.best.metrics,
         "baseline_mix_mse": float(np.mean(baselines)) if baselines else None,
         "reference_test_mse": REFERENCE_TEST_MSE,
         "protocol": {k: m0.get(f"protocol_{k}") for k in ("draws", "pairs", "seed")},
-        "retrain_errors": [r["error"] for r in retrain_rows if r["error"]],
-        "trials": (summary or {}).get("trials", []),
-        "search_wall_s": (summary or {}).get("search_wall_s"),
+        "retrain_errors": [r.error for r in retrain.seeds if r.error],
+        "trials": s["trials"],
+        "search_wall_s": s["search_wall_s"],
         "wall_s": wall_s,
     }
+
+
+def write_report(
+    out: Path,
+    search: SearchSummary | None,
+    retrain: RetrainSummary,
+    best_config: dict[str, Any],
+    dims: dict[str, Dimension],
+    separations: Separations,
+    wall_s: float,
+) -> dict[str, Any]:
+    """Every picture, then report.json and report.md (which link the pictures); returns the report."""
+    trials = search.trials if search is not None else []
+    plot_separations(separations, out / PICTURES["separations"])
+    plot_history(trials, out / PICTURES["history"])
+    plot_importances(trials, dims, out / PICTURES["importances"])
+    report = build_report(search, retrain, best_config, wall_s)
     atomic_write_json(out / "report.json", report)
     atomic_write_text(out / "report.md", render_markdown(report))
     return report

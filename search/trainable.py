@@ -18,6 +18,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import ray
+from ray import tune
+
+from bss_model.evaluate import evaluate_checkpoint
+from bss_model.train import train
 from search.config import with_overrides
 
 # Written into a checkpoint when its run diverged: a retry restored from it fails at
@@ -31,19 +36,12 @@ class TrialDiverged(RuntimeError):
 
 
 def _node_info() -> dict[str, Any]:
-    import ray
-
     ctx = ray.get_runtime_context()
     return {"pid": os.getpid(), "hostname": socket.gethostname(), "node_id": ctx.get_node_id()}
 
 
 def train_trial(params: dict[str, Any], base: dict[str, Any], evaluate_test: bool = False) -> None:
     """Ray Tune function trainable. ``params``: sampled dotted keys; ``base``: a resolved config dict."""
-    from ray import tune
-
-    from bss_model.evaluate import evaluate_checkpoint
-    from bss_model.train import train
-
     cfg = with_overrides(base, params)
     info = _node_info()
     # Checkpoints are staged outside the working dir: the working dir is synced as

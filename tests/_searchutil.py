@@ -25,6 +25,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
 RUN = str(REPO / "search" / "run.py")
+FAULTY_RUN = str(REPO / "tests" / "_faulty_run.py")  # run.py with one injected worker fault
 SMOKE = str(REPO / "configs" / "smoke.yaml")
 
 # The smallest search that still exercises everything: 3 trials x 2 epochs x 20 steps (x batch 32
@@ -53,7 +54,7 @@ def search_args(storage: Path, name: str, *extra: str, tiny: list[str] = TINY) -
 
 
 def env_with(data_dir: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "BSS_FAULT_INJECT")}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(BSS_DATA_DIR=str(data_dir), RAY_DEDUP_LOGS="0", **extra)
     return env
 
@@ -258,7 +259,7 @@ def faulty_search_once(tmp_path_factory: pytest.TempPathFactory, data_dir: Path)
 
 
 def faulty_search(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> dict[str, Any]:
-    """A tiny search in which (a) the first trial to reach epoch 2 raises (BSS_FAULT_INJECT), (b) a
+    """A tiny search in which (a) the first trial to reach epoch 2 raises (tests/_faulty_run.py), (b) a
     trial's worker process is SIGKILLed mid-epoch, (c) one starting point diverges (lr=1e3).
 
     Returns the experiment folder and what was done to it; every trial and seed must still finish.
@@ -278,8 +279,9 @@ def faulty_search(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> d
     config = write_config(cwd / "faults.yaml", edit)
     args = search_args(cwd / "results", "faults")
     args[args.index(SMOKE)] = str(config)
+    args[args.index(RUN) : args.index(RUN) + 1] = [FAULTY_RUN, "2", str(marker)]
     exp = cwd / "results" / "faults"
-    env = env_with(data_dir, BSS_FAULT_INJECT=f"2:{marker}")
+    env = env_with(data_dir)
     with running(args, cwd, env, "faults") as proc:
         # Once the injected fault has fired (and reached the driver: the raise follows the marker at
         # once), SIGKILL the worker of a healthy trial that has checkpointed epoch 1 and is busy with

@@ -8,9 +8,22 @@ the data path at all.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_intra_op_thread() -> Iterator[None]:
+    """Torch runs on one intra-op thread in every test: the models here are tiny, and on a shared 2-core
+    machine two OpenMP threads can be ten times slower than one (tests/test_model.py: 6 s vs 60 s)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -341,7 +341,6 @@ def no_ray(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(ray, "init", refuse)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.delenv("BSS_FAULT_INJECT", raising=False)
     logger = logging.getLogger("bss")
     handlers = list(logger.handlers)
     yield
@@ -369,15 +368,15 @@ def snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
 @pytest.fixture
 def existing(tmp_path: Path, data_dir: Path, no_ray: None) -> Path:
     """The storage folder of an experiment "exp" as a search leaves it: resolved config and outputs."""
-    from search import experiment as ex
+    from search import storage
     from search.config import load_search_config
-    from search.retrain import resolve_data_dir
+    from search.pipeline import resolve_data_dir
 
     store = tmp_path / "store"
     cfg = load_search_config(SMOKE, [*TINY, f"tune.storage_path={store}", "tune.name=exp"])
     resolve_data_dir(cfg.base, None)
-    root = ex.prepare_experiment(cfg, resume=False)
-    ex.save_resolved_config(cfg, root)
+    root = storage.prepare_experiment(cfg, resume=False)
+    storage.save_resolved_config(cfg, root)
     for name, data in {"report.json": b'{"test_mse_mean": 0.01}\n', "best_model.pt": os.urandom(256)}.items():
         (Path(root) / name).write_bytes(data)
     return store

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from bss_model.errors import ConfigError
-from search.config import load_search_config, parse_dimension, with_overrides
+from search.config import load_search_config, with_overrides
+from search.space import parse_dimension
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -75,7 +76,7 @@ def test_with_overrides_applies_dotted_params_to_a_copy() -> None:
 
 
 def test_trial_number_is_parsed_from_tune_folder_names() -> None:
-    from search.experiment import trial_number
+    from search.selection import trial_number
 
     assert trial_number("/r/search/train_trial_bf4dedd4_6_model_filters=12_2026-11-23_22-37-20") == 6
     assert trial_number("/r/retrain/train_trial_df909_00000_0_train_seed=1000_2026-11-23") == 0

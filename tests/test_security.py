@@ -65,13 +65,13 @@ def test_a_config_with_a_python_tag_is_refused(entry: str, tmp_path: Path) -> No
 def test_the_local_ray_keeps_its_dashboard_on_localhost(monkeypatch: pytest.MonkeyPatch) -> None:
     import ray
 
-    from search import experiment as ex
+    from search.cluster import init_ray
 
     calls: list[dict[str, Any]] = []
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
-    ex.init_ray(None)
+    init_ray(None)
     (kwargs,) = calls
     assert kwargs.get("address") == "local", "no --address: always a new local Ray, never an attached one"
     assert kwargs["dashboard_host"] == "127.0.0.1"

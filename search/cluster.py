@@ -1,0 +1,65 @@
+"""The Ray connection: a cluster at --address / $RAY_ADDRESS, else a new local Ray on this machine."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+import ray
+
+from bss_model.errors import ConfigError
+
+
+def check_reachable(address: str) -> None:
+    """Fail in seconds, not minutes, when a ``host:port`` address has nobody listening."""
+    target = address.split("://", 1)[-1]
+    if target == "auto" or ":" not in target:
+        return
+    host, port = target.rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=5):
+            return
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"cannot reach the Ray cluster at {address} ({exc}): start it with `ray start --head` or fix "
+            "--address / RAY_ADDRESS"
+        ) from None
+
+
+def init_ray(address: str | None) -> None:
+    """Connect to ``address`` (or $RAY_ADDRESS), else start a local Ray with this machine's CPUs/GPUs."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        check_reachable(address)
+        import bss_model
+        import search
+
+        try:
+            # Ship our two packages to the cluster so nodes need only the dependencies.
+            ray.init(
+                address=address,
+                runtime_env={"py_modules": [bss_model, search]},
+                logging_level=logging.WARNING,
+            )
+        except (ConnectionError, RuntimeError) as exc:
+            raise ConfigError(f"cannot connect to the Ray cluster at {address} ({exc}): check --address") from None
+        return
+    import torch
+
+    ray.init(
+        # "local" always starts a new Ray: a bare ray.init() would silently attach to any Ray
+        # already running on this machine (e.g. from `ray start`) and then refuse num_cpus.
+        address="local",
+        num_cpus=os.cpu_count(),
+        num_gpus=torch.cuda.device_count(),
+        include_dashboard=False,
+        dashboard_host="127.0.0.1",  # never expose the dashboard beyond this machine by default
+        logging_level=logging.WARNING,
+    )
+
+
+def cluster_gpus() -> float:
+    return float(ray.cluster_resources().get("GPU", 0))

@@ -1,0 +1,159 @@
+"""The driver: search -> retrain the best over seeds -> report, as ``search/run.py`` and ``search/retrain.py`` run it.
+
+    search_retrain_report   the main job (run.py): every step, resuming whichever it finds unfinished
+    retrain_report          the retrain and report alone (retrain.py), after a search or for a named config
+
+Everything the user can get wrong (config, data, storage, the Ray address) is checked
+before Ray starts, so bad input costs seconds and leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from bss_model.config import Config, load_config
+from bss_model.errors import ConfigError
+from bss_model.io import setup_logging
+from search import best_model, report, selection, storage, tuners
+from search.cluster import init_ray
+from search.config import SearchConfig, TuneSection, with_overrides
+from search.results import SearchSummary
+
+log = logging.getLogger("bss")
+
+
+def resolve_data_dir(cfg: Config, flag: str | None) -> None:
+    """Make the data dir absolute before trials chdir into their own folders.
+
+    $BSS_DATA_DIR itself is made absolute too: a local Ray's workers inherit this
+    process's environment, and a relative value would point elsewhere from a trial folder.
+    """
+    if os.environ.get("BSS_DATA_DIR"):
+        os.environ["BSS_DATA_DIR"] = str(Path(os.environ["BSS_DATA_DIR"]).expanduser().resolve())
+    if flag:
+        cfg.data.dir = str(Path(flag).expanduser().resolve())
+    elif cfg.data.dir:
+        cfg.data.dir = str(Path(cfg.data.dir).expanduser().resolve())
+    elif os.environ.get("BSS_DATA_DIR"):
+        cfg.data.dir = os.environ["BSS_DATA_DIR"]
+
+
+def check_data(cfg: Config, address: str | None) -> None:
+    """With a local Ray, verify every data file up front (seconds): a missing, truncated or corrupt
+    file is then one clear error before Ray starts, not the same error in every trial. On a cluster
+    the files live on the nodes, so the trials check them there."""
+    if address or os.environ.get("RAY_ADDRESS"):
+        return
+    from bss_model.data import DATASETS, load_dataset
+
+    for dataset in DATASETS:
+        load_dataset(dataset, cfg.data.dir or None, cfg.data.download)
+
+
+def best_config(cfg: SearchConfig, summary: SearchSummary) -> Config:
+    """What the retrain trains: the base config with the winner's params, then the retrain overrides."""
+    return with_overrides(cfg.base.to_dict(), {**summary.best_params, **cfg.retrain.overrides})
+
+
+def search_step(cfg: SearchConfig, root: str, resume: bool, resume_cmd: str, t0: float) -> SearchSummary:
+    """Run (or resume) the search and write search_summary.json -- or read it if the search had finished."""
+    summary = storage.load_summary(root)
+    if summary is not None:
+        log.info("search already finished (%d trials): going on to the retrain", len(summary.trials))
+        return summary
+    results = tuners.run_search(cfg, root, resume, resume_cmd)
+    rows = selection.summarize_trials(results, cfg.base.train.epochs)
+    summary = selection.search_summary(cfg.base, rows, time.time() - t0)
+    storage.save_summary(root, summary)
+    s = summary.to_dict()
+    log.info(
+        "search done: %d trials, %d full budget, %d stopped early, %d errored; best val MSE %.3e (%s)",
+        s["num_trials"], s["num_completed"], s["num_stopped_early"], s["num_errored"], s["best_val_mse"],
+        s["best_params"],
+    )  # fmt: skip
+    return summary
+
+
+def retrain_step(
+    cfg: SearchConfig, best_cfg: Config, root: str, summary: SearchSummary | None, resume_cmd: str, t0: float
+) -> dict[str, Any]:
+    """Retrain ``best_cfg`` over the configured seeds, export the best seed, then write the report."""
+    out = storage.local_dir(root)
+    results = tuners.run_retrain(cfg, best_cfg, root, resume_cmd)
+    retrain = selection.retrain_summary(selection.summarize_retrain(results))
+    best_model.export_best_model(retrain.best, out / best_model.FILENAME)
+    separations = best_model.predict_separations(out / best_model.FILENAME, cfg.retrain.images)
+    result = report.write_report(
+        out, summary, retrain, best_cfg.to_dict(), cfg.dimensions(), separations, time.time() - t0
+    )
+    storage.upload(root, out, ["report.json", "report.md", best_model.FILENAME, *report.PICTURES.values()])
+    print(f"report: {out / 'report.md'}")
+    print(f"test MSE {result['test_mse_mean']:.3e} ± {result['test_mse_std']:.1e} over {len(result['seeds'])} seeds")
+    return result
+
+
+def search_retrain_report(
+    cfg: SearchConfig, resume: bool, address: str | None, data_dir: str | None, resume_cmd: str
+) -> dict[str, Any]:
+    """The main job. ``resume_cmd`` is what the console tells the user to run after an interruption."""
+    t0 = time.time()
+    resolve_data_dir(cfg.base, data_dir)
+    check_data(cfg.base, address)
+    root = storage.prepare_experiment(cfg, resume)
+    setup_logging(storage.local_dir(root) / "search.log")
+    init_ray(address)
+    if not resume or storage.load_saved_config(root) is None:
+        storage.save_resolved_config(cfg, root)
+    summary = search_step(cfg, root, resume, resume_cmd, t0)
+    return retrain_step(cfg, best_config(cfg, summary), root, summary, resume_cmd, t0)
+
+
+def finished_search(folder: str) -> tuple[str, SearchConfig, SearchSummary]:
+    """A finished search's root, saved config and summary, or one line saying what is missing."""
+    root = storage.root_of(folder)
+    cfg = storage.load_saved_config(root)
+    if cfg is None:
+        raise ConfigError(f"{root} has no search_config.yaml: pass the folder of an experiment made by search/run.py")
+    summary = storage.load_summary(root)
+    if summary is None:
+        raise ConfigError(
+            f"the search in {root} has not finished (no search_summary.json): finish it with "
+            "`python search/run.py --config <its config> --resume`"
+        )
+    return root, cfg, summary
+
+
+def named_config(path: str, sets: list[str], name: str | None, storage_path: str) -> SearchConfig:
+    """A bss_model config to retrain directly, as a search config with no space."""
+    base = load_config(path, sets)
+    tune = TuneSection(name=name or Path(path).stem + "-retrain", storage_path=storage_path)
+    return SearchConfig(base=base, space={}, tune=tune)
+
+
+def retrain_report(
+    cfg: SearchConfig,
+    summary: SearchSummary | None,
+    root: str | None,
+    resume: bool,
+    address: str | None,
+    data_dir: str | None,
+    resume_cmd: str,
+) -> dict[str, Any]:
+    """The retrain step alone: of a finished search (``summary`` and its ``root``), or of ``cfg.base``
+    (no summary; ``root`` None: a new experiment folder is made, or continued with ``resume``)."""
+    t0 = time.time()
+    cfg.retrain.validate()
+    cfg.tune.validate()
+    best_cfg = best_config(cfg, summary) if summary is not None else cfg.base
+    resolve_data_dir(best_cfg, data_dir)
+    check_data(best_cfg, address)
+    if root is None:
+        root = storage.prepare_experiment(cfg, resume)
+        storage.save_resolved_config(cfg, root)
+    setup_logging(storage.local_dir(root) / "retrain.log")
+    init_ray(address)
+    return retrain_step(cfg, best_cfg, root, summary, resume_cmd, t0)

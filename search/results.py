@@ -1,0 +1,118 @@
+"""Typed results, from Tune's results to the report: trial rows, the search summary, seed results.
+
+``SearchSummary.to_dict()`` is exactly ``search_summary.json`` (and ``TrialRow.to_dict()`` a row
+of its ``trials`` table, copied into ``report.json``); ``from_dict`` reads them back, so a
+resumed run or ``retrain.py --experiment`` continues from the file with the same types.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+# A trial's status. Only "completed" (ran its full budget with a finite validation MSE) can win.
+COMPLETED, STOPPED, DIVERGED, ERRORED = "completed", "stopped", "diverged", "errored"
+
+
+@dataclass
+class TrialRow:
+    trial_id: str
+    number: int  # the order Tune created the trial in (its folder's train_trial_<id>_<number>_...)
+    params: dict[str, Any]  # the sampled dotted keys
+    epochs: int  # epochs it ran (ASHA may stop it early)
+    val_mse: float  # last reported validation MSE; NaN if none
+    status: str  # completed | stopped (ASHA) | diverged | errored
+    error: str  # the reason a trial diverged or errored, else ""
+    node: str  # hostname[:node id] it last ran on
+    path: str  # its Tune trial folder
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrialRow:
+        return cls(**data)
+
+
+@dataclass
+class SearchSummary:
+    """The finished search: its winner and every trial (sorted: full budget first, then by val MSE)."""
+
+    best_trial: str
+    best_params: dict[str, Any]
+    best_val_mse: float
+    best_config: dict[str, Any]  # the base config with best_params applied (before retrain overrides)
+    search_wall_s: float | None
+    trials: list[TrialRow]
+
+    def count(self, *statuses: str) -> int:
+        return sum(t.status in statuses for t in self.trials)
+
+    def to_dict(self) -> dict[str, Any]:
+        # The counts are derived from the trials, and written out for readers of the file.
+        return {
+            "best_trial": self.best_trial,
+            "best_params": self.best_params,
+            "best_val_mse": self.best_val_mse,
+            "best_config": self.best_config,
+            "num_trials": len(self.trials),
+            "num_completed": self.count(COMPLETED),
+            "num_stopped_early": self.count(STOPPED),
+            "num_errored": self.count(ERRORED, DIVERGED),
+            "num_diverged": self.count(DIVERGED),
+            "search_wall_s": self.search_wall_s,
+            "trials": [t.to_dict() for t in self.trials],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SearchSummary:
+        return cls(
+            best_trial=data["best_trial"],
+            best_params=data["best_params"],
+            best_val_mse=data["best_val_mse"],
+            best_config=data["best_config"],
+            search_wall_s=data["search_wall_s"],
+            trials=[TrialRow.from_dict(t) for t in data["trials"]],
+        )
+
+
+@dataclass
+class SeedResult:
+    """One retrain seed: its validation MSE and, once it ran its budget, the protocol's test result."""
+
+    seed: int
+    val_mse: float | None
+    test_mse_mean: float | None  # None: the seed never reached its final evaluation
+    metrics: dict[str, Any]  # the test_*, baseline_* and protocol_* keys of its last result
+    checkpoint: str | None  # its last Tune checkpoint folder
+    error: str
+    path: str
+
+    @property
+    def evaluated(self) -> bool:
+        return self.test_mse_mean is not None
+
+
+@dataclass
+class RetrainSummary:
+    """Every seed (in seed order) and the best one, chosen by validation MSE (the test set chooses nothing)."""
+
+    seeds: list[SeedResult]
+    best: SeedResult
+
+    @property
+    def evaluated(self) -> list[SeedResult]:
+        return [s for s in self.seeds if s.evaluated]
+
+
+@dataclass
+class Separations:
+    """The best model on test mixtures: x [N,1,H,W], target and pred [N,2,H,W] (digit, fashion)."""
+
+    x: np.ndarray
+    target: np.ndarray
+    pred: np.ndarray
+    mse: float

@@ -1,0 +1,128 @@
+"""Choosing the winner: Tune's results as typed rows, and the rules that pick the best trial and seed.
+
+The rule: the best configuration is the trial with the lowest validation MSE among those that
+ran their full budget -- a trial stopped early by ASHA, diverged or errored can never win, and
+neither can one without a finite validation MSE. Ties go to the earlier trial. The best retrain
+seed is chosen the same way (lowest validation MSE), so the test sets choose nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from bss_model.config import Config
+from bss_model.errors import BssError
+from search.config import with_overrides
+from search.results import COMPLETED, DIVERGED, ERRORED, STOPPED, RetrainSummary, SearchSummary, SeedResult, TrialRow
+
+METRIC, MODE = "val_mse", "min"  # what every trial reports and the search minimises
+
+
+def trial_number(path: str) -> int:
+    """Tune names trial folders ``<trainable>_<id>_<number>_<params>_<date>``; -1 if not."""
+    match = re.match(r"^.+?_[0-9a-f]{5,}_(\d+)(_|$)", Path(path).name)
+    return int(match.group(1)) if match else -1
+
+
+def _last_line(error: Any) -> str:
+    """An error's last line (Tune's carry the traceback first), or its type if it has no text."""
+    if error is None:
+        return ""
+    return (str(error).strip().splitlines() or [type(error).__name__])[-1]
+
+
+def trial_status(metrics: dict[str, Any], error: Any, budget: int) -> str:
+    """diverged (the trainable said so) > errored > completed (full budget, finite val MSE) > stopped."""
+    val = metrics.get(METRIC)
+    if metrics.get("diverged"):
+        return DIVERGED
+    if error is not None:
+        return ERRORED
+    if int(metrics.get("epoch", 0) or 0) >= budget and isinstance(val, (int, float)) and math.isfinite(val):
+        return COMPLETED
+    return STOPPED
+
+
+def summarize_trials(results: Any, budget: int) -> list[TrialRow]:
+    """One row per Tune result (``.metrics``, ``.error``, ``.config``, ``.path``); ``budget`` in epochs."""
+    rows = []
+    for r in results:
+        m = r.metrics or {}
+        val = m.get(METRIC)
+        rows.append(
+            TrialRow(
+                trial_id=str(m.get("trial_id", "")) or Path(r.path).name,
+                number=trial_number(r.path),
+                params=dict(r.config or {}),
+                epochs=int(m.get("epoch", 0) or 0),
+                val_mse=float(val) if isinstance(val, (int, float)) else math.nan,
+                status=trial_status(m, r.error, budget),
+                error=m.get("reason") or _last_line(r.error),
+                node=str(m.get("hostname", "")) + (f":{m['node_id'][:8]}" if m.get("node_id") else ""),
+                path=str(r.path),
+            )
+        )
+    return rows
+
+
+def pick_best(rows: list[TrialRow]) -> TrialRow:
+    """The winner: lowest validation MSE among trials that ran their full budget (ties: the earlier trial)."""
+    full = [r for r in rows if r.status == COMPLETED]
+    if not full:
+        raise BssError(
+            "no trial ran its full budget without error, so there is no best configuration: see the trial "
+            "errors in the search/ folder, then raise tune.num_samples or loosen the space"
+        )
+    return min(full, key=lambda r: (r.val_mse, r.number))
+
+
+def search_summary(base: Config, rows: list[TrialRow], wall_s: float) -> SearchSummary:
+    """The winner with its full config, and the trials sorted: full budget first, then by val MSE (NaN last)."""
+    best = pick_best(rows)
+
+    def order(r: TrialRow) -> tuple[bool, float]:
+        return r.status != COMPLETED, r.val_mse if math.isfinite(r.val_mse) else math.inf
+
+    return SearchSummary(
+        best_trial=best.trial_id,
+        best_params=best.params,
+        best_val_mse=best.val_mse,
+        best_config=with_overrides(base.to_dict(), best.params).to_dict(),
+        search_wall_s=wall_s,
+        trials=sorted(rows, key=order),
+    )
+
+
+def summarize_retrain(results: Any) -> list[SeedResult]:
+    """One result per retrain seed, in seed order."""
+    rows = []
+    for r in results:
+        m = r.metrics or {}
+        rows.append(
+            SeedResult(
+                seed=(r.config or {}).get("train.seed"),
+                val_mse=m.get(METRIC),
+                test_mse_mean=m.get("test_mse_mean"),
+                metrics={k: v for k, v in m.items() if k.startswith(("test_", "baseline_", "protocol_"))},
+                checkpoint=r.checkpoint.path if r.checkpoint else None,
+                error=_last_line(r.error),
+                path=str(r.path),
+            )
+        )
+    return sorted(rows, key=lambda row: row.seed)
+
+
+def pick_best_seed(seeds: list[SeedResult]) -> SeedResult:
+    """The seed whose weights become best_model.pt: lowest *validation* MSE among seeds that finished."""
+    finished = [s for s in seeds if s.checkpoint and s.val_mse is not None and not s.error]
+    if not finished:
+        errors = "; ".join(f"seed {s.seed}: {s.error}" for s in seeds if s.error) or "none finished"
+        raise BssError(f"no retrain seed finished with a checkpoint ({errors}): see the retrain/ folder")
+    return min(finished, key=lambda s: (s.val_mse, s.seed))
+
+
+def retrain_summary(seeds: list[SeedResult]) -> RetrainSummary:
+    return RetrainSummary(seeds=seeds, best=pick_best_seed(seeds))

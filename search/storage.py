@@ -1,0 +1,151 @@
+"""The experiment folder: where it lives (local path or URI), the --resume checks, and the files between steps.
+
+An experiment lives in one folder, ``<storage_path>/<name>/``:
+
+    search_config.yaml   the resolved config (what --resume checks against)
+    search/              the Tune experiment of the search (trials, checkpoints, TB events)
+    search_summary.json  trial table and the chosen configuration, once the search ended
+    retrain/             the Tune experiment of the retrain over seeds
+    report.json, report.md, best_model.pt, *.png   the user's results
+
+``tensorboard --logdir <storage_path>/<name>`` shows every trial and retrain seed. With URI
+storage (s3://, gs://) Tune writes the two experiments there directly; the files the driver
+writes go to a local mirror, ``results/<name>/``, and are uploaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import yaml
+
+from bss_model.errors import ConfigError
+from bss_model.io import atomic_write_json, atomic_write_text
+from search.config import SearchConfig, search_config_from_dict
+from search.results import SearchSummary
+
+CONFIG_FILE = "search_config.yaml"
+SUMMARY_FILE = "search_summary.json"
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def experiment_root(cfg: SearchConfig) -> str:
+    """``storage_path/name`` with local paths made absolute (trials chdir into their own dirs)."""
+    storage = cfg.tune.storage_path
+    if is_uri(storage):
+        return storage.rstrip("/") + "/" + cfg.tune.name
+    return str(Path(storage).expanduser().resolve() / cfg.tune.name)
+
+
+def root_of(folder: str) -> str:
+    """An experiment folder named on the command line, as an experiment root."""
+    return folder if is_uri(folder) else str(Path(folder).expanduser().resolve())
+
+
+def tune_path(root: str, phase: str) -> str:
+    """The Tune experiment of one phase (``search`` or ``retrain``)."""
+    return f"{root.rstrip('/')}/{phase}"
+
+
+def check_writable(root: str) -> None:
+    """Fail early, with the fix, if the storage cannot be written."""
+    if is_uri(root):
+        import pyarrow.fs
+
+        try:
+            fs, path = pyarrow.fs.FileSystem.from_uri(root)
+            fs.create_dir(path, recursive=True)
+        except Exception as exc:  # pyarrow raises many types for auth/network/scheme problems
+            raise ConfigError(
+                f"storage {root} cannot be written ({type(exc).__name__}: {exc}): check the URI and credentials,"
+                " or set tune.storage_path to a writable folder"
+            ) from None
+        return
+    path = Path(root)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-probe-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(
+            f"storage_path {path.parent} cannot be written ({exc.strerror or exc}): "
+            "set tune.storage_path (or --storage-path) to a writable folder"
+        ) from None
+
+
+def local_dir(root: str) -> Path:
+    """Where reports are written: the experiment itself, or a local mirror for URI storage."""
+    if is_uri(root):
+        return Path("results").resolve() / root.rstrip("/").rsplit("/", 1)[-1]
+    return Path(root)
+
+
+def upload(root: str, local: Path, names: list[str]) -> None:
+    """Copy report files up to URI storage (no-op for local storage)."""
+    if not is_uri(root):
+        return
+    import pyarrow.fs
+
+    fs, base = pyarrow.fs.FileSystem.from_uri(root)
+    for name in names:
+        if (local / name).exists():
+            pyarrow.fs.copy_files(str(local / name), f"{base}/{name}", destination_filesystem=fs)
+
+
+def save_resolved_config(cfg: SearchConfig, root: str) -> None:
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    out = local_dir(root)
+    atomic_write_text(out / CONFIG_FILE, text)
+    upload(root, out, [CONFIG_FILE])
+
+
+def load_saved_config(root: str) -> SearchConfig | None:
+    path = local_dir(root) / CONFIG_FILE
+    if not path.exists():
+        return None
+    return search_config_from_dict(yaml.safe_load(path.read_text()))
+
+
+def save_summary(root: str, summary: SearchSummary) -> None:
+    out = local_dir(root)
+    atomic_write_json(out / SUMMARY_FILE, summary.to_dict())
+    upload(root, out, [SUMMARY_FILE])
+
+
+def load_summary(root: str) -> SearchSummary | None:
+    """The finished search's summary; None while the search has not finished."""
+    path = local_dir(root) / SUMMARY_FILE
+    if not path.exists():
+        return None
+    return SearchSummary.from_dict(json.loads(path.read_text()))
+
+
+def prepare_experiment(cfg: SearchConfig, resume: bool) -> str:
+    """Check the experiment folder against --resume; returns the experiment root."""
+    root = experiment_root(cfg)
+    check_writable(str(Path(root).parent) if not is_uri(root) else root)
+    saved = load_saved_config(root)
+    exists = saved is not None or (not is_uri(root) and Path(root, "search").exists())
+    if resume:
+        if not exists:
+            raise ConfigError(
+                f"cannot --resume: no experiment at {root}: drop --resume to start it, or fix tune.name/storage_path"
+            )
+        if saved is not None and (saved.space != cfg.space or saved.base != cfg.base):
+            what = "search space" if saved.space != cfg.space else "base config"
+            raise ConfigError(
+                f"cannot --resume {root}: it was created with a different {what}; resume with the experiment's own "
+                f"config ({local_dir(root) / CONFIG_FILE}) or start a new experiment with another tune.name"
+            )
+    elif exists:
+        raise ConfigError(
+            f"experiment {root} already exists: pass --resume to continue it, or choose another name with "
+            f"--set tune.name=NEW (nothing was overwritten)"
+        )
+    return root

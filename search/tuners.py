@@ -1,0 +1,152 @@
+"""The two Tune experiments: the search (Optuna TPE + ASHA) and the retrain of one config over seeds.
+
+Both run the same trainable (``search/trainable.py``), keep ``tune.checkpoints_to_keep``
+checkpoints per trial, retry a failed trial ``tune.max_failures`` times from its last
+checkpoint, and restore themselves from storage when they already exist there, so a rerun
+after a crash or Ctrl-C loses no finished trial.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+from ray import tune
+from ray.tune import Callback, ExperimentAnalysis
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from bss_model.config import Config
+from bss_model.errors import BssError
+from search.cluster import cluster_gpus
+from search.config import SearchConfig
+from search.selection import METRIC, MODE
+from search.space import param_space
+from search.storage import is_uri, tune_path
+from search.trainable import train_trial
+
+log = logging.getLogger("bss")
+
+
+class Interrupted(BssError):
+    """The run was stopped (Ctrl-C) with trials unfinished; it can be resumed."""
+
+    exit_code = 130
+
+
+def _trainable(cfg: SearchConfig, base: Config, evaluate_test: bool) -> Any:
+    gpus = cfg.tune.gpus_per_trial if cluster_gpus() > 0 else 0.0
+    if cfg.tune.gpus_per_trial and not gpus:
+        log.warning("tune.gpus_per_trial=%s but the cluster has no GPU: trials run on CPU", cfg.tune.gpus_per_trial)
+    fn = tune.with_parameters(train_trial, base=base.to_dict(), evaluate_test=evaluate_test)
+    return tune.with_resources(fn, {"cpu": cfg.tune.cpus_per_trial, "gpu": gpus})
+
+
+def _run_config(cfg: SearchConfig, root: str, name: str, callbacks: list[Callback]) -> tune.RunConfig:
+    return tune.RunConfig(
+        name=name,
+        storage_path=root if is_uri(root) else str(Path(root)),
+        failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.tune.checkpoints_to_keep),
+        # Trials' own TensorBoard events and metrics live in their working dirs: sync them
+        # to storage_path as artifacts so `tensorboard --logdir <experiment>` sees them.
+        sync_config=tune.SyncConfig(sync_artifacts=True),
+        verbose=cfg.tune.verbose,
+        callbacks=callbacks,
+    )
+
+
+def _finish(results: tune.ResultGrid, expected: int, what: str, resume_cmd: str) -> tune.ResultGrid:
+    """Raise Interrupted if Ctrl-C (or a lost driver) left trials unfinished."""
+    # Judge by the experiment state Tune saved, not by the in-memory Trial objects: on Ctrl-C
+    # Tune saves the state (running trials RUNNING, which is what --resume restores) and *then*
+    # stops the running trials, which marks them TERMINATED in memory as if they had finished.
+    trials = ExperimentAnalysis(results.experiment_path, storage_filesystem=results.filesystem).trials
+    unfinished = [t for t in trials if t.status not in ("TERMINATED", "ERROR")]
+    if unfinished or len(trials) < expected:
+        raise Interrupted(
+            f"{what} interrupted with {len(trials) - len(unfinished)}/{expected} trials finished; "
+            f"the state is saved: resume with `{resume_cmd}`"
+        )
+    return results
+
+
+def run_search(cfg: SearchConfig, root: str, resume: bool, resume_cmd: str) -> tune.ResultGrid:
+    trainable = _trainable(cfg, cfg.base, evaluate_test=False)
+    path = tune_path(root, "search")
+    if resume and tune.Tuner.can_restore(path):
+        log.info("resuming the search at %s", path)
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+    else:
+        sampler = optuna.samplers.TPESampler(seed=cfg.tune.seed, n_startup_trials=cfg.tune.n_startup_trials)
+        searcher = OptunaSearch(sampler=sampler, points_to_evaluate=list(cfg.tune.points_to_evaluate) or None)
+        scheduler = ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=cfg.base.train.epochs,
+            grace_period=min(cfg.tune.grace_period, cfg.base.train.epochs),
+            reduction_factor=cfg.tune.reduction_factor,
+        )
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space(cfg.dimensions()),
+            tune_config=tune.TuneConfig(
+                metric=METRIC,
+                mode=MODE,
+                search_alg=searcher,
+                scheduler=scheduler,
+                num_samples=cfg.tune.num_samples,
+                max_concurrent_trials=cfg.tune.max_concurrent,
+            ),
+            run_config=_run_config(cfg, root, "search", []),
+        )
+    results = tuner.fit()
+    return _finish(results, cfg.tune.num_samples, "search", resume_cmd)
+
+
+class RetrainProgress(Callback):
+    """One console line per retrain epoch and per finished seed."""
+
+    def __init__(self, seeds: int, epochs: int) -> None:
+        self.seeds, self.epochs = seeds, epochs
+        self.done: set[str] = set()
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        seed = trial.config.get("train.seed")
+        line = f"retrain seed {seed}: epoch {result.get('epoch')}/{self.epochs} val {result.get(METRIC, math.nan):.3e}"
+        if "test_mse_mean" in result:
+            line += f" test {result['test_mse_mean']:.3e}"
+        print(f"{line}  [{len(self.done)}/{self.seeds} seeds done]", flush=True)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.done.add(trial.trial_id)
+        seed = trial.config.get("train.seed")
+        print(f"retrain seed {seed} finished [{len(self.done)}/{self.seeds} seeds done]", flush=True)
+
+
+def run_retrain(cfg: SearchConfig, best_cfg: Config, root: str, resume_cmd: str) -> tune.ResultGrid:
+    seeds = cfg.retrain.seed_list
+    trainable = _trainable(cfg, best_cfg, evaluate_test=True)
+    path = tune_path(root, "retrain")
+    if tune.Tuner.can_restore(path):
+        log.info("resuming the retrain at %s", path)
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"train.seed": tune.grid_search(seeds)},
+            tune_config=tune.TuneConfig(
+                metric=METRIC,
+                mode=MODE,
+                num_samples=1,
+                max_concurrent_trials=cfg.retrain.max_concurrent or cfg.tune.max_concurrent,
+            ),
+            run_config=_run_config(cfg, root, "retrain", [RetrainProgress(len(seeds), best_cfg.train.epochs)]),
+        )
+    t0 = time.time()
+    results = tuner.fit()
+    log.info("retrain finished in %.0f s", time.time() - t0)
+    return _finish(results, len(seeds), "retrain", resume_cmd)

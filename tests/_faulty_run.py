@@ -1,0 +1,53 @@
+"""The main job with one injected worker fault -- test-only, so neither bss_model nor search carries a fault hook.
+
+    python tests/_faulty_run.py EPOCH MARKER <search/run.py arguments>
+
+This is ``search/run.py`` with a test-only trainable: the first trial (of the search or the
+retrain) to finish epoch EPOCH-1 raises ``injected fault at epoch EPOCH`` right after that
+epoch is reported and checkpointed, i.e. before epoch EPOCH starts. It creates MARKER first, so
+the fault fires once, in one process, and Tune's retry from the epoch EPOCH-1 checkpoint runs on.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import search.tuners
+from search.run import main
+
+AT, MARKER = int(sys.argv[1]), Path(sys.argv[2])
+
+
+# The same name as search.trainable.train_trial: Tune names trial folders after the trainable
+# (train_trial_<id>_<number>_...), and the tests read those names. Defined in __main__, it
+# reaches the Ray workers by value, with AT and MARKER.
+def train_trial(params: dict[str, Any], base: dict[str, Any], evaluate_test: bool = False) -> None:
+    """search.trainable.train_trial, its bss_model ``train`` wrapped so one epoch ends in a fault."""
+    import search.trainable as trainable
+
+    real_train = trainable.train
+
+    def train(cfg: Any, on_epoch: Any = None, **kwargs: Any) -> Any:
+        def on_epoch_then_fault(metrics: dict[str, Any], checkpoint_dir: Path) -> None:
+            on_epoch(metrics, checkpoint_dir)
+            if metrics["epoch"] == AT - 1:
+                try:
+                    MARKER.touch(exist_ok=False)  # atomic: of two trials at this point at once, one faults
+                except FileExistsError:
+                    return
+                raise RuntimeError(f"injected fault at epoch {AT} (tests/_faulty_run.py)")
+
+        return real_train(cfg, on_epoch=on_epoch_then_fault, **kwargs)
+
+    trainable.train = train  # in this worker process only, for this trial
+    try:
+        trainable.train_trial(params, base, evaluate_test)
+    finally:
+        trainable.train = real_train
+
+
+if __name__ == "__main__":
+    search.tuners.train_trial = train_trial  # what search.tuners hands to Tune, in this driver only
+    raise SystemExit(main(sys.argv[3:]))
