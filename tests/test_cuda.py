@@ -52,10 +52,12 @@ def test_the_graphed_step_trains_like_the_eager_step() -> None:
         curves[name] = points
     assert graphed.graph is not None and eager.graph is None
     np.testing.assert_allclose(curves["graphed"], curves["eager"], rtol=1e-3)
-    # Over 120 Adam steps float rounding (different cuDNN algorithms) grows to ~1e-4 in a few
-    # weights, a twentieth of one lr-sized Adam move; a missing or doubled step would be >= 2e-3.
+    # Weights are compared as whole tensors: Adam moves each weight by ~lr * sign(grad), so a few
+    # weights whose gradients sit near zero flip under any change of summation order (seen on an
+    # H100: 9 of 4,608 weights off by 1e-3 after 120 steps, a relative norm of ~5e-4). A missing,
+    # doubled or stale-lr step moves every weight and shows as a relative norm of several per cent.
     for p, q in zip(eager.model.parameters(), graphed.model.parameters(), strict=True):
-        torch.testing.assert_close(p, q, rtol=1e-2, atol=5e-4)
+        assert float((p - q).norm() / p.norm().clamp_min(1e-12)) < 1e-2
     # The warm-up before capture left no trace: the graphed run took exactly 120 optimizer steps.
     steps = {float(s["step"]) for s in graphed.opt.state.values()}
     assert steps == {120.0}
