@@ -2,7 +2,7 @@
 
     base:      # any bss_model config (same keys as configs/seed.yaml)
       model: {variant: tiny}
-      train: {epochs: 4, steps_per_epoch: 100}
+      train: {epochs: 4, samples_per_epoch: 3200}
     space:     # dotted base keys -> a distribution
       model.filters: {choice: [8, 12, 16]}
       model.bottleneck_convs: {int: [1, 3]}       # inclusive
