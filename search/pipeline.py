@@ -55,8 +55,9 @@ def check_data(cfg: Config, address: str | None) -> None:
 
 
 def best_config(cfg: SearchConfig, summary: SearchSummary) -> Config:
-    """What the retrain trains: the base config with the winner's params, then the retrain overrides."""
-    return with_overrides(cfg.base.to_dict(), {**summary.best_params, **cfg.retrain.overrides})
+    """What the retrain trains: the base config with the winner's params, then the retrain's sample budget
+    (``retrain.epochs`` x ``retrain.samples_per_epoch``, whatever the winner's batch size), then its overrides."""
+    return with_overrides(cfg.base.to_dict(), {**summary.best_params, **cfg.retrain.params()})
 
 
 def search_step(cfg: SearchConfig, root: str, resume: bool, resume_cmd: str, t0: float) -> SearchSummary:
