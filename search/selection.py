@@ -34,6 +34,12 @@ def _last_line(error: Any) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[-1]
 
 
+def _samples(metrics: dict[str, Any]) -> int | None:
+    """The cumulative training samples a trial reported (bss_model's ``samples``); None if it never reported."""
+    value = metrics.get("samples")
+    return int(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
 def trial_status(metrics: dict[str, Any], error: Any, budget: int) -> str:
     """diverged (the trainable said so) > errored > completed (full budget, finite val MSE) > stopped."""
     val = metrics.get(METRIC)
@@ -63,6 +69,7 @@ def summarize_trials(results: Any, budget: int) -> list[TrialRow]:
                 error=m.get("reason") or _last_line(r.error),
                 node=str(m.get("hostname", "")) + (f":{m['node_id'][:8]}" if m.get("node_id") else ""),
                 path=str(r.path),
+                samples=_samples(m),
             )
         )
     return rows
@@ -110,6 +117,7 @@ def summarize_retrain(results: Any) -> list[SeedResult]:
                 checkpoint=r.checkpoint.path if r.checkpoint else None,
                 error=_last_line(r.error),
                 path=str(r.path),
+                samples=_samples(m),
             )
         )
     return sorted(rows, key=lambda row: row.seed)

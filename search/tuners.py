@@ -84,6 +84,8 @@ def run_search(cfg: SearchConfig, root: str, resume: bool, resume_cmd: str) -> t
     else:
         sampler = optuna.samplers.TPESampler(seed=cfg.tune.seed, n_startup_trials=cfg.tune.n_startup_trials)
         searcher = OptunaSearch(sampler=sampler, points_to_evaluate=list(cfg.tune.points_to_evaluate) or None)
+        # Rungs in epochs, which are equal samples for every trial: load_search_config refused any batch
+        # size that does not divide base.train.samples_per_epoch (search/config.py, check_budget).
         scheduler = ASHAScheduler(
             time_attr="training_iteration",
             max_t=cfg.base.train.epochs,
