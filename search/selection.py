@@ -27,11 +27,16 @@ def trial_number(path: str) -> int:
     return int(match.group(1)) if match else -1
 
 
+# The trainable's own errors (search/trainable.py: TrialOutOfMemory, TrialDiverged) are one line written for
+# the user; Ray renders them after the traceback as "search.trainable.<Class>: <line>". The report shows the line.
+_OWN_ERROR = re.compile(r"^search\.trainable\.Trial\w+: ")
+
+
 def _last_line(error: Any) -> str:
     """An error's last line (Tune's carry the traceback first), or its type if it has no text."""
     if error is None:
         return ""
-    return (str(error).strip().splitlines() or [type(error).__name__])[-1]
+    return _OWN_ERROR.sub("", (str(error).strip().splitlines() or [type(error).__name__])[-1])
 
 
 def _samples(metrics: dict[str, Any]) -> int | None:

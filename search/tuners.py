@@ -42,7 +42,7 @@ def _trainable(cfg: SearchConfig, base: Config, evaluate_test: bool) -> Any:
     gpus = cfg.tune.gpus_per_trial if cluster_gpus() > 0 else 0.0
     if cfg.tune.gpus_per_trial and not gpus:
         log.warning("tune.gpus_per_trial=%s but the cluster has no GPU: trials run on CPU", cfg.tune.gpus_per_trial)
-    fn = tune.with_parameters(train_trial, base=base.to_dict(), evaluate_test=evaluate_test)
+    fn = tune.with_parameters(train_trial, base=base.to_dict(), evaluate_test=evaluate_test, gpu_share=gpus)
     return tune.with_resources(fn, {"cpu": cfg.tune.cpus_per_trial, "gpu": gpus})
 
 
