@@ -21,6 +21,18 @@ def test_shipped_search_configs_load() -> None:
     full = load_search_config(ROOT / "configs/search.yaml")
     assert full.tune.gpus_per_trial == 0.25 and full.retrain.seeds == 5
     assert full.tune.points_to_evaluate[0]["model.decoder_mult"] == 4  # the reference is a starting point
+    # The cluster space covers the published shapes and every recipe key, at batch 64/128/256.
+    assert full.space["train.batch_size"] == {"choice": [64, 128, 256]}
+    assert 0.0 in full.space["train.ema_decay"]["choice"] and max(full.space["model.filters"]["choice"]) >= 64
+    assert {"train.optimizer", "train.weight_decay", "train.loss", "model.output", "train.schedule"} <= set(full.space)
+    recipe = full.tune.points_to_evaluate[1]  # seed-bn-consistent, batch 256, Adam 2e-3 cosine
+    assert (recipe["model.norm"], recipe["model.head"], recipe["train.batch_size"], recipe["train.lr"]) == (
+        "batch", "consistent", 256, 2e-3,
+    )  # fmt: skip
+    hour = load_search_config(ROOT / "configs/gpu-hour.yaml")
+    assert hour.retrain.seeds == 3 and hour.tune.gpus_per_trial == 0.25 and hour.base.model.output == "relu"
+    # Its retrain: the reference's 19.4M samples per seed (40 x 3 x 161,984).
+    assert hour.retrain.epochs * hour.retrain.samples_per_epoch == 120 * 161_984
 
 
 def test_set_overrides_a_dotted_space_key() -> None:
