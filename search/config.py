@@ -14,6 +14,10 @@ Every space dimension is checked up front: its key must exist in the base config
 its range must be ordered and non-empty (``search/space.py``), and its endpoints (or
 every choice) must themselves make a valid config -- so ``model.filters: {int: [0, 8]}``
 fails before any Ray worker starts, not hours into a search.
+
+Budgets are samples (``train.samples_per_epoch``), and the search is compute-fair: every
+trial sees the same samples per epoch, hence per ASHA rung, whatever batch size it drew.
+``check_budget`` refuses a space that would break that (see there).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from bss_model.config import (
     Config,
     apply_overrides,
     build,
+    check_fair_budget,
     check_range,
     config_from_dict,
     read_yaml,
@@ -81,18 +86,34 @@ class RetrainSection:
     seeds: int = 5  # independent retrains of the best config; report mean ± std over them
     first_seed: int = 1000  # seeds are first_seed, first_seed+1, ... (distinct from search seeds)
     max_concurrent: int = 0  # 0 = tune.max_concurrent
-    # Dotted overrides applied to the best config for the retrain (e.g. a longer budget).
+    # The retrain's budget in samples, applied to the search's best config whatever batch size it
+    # has: epochs x samples_per_epoch. The default is the reference's 120 x 161,984 = 19.4M samples
+    # (every published result at or below 3.5e-4 trained on >= 15M). Steps per epoch are
+    # round(samples_per_epoch / batch_size), so a batch size that does not divide 161,984 (128,
+    # 256) sees up to half a batch more or less per epoch (+0.04% at 256); report.json states the
+    # samples each seed saw. A config retrained directly (retrain.py --config) keeps its own budget.
+    epochs: int = 120
+    samples_per_epoch: int = 161_984
+    # Dotted overrides applied last (they win over the budget above, e.g. train.epochs).
     overrides: dict = field(default_factory=dict)
     images: int = 8  # test mixtures in the separation picture
 
     def validate(self) -> None:
         check_range(self.seeds >= 1, "retrain.seeds", self.seeds, ">= 1")
         check_range(self.max_concurrent >= 0, "retrain.max_concurrent", self.max_concurrent, ">= 0 (0 = tune's)")
+        check_range(self.epochs >= 1, "retrain.epochs", self.epochs, ">= 1")
+        check_range(
+            self.samples_per_epoch >= 1, "retrain.samples_per_epoch", self.samples_per_epoch, ">= 1, e.g. 161984"
+        )
         check_range(self.images >= 1, "retrain.images", self.images, ">= 1")
 
     @property
     def seed_list(self) -> list[int]:
         return [self.first_seed + i for i in range(self.seeds)]
+
+    def params(self) -> dict[str, Any]:
+        """The dotted keys the retrain sets on the best config: the sample budget, then the overrides."""
+        return {"train.epochs": self.epochs, "train.samples_per_epoch": self.samples_per_epoch, **self.overrides}
 
 
 @dataclass
@@ -137,6 +158,40 @@ def validate_space(base: dict[str, Any], space: dict[str, Any]) -> dict[str, Dim
     return dims
 
 
+# The budget is what ASHA compares trials at, so it is the same for every trial: a base key.
+BUDGET_KEYS = ("train.epochs", "train.samples_per_epoch")
+
+
+def check_budget(base: Config, dims: dict[str, Dimension], points: list[dict[str, Any]]) -> None:
+    """Refuse a search in which trials would see different samples per epoch (hence per ASHA rung).
+
+    ASHA's time attribute is the epoch (``training_iteration``: what Tune counts and restores
+    with a trial, whatever the trial reports). That is fair only because an epoch is the same
+    number of samples for every trial: steps = samples_per_epoch / batch_size exactly, for every
+    batch size the space can draw (and the base's, and the starting points'). A batch size that
+    does not divide the budget would round to whole steps and see slightly more or fewer samples
+    at every rung; a budget key in the space would make the rungs themselves differ.
+    """
+    for key in BUDGET_KEYS:
+        if key in dims:
+            raise ConfigError(
+                f"space.{key} would give trials different budgets, and ASHA compares them at equal samples per "
+                f"rung: set base.{key} (the same for every trial) and remove it from the space"
+            )
+    dim = dims.get("train.batch_size")
+    if dim is None:
+        return  # one batch size for every trial: its rounding, if any, is the same for all
+    if dim.kind != "choice":
+        raise ConfigError(
+            f"space.train.batch_size is a {dim.kind} range, so some batch sizes would not divide "
+            f"base.train.samples_per_epoch={base.train.samples_per_epoch}: use {{choice: [...]}} of batch sizes "
+            "that divide it, e.g. {choice: [64, 128, 256]}"
+        )
+    sizes = [*dim.args, base.train.batch_size]
+    sizes += [p["train.batch_size"] for p in points if isinstance(p, dict) and "train.batch_size" in p]
+    check_fair_budget(base.train.samples_per_epoch, sizes, key="base.train")
+
+
 def load_search_config(path: str | Path | None, sets: list[str] | None = None) -> SearchConfig:
     """Defaults <- YAML <- ``--set``; base, space, points_to_evaluate and retrain overrides validated."""
     raw = apply_overrides(read_yaml(path) if path else {}, sets, flat_sections=("space",))
@@ -165,7 +220,8 @@ def load_search_config(path: str | Path | None, sets: list[str] | None = None) -
                 f"use keys from {sorted(parsed)}"
             )
         with_overrides(base, point, where=f"tune.points_to_evaluate[{i}]: ")
-    with_overrides(base, dict(cfg.retrain.overrides), where="retrain.overrides: ")
+    check_budget(cfg.base, parsed, cfg.tune.points_to_evaluate)
+    with_overrides(base, cfg.retrain.params(), where="retrain.overrides: ")
     if not cfg.tune.name:
         cfg.tune.name = Path(path).stem if path else "search"
     return cfg

@@ -19,7 +19,7 @@ from bss_model.config import Config, load_config
 from bss_model.errors import ConfigError
 from bss_model.io import setup_logging
 from search import best_model, report, selection, storage, tuners
-from search.cluster import init_ray
+from search.cluster import cluster_gpus, init_ray
 from search.config import SearchConfig, TuneSection, with_overrides
 from search.results import SearchSummary
 
@@ -55,8 +55,9 @@ def check_data(cfg: Config, address: str | None) -> None:
 
 
 def best_config(cfg: SearchConfig, summary: SearchSummary) -> Config:
-    """What the retrain trains: the base config with the winner's params, then the retrain overrides."""
-    return with_overrides(cfg.base.to_dict(), {**summary.best_params, **cfg.retrain.overrides})
+    """What the retrain trains: the base config with the winner's params, then the retrain's sample budget
+    (``retrain.epochs`` x ``retrain.samples_per_epoch``, whatever the winner's batch size), then its overrides."""
+    return with_overrides(cfg.base.to_dict(), {**summary.best_params, **cfg.retrain.params()})
 
 
 def search_step(cfg: SearchConfig, root: str, resume: bool, resume_cmd: str, t0: float) -> SearchSummary:
@@ -85,6 +86,9 @@ def retrain_step(
     out = storage.local_dir(root)
     results = tuners.run_retrain(cfg, best_cfg, root, resume_cmd)
     retrain = selection.retrain_summary(selection.summarize_retrain(results))
+    # The seed ensemble: every finished seed's final checkpoint, their predictions averaged, on the same draws.
+    gpus = cfg.tune.gpus_per_trial if cluster_gpus() > 0 else 0.0
+    retrain.ensemble = best_model.seed_ensemble(retrain.seeds, best_cfg.train.device, cfg.tune.cpus_per_trial, gpus)
     best_model.export_best_model(retrain.best, out / best_model.FILENAME)
     separations = best_model.predict_separations(out / best_model.FILENAME, cfg.retrain.images)
     result = report.write_report(
@@ -92,7 +96,13 @@ def retrain_step(
     )
     storage.upload(root, out, ["report.json", "report.md", best_model.FILENAME, *report.PICTURES.values()])
     print(f"report: {out / 'report.md'}")
-    print(f"test MSE {result['test_mse_mean']:.3e} ± {result['test_mse_std']:.1e} over {len(result['seeds'])} seeds")
+    mean, std, n = result["test_mse_mean"], result["test_mse_std"], len(result["seeds"])
+    print(f"test MSE {mean:.3e} ± {std:.1e}: single model, mean ± std over {n} seeds")
+    if result["test_mse_ensemble"] is not None:
+        print(
+            f"test MSE {result['test_mse_ensemble']:.3e} ± {result['test_mse_ensemble_std']:.1e}: ensemble of "
+            f"{len(result['ensemble_seeds'])} seeds (predictions averaged), ± std over the protocol's draws"
+        )
     return result
 
 

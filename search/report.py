@@ -137,6 +137,8 @@ def build_report(
     baselines = [r.metrics.get("baseline_mix_mse_mean") for r in retrain.seeds]
     baselines = [b for b in baselines if b is not None]
     m0 = retrain.seeds[0].metrics
+    ens = retrain.ensemble
+    ens_ok = ens is not None and not ens.error
     return {
         "best_config": best_config,
         "best_params": s["best_params"],
@@ -150,7 +152,17 @@ def build_report(
         "test_mse_per_seed": per_seed,
         "test_mse_mean": float(np.mean(per_seed)),
         "test_mse_std": float(np.std(per_seed)),  # ddof=0, like the protocol's std over draws
+        # The seed ensemble: the MSE of the seeds' *averaged predictions* (one model), with its std over
+        # the protocol's draws -- not over seeds, and never to be read as the single-model mean above.
+        "test_mse_ensemble": ens.test_mse if ens_ok else None,
+        "test_mse_ensemble_std": ens.test_mse_std if ens_ok else None,
+        "test_mse_ensemble_per_draw": ens.per_draw if ens_ok else [],
+        "ensemble_seeds": ens.seeds if ens else [],
+        "ensemble_checkpoints": ens.checkpoints if ens else [],
+        "ensemble_error": ens.error if ens else "no seed finished its retrain",
         "val_mse_per_seed": [r.val_mse for r in evaluated],
+        # Training samples each evaluated seed saw (epochs x steps x batch size), in the order of "seeds".
+        "samples_per_seed": [r.samples for r in evaluated],
         "best_seed": retrain.best.seed,
         "best_seed_test": retrain.best.metrics,
         "baseline_mix_mse": float(np.mean(baselines)) if baselines else None,
@@ -183,13 +195,32 @@ def write_report(
     return report
 
 
+def _samples(n: int | None) -> str:
+    return "" if n is None else f"{n:,}"
+
+
+def _labels(r: dict[str, Any]) -> tuple[str, str]:
+    """The two test figures' names, worded so the single-model mean and the ensemble cannot be confused."""
+    single = f"single model (mean ± std over {len(r['test_mse_per_seed'])} seeds)"
+    ensemble = f"ensemble of {len(r['ensemble_seeds'])} seeds (averaged predictions; ± std over the protocol's draws)"
+    return single, ensemble
+
+
+def _ensemble_value(r: dict[str, Any]) -> str:
+    if r["test_mse_ensemble"] is None:
+        return f"not evaluated ({r['ensemble_error']})"
+    return f"{r['test_mse_ensemble']:.3e} ± {r['test_mse_ensemble_std']:.1e}"
+
+
 def render_markdown(r: dict[str, Any]) -> str:
-    n = len(r["test_mse_per_seed"])
+    single, ensemble = _labels(r)
     lines = [
         "# bss-search report",
         "",
-        f"**Test MSE {r['test_mse_mean']:.3e} ± {r['test_mse_std']:.1e} over {n} seeds** "
+        f"**Test MSE {r['test_mse_mean']:.3e} ± {r['test_mse_std']:.1e}: {single}** "
         f"(reference U-Net {r['reference_test_mse']:.3e}; mix baseline {_fmt(r['baseline_mix_mse'])}).",
+        "",
+        f"Test MSE of the {ensemble}: {_ensemble_value(r)}.",
         "",
         "## Search",
         "",
@@ -198,13 +229,23 @@ def render_markdown(r: dict[str, Any]) -> str:
         f"{_fmt(r['best_val_mse'])}.",
         "",
     ]
+    per_epoch = {t["samples"] // t["epochs"] for t in r["trials"] if t.get("samples") and t["epochs"]}
+    if len(per_epoch) == 1:
+        lines += [
+            f"Budgets are samples: every trial saw {per_epoch.pop():,} training samples per epoch whatever its "
+            "batch size, so ASHA compared trials at equal samples.",
+            "",
+        ]
     if r["trials"]:
         keys = sorted({k for t in r["trials"] for k in t["params"]})
-        lines += ["| # | trial | status | epochs | val MSE | " + " | ".join(keys) + " |",
-                  "|---|---|---|---|---|" + "---|" * len(keys)]  # fmt: skip
+        lines += ["| # | trial | status | epochs | samples | val MSE | " + " | ".join(keys) + " |",
+                  "|---|---|---|---|---|---|" + "---|" * len(keys)]  # fmt: skip
         for i, t in enumerate(r["trials"][:10], 1):
             vals = " | ".join(_fmt(t["params"].get(k, "")) for k in keys)
-            lines.append(f"| {i} | {t['trial_id']} | {t['status']} | {t['epochs']} | {_fmt(t['val_mse'])} | {vals} |")
+            lines.append(
+                f"| {i} | {t['trial_id']} | {t['status']} | {t['epochs']} | {_samples(t.get('samples'))} | "
+                f"{_fmt(t['val_mse'])} | {vals} |"
+            )
         errored = [t for t in r["trials"] if t["error"]]
         if errored:
             lines += ["", "Errored trials:", ""] + [f"- {t['trial_id']}: {t['error']}" for t in errored]
@@ -220,22 +261,26 @@ def render_markdown(r: dict[str, Any]) -> str:
         "",
         "Protocol: {draws} draws x {pairs} test pairs, seed {seed}.".format(**r["protocol"]),
         "",
-        "| seed | val MSE | test MSE |",
-        "|---|---|---|",
+        "| seed | samples | val MSE | test MSE |",
+        "|---|---|---|---|",
     ]
-    for seed, v, t in zip(r["seeds"], r["val_mse_per_seed"], r["test_mse_per_seed"], strict=True):
-        lines.append(f"| {seed} | {_fmt(v)} | {_fmt(t)} |")
+    rows = zip(r["seeds"], r["samples_per_seed"], r["val_mse_per_seed"], r["test_mse_per_seed"], strict=True)
+    for seed, n, v, t in rows:
+        lines.append(f"| {seed} | {_samples(n)} | {_fmt(v)} | {_fmt(t)} |")
     ratio = r["test_mse_mean"] / r["reference_test_mse"]
     lines += [
         "",
         "| | test MSE |",
         "|---|---|",
-        f"| this search (mean ± std) | {r['test_mse_mean']:.3e} ± {r['test_mse_std']:.1e} |",
+        f"| {single} | {r['test_mse_mean']:.3e} ± {r['test_mse_std']:.1e} |",
+        f"| {ensemble} | {_ensemble_value(r)} |",
         f"| reference U-Net | {r['reference_test_mse']:.3e} |",
         f"| mix baseline (predict x) | {_fmt(r['baseline_mix_mse'])} |",
         "",
-        f"This result is {ratio:.2f}x the reference's MSE. `best_model.pt` holds seed {r['best_seed']} "
-        "(lowest validation MSE), with its resolved config.",
+        f"The single-model mean is {ratio:.2f}x the reference's MSE. The ensemble averages the predictions of "
+        f"seeds {', '.join(map(str, r['ensemble_seeds'])) or '-'} (their final retrain checkpoints) on the same "
+        f"draws. `best_model.pt` is one model, not the ensemble: seed {r['best_seed']} (lowest validation MSE), "
+        "with its resolved config.",
         "",
         "## Pictures",
         "",

@@ -28,6 +28,9 @@ class TrialRow:
     error: str  # the reason a trial diverged or errored, else ""
     node: str  # hostname[:node id] it last ran on
     path: str  # its Tune trial folder
+    # Training samples it saw (epochs x steps x batch size, as the trial reported them); equal for
+    # every trial at equal epochs (a compute-fair search). None in summaries written before this field.
+    samples: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -90,10 +93,28 @@ class SeedResult:
     checkpoint: str | None  # its last Tune checkpoint folder
     error: str
     path: str
+    samples: int | None = None  # training samples it saw (its last report)
 
     @property
     def evaluated(self) -> bool:
         return self.test_mse_mean is not None
+
+
+@dataclass
+class EnsembleResult:
+    """The seed ensemble: the average of the seeds' predictions, scored by the protocol on the seeds' draws.
+
+    Not the mean of the seeds' MSEs (that is ``test_mse_mean``): by convexity of the squared error
+    the ensemble's MSE is never above it. ``test_mse_std`` is over the protocol's draws (one model),
+    where the single-model std is over seeds.
+    """
+
+    seeds: list[int]
+    test_mse: float
+    test_mse_std: float
+    per_draw: list[float]
+    checkpoints: list[str]  # the seeds' final retrain checkpoints it averaged
+    error: str = ""  # why it could not be evaluated (then test_mse is NaN)
 
 
 @dataclass
@@ -102,6 +123,7 @@ class RetrainSummary:
 
     seeds: list[SeedResult]
     best: SeedResult
+    ensemble: EnsembleResult | None = None  # None: not evaluated (fewer than one finished seed)
 
     @property
     def evaluated(self) -> list[SeedResult]:

@@ -27,11 +27,22 @@ def trial_number(path: str) -> int:
     return int(match.group(1)) if match else -1
 
 
+# The trainable's own errors (search/trainable.py: TrialOutOfMemory, TrialDiverged) are one line written for
+# the user; Ray renders them after the traceback as "search.trainable.<Class>: <line>". The report shows the line.
+_OWN_ERROR = re.compile(r"^search\.trainable\.Trial\w+: ")
+
+
 def _last_line(error: Any) -> str:
     """An error's last line (Tune's carry the traceback first), or its type if it has no text."""
     if error is None:
         return ""
-    return (str(error).strip().splitlines() or [type(error).__name__])[-1]
+    return _OWN_ERROR.sub("", (str(error).strip().splitlines() or [type(error).__name__])[-1])
+
+
+def _samples(metrics: dict[str, Any]) -> int | None:
+    """The cumulative training samples a trial reported (bss_model's ``samples``); None if it never reported."""
+    value = metrics.get("samples")
+    return int(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
 def trial_status(metrics: dict[str, Any], error: Any, budget: int) -> str:
@@ -63,6 +74,7 @@ def summarize_trials(results: Any, budget: int) -> list[TrialRow]:
                 error=m.get("reason") or _last_line(r.error),
                 node=str(m.get("hostname", "")) + (f":{m['node_id'][:8]}" if m.get("node_id") else ""),
                 path=str(r.path),
+                samples=_samples(m),
             )
         )
     return rows
@@ -110,6 +122,7 @@ def summarize_retrain(results: Any) -> list[SeedResult]:
                 checkpoint=r.checkpoint.path if r.checkpoint else None,
                 error=_last_line(r.error),
                 path=str(r.path),
+                samples=_samples(m),
             )
         )
     return sorted(rows, key=lambda row: row.seed)

@@ -5,11 +5,17 @@ It turns the sampled hyperparameters into a ``bss_model`` config, trains with an
 from ``ray.tune.get_checkpoint()`` when Tune restarts the trial after a failure.
 Everything the trial writes in its working directory (TensorBoard events,
 metrics.json, config.yaml) is synced to ``storage_path`` as trial artifacts.
+
+A trial given a fraction of a GPU (``tune.gpus_per_trial`` < 1) caps its CUDA memory at that
+share first: Ray's fractional GPUs are a scheduling promise, not isolation, and without the cap
+one trial's caching allocator can grow until its neighbours fail. A trial that needs more than
+its share fails with one line naming ``tune.gpus_per_trial``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -19,11 +25,15 @@ from pathlib import Path
 from typing import Any
 
 import ray
+import torch
 from ray import tune
 
 from bss_model.evaluate import evaluate_checkpoint
+from bss_model.runtime import cap_gpu_memory, resolve_device
 from bss_model.train import train
 from search.config import with_overrides
+
+log = logging.getLogger("bss")
 
 # Written into a checkpoint when its run diverged: a retry restored from it fails at
 # once with the same reason instead of re-training into the same NaN.
@@ -35,14 +45,61 @@ class TrialDiverged(RuntimeError):
     """The trial's loss went non-finite; the trial ends errored with this reason."""
 
 
+class TrialOutOfMemory(RuntimeError):
+    """The trial ran out of CUDA memory (its share of the card); the message is the one line the report shows."""
+
+
+def out_of_memory_message(share: float, card_bytes: int | None) -> str:
+    """The one line for a trial that ran out of GPU memory, with what it had and the fix."""
+    if 0 < share < 1:
+        size = f", {share * card_bytes / 2**30:.1f} GiB" if card_bytes else ""
+        return (
+            f"trial ran out of its GPU share ({share:g} of the card{size}): raise tune.gpus_per_trial "
+            "(fewer trials per GPU) or lower base.train.batch_size"
+        )
+    size = f" ({card_bytes / 2**30:.1f} GiB)" if card_bytes else ""
+    return (
+        f"trial ran out of GPU memory with a whole card{size}: lower base.train.batch_size or the model's width "
+        "(tune.gpus_per_trial above 1 does not split one trial across cards)"
+    )
+
+
+# The allocator's OOM, and the CUDA runtime's (e.g. while capturing a CUDA graph), as torch words them.
+_OOM_TEXTS = ("CUDA out of memory", "CUDA error: out of memory")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """An allocator OOM, also when torch.compile or a CUDA-graph capture wrapped it in another exception."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, torch.OutOfMemoryError) or any(m in str(exc) for m in _OOM_TEXTS):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _card_bytes(device: torch.device) -> int | None:
+    try:
+        return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    except (RuntimeError, AssertionError):
+        return None
+
+
 def _node_info() -> dict[str, Any]:
     ctx = ray.get_runtime_context()
     return {"pid": os.getpid(), "hostname": socket.gethostname(), "node_id": ctx.get_node_id()}
 
 
-def train_trial(params: dict[str, Any], base: dict[str, Any], evaluate_test: bool = False) -> None:
-    """Ray Tune function trainable. ``params``: sampled dotted keys; ``base``: a resolved config dict."""
+def train_trial(
+    params: dict[str, Any], base: dict[str, Any], evaluate_test: bool = False, gpu_share: float = 0.0
+) -> None:
+    """Ray Tune function trainable. ``params``: sampled dotted keys; ``base``: a resolved config dict;
+    ``gpu_share``: the GPUs Ray gave the trial (``tune.gpus_per_trial``, 0 on a cluster without GPUs)."""
     cfg = with_overrides(base, params)
+    device = resolve_device(cfg.train.device)
+    if 0 < gpu_share < 1:
+        cap_gpu_memory(gpu_share, device)  # before the first allocation: the cap is the trial's share
     info = _node_info()
     # Checkpoints are staged outside the working dir: the working dir is synced as
     # artifacts, and Tune already persists each reported checkpoint separately.
@@ -72,7 +129,14 @@ def train_trial(params: dict[str, Any], base: dict[str, Any], evaluate_test: boo
         tune.report(out, checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))
 
     try:
-        result = train(cfg, on_epoch=on_epoch, out_dir=Path.cwd(), resume=resume, checkpoint_dir=stage / "current")
+        try:
+            result = train(cfg, on_epoch=on_epoch, out_dir=Path.cwd(), resume=resume, checkpoint_dir=stage / "current")
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            message = out_of_memory_message(gpu_share, _card_bytes(device))
+            log.error("%s (%s)", message, " ".join(str(exc).split())[:300])  # the allocator's detail, for the log
+            raise TrialOutOfMemory(message) from None
         if result.status == "diverged":
             ckpt_dir = stage / "current"
             ckpt_dir.mkdir(parents=True, exist_ok=True)

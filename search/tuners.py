@@ -42,7 +42,7 @@ def _trainable(cfg: SearchConfig, base: Config, evaluate_test: bool) -> Any:
     gpus = cfg.tune.gpus_per_trial if cluster_gpus() > 0 else 0.0
     if cfg.tune.gpus_per_trial and not gpus:
         log.warning("tune.gpus_per_trial=%s but the cluster has no GPU: trials run on CPU", cfg.tune.gpus_per_trial)
-    fn = tune.with_parameters(train_trial, base=base.to_dict(), evaluate_test=evaluate_test)
+    fn = tune.with_parameters(train_trial, base=base.to_dict(), evaluate_test=evaluate_test, gpu_share=gpus)
     return tune.with_resources(fn, {"cpu": cfg.tune.cpus_per_trial, "gpu": gpus})
 
 
@@ -84,6 +84,8 @@ def run_search(cfg: SearchConfig, root: str, resume: bool, resume_cmd: str) -> t
     else:
         sampler = optuna.samplers.TPESampler(seed=cfg.tune.seed, n_startup_trials=cfg.tune.n_startup_trials)
         searcher = OptunaSearch(sampler=sampler, points_to_evaluate=list(cfg.tune.points_to_evaluate) or None)
+        # Rungs in epochs, which are equal samples for every trial: load_search_config refused any batch
+        # size that does not divide base.train.samples_per_epoch (search/config.py, check_budget).
         scheduler = ASHAScheduler(
             time_attr="training_iteration",
             max_t=cfg.base.train.epochs,

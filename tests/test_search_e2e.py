@@ -21,6 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY = [
     "--set", "base.train.epochs=2",
     "--set", "base.train.samples_per_epoch=1920",  # 60 steps x batch 32
+    "--set", "retrain.epochs=2",  # the retrain's budget: the search's own, 2 x 1,920 samples
+    "--set", "retrain.samples_per_epoch=1920",
     "--set", "base.data.val_pairs=500",
     "--set", "base.eval.draws=2",
     "--set", "base.eval.pairs=1000",
@@ -64,10 +66,11 @@ def test_search_completes_without_errors(experiment: tuple[Path, subprocess.Comp
     assert not [d for d in trials if (d / "error.txt").exists()], "a trial errored"
     assert report["num_completed"] + report["num_stopped_early"] == 4
     assert report["num_completed"] >= 1
-    # The console ends with the report path and the headline.
+    # The console ends with the report path, the headline (one model) and the seed ensemble, each named.
     lines = proc.stdout.strip().splitlines()
-    assert lines[-2] == f"report: {exp / 'report.md'}"
-    assert lines[-1].startswith("test MSE ") and lines[-1].endswith(" over 2 seeds")
+    assert lines[-3] == f"report: {exp / 'report.md'}"
+    assert lines[-2].startswith("test MSE ") and lines[-2].endswith(": single model, mean ± std over 2 seeds")
+    assert lines[-1].startswith("test MSE ") and "ensemble of 2 seeds (predictions averaged)" in lines[-1]
 
 
 def test_report_keys_and_consistency(experiment: tuple[Path, subprocess.CompletedProcess]) -> None:
@@ -93,6 +96,63 @@ def test_report_keys_and_consistency(experiment: tuple[Path, subprocess.Complete
     assert f"{r['test_mse_mean']:.3e}" in md and "reference" in md and "mix baseline" in md
     for png in ("separations.png", "optimization_history.png", "param_importances.png"):
         assert f"]({png})" in md
+
+
+def test_report_states_the_samples_each_trial_and_seed_saw(
+    experiment: tuple[Path, subprocess.CompletedProcess],
+) -> None:
+    exp, _ = experiment
+    r = json.loads((exp / "report.json").read_text())
+    # 1,920 samples per epoch (60 steps x batch 32), whatever ASHA did: a stopped trial saw fewer epochs.
+    assert all(t["samples"] == t["epochs"] * 1920 and t["epochs"] >= 1 for t in r["trials"])
+    assert r["samples_per_seed"] == [2 * 1920, 2 * 1920]  # the retrain budget: retrain.epochs x samples_per_epoch
+    md = (exp / "report.md").read_text()
+    assert "every trial saw 1,920 training samples per epoch" in md and "| seed | samples |" in md
+
+
+def test_report_ensemble_equals_numpy_averaged_predictions_of_the_final_seeds(
+    experiment: tuple[Path, subprocess.CompletedProcess], data_dir: Path
+) -> None:
+    """test_mse_ensemble: the retrain seeds' final checkpoints (never search trials), each model run as the
+    protocol runs it, the predictions averaged and scored in numpy on the protocol's draws written out again."""
+    import torch
+
+    from bss_model import checkpoint as ckpt
+    from bss_model.data import load_test
+    from bss_model.evaluate import model_predictor
+    from bss_model.runtime import resolve_runtime
+
+    exp, _ = experiment
+    r = json.loads((exp / "report.json").read_text())
+    assert r["ensemble_seeds"] == r["seeds"] == [1000, 1001] and r["ensemble_error"] == ""
+    paths = [Path(p) for p in r["ensemble_checkpoints"]]
+    assert len(paths) == 2 and all(p.parent.parent == exp / "retrain" for p in paths), paths
+    predictors, cfg = [], None
+    for path in paths:
+        state = ckpt.load(path / ckpt.FILENAME)
+        assert state["epoch"] == 2 and state["config"]["train"]["seed"] in r["seeds"]  # the final checkpoint
+        model, cfg = ckpt.load_model(path / ckpt.FILENAME)
+        cfg.train.device, cfg.train.cuda_graphs = "cpu", "off"
+        runtime = resolve_runtime(cfg.train)  # each seed's own precision, as the protocol scored it
+        predictors.append(model_predictor(runtime.prepare_model(model).eval(), runtime))
+    assert (cfg.eval.draws, cfg.eval.pairs) == (2, 1000)
+    digit, fashion = load_test(cfg.data)
+    rng = np.random.default_rng(cfg.eval.seed)
+    expected = []
+    for _ in range(cfg.eval.draws):
+        i_digit, i_fashion = rng.integers(0, len(digit), cfg.eval.pairs), rng.integers(0, len(fashion), cfg.eval.pairs)
+        d, f = digit[i_digit].astype(np.float64) / 255, fashion[i_fashion].astype(np.float64) / 255
+        x = torch.as_tensor(((d + f) / 2)[:, None], dtype=torch.float32)
+        with torch.no_grad():
+            average = np.mean([p(x).double().numpy() for p in predictors], axis=0)
+        expected.append((np.mean((average[:, 0] - d) ** 2) + np.mean((average[:, 1] - f) ** 2)) / 2)
+    np.testing.assert_allclose(r["test_mse_ensemble_per_draw"], expected, rtol=1e-4)
+    assert r["test_mse_ensemble"] == pytest.approx(np.mean(expected), rel=1e-4)
+    assert r["test_mse_ensemble_std"] == pytest.approx(np.std(expected), rel=1e-2, abs=1e-9)
+    assert r["test_mse_ensemble"] <= r["test_mse_mean"] * (1 + 1e-4)  # convexity: never above the single mean
+    md = (exp / "report.md").read_text()
+    assert f"{r['test_mse_ensemble']:.3e}" in md and "ensemble of 2 seeds (averaged predictions" in md
+    assert "single model (mean ± std over 2 seeds)" in md
 
 
 def test_search_trials_never_touch_the_test_set(experiment: tuple[Path, subprocess.CompletedProcess]) -> None:
@@ -184,6 +244,7 @@ def test_resume_of_finished_experiment_loses_nothing(
     assert {t.name: (t / "result.json").read_text() for t in (exp / "retrain").glob("train_trial*")} == seeds_before
     assert after["num_trials"] == before["num_trials"]
     assert after["test_mse_per_seed"] == before["test_mse_per_seed"]
+    assert after["test_mse_ensemble"] == before["test_mse_ensemble"]  # the same checkpoints, the same draws
     assert after["best_params"] == before["best_params"]
     assert not math.isnan(after["test_mse_mean"])
 

@@ -10,29 +10,40 @@ import numpy as np
 import pytest
 
 from search.report import PICTURES, REFERENCE_TEST_MSE, build_report, render_markdown, write_report
-from search.results import RetrainSummary, SearchSummary, SeedResult, Separations, TrialRow
+from search.results import EnsembleResult, RetrainSummary, SearchSummary, SeedResult, Separations, TrialRow
 from search.space import parse_dimension
 
 # report.json's format: these keys, in this order.
 REPORT_KEYS = [
     "best_config", "best_params", "best_val_mse", "num_trials", "num_completed", "num_stopped_early", "num_errored",
+    "num_diverged", "seeds", "test_mse_per_seed", "test_mse_mean", "test_mse_std",
+    "test_mse_ensemble", "test_mse_ensemble_std", "test_mse_ensemble_per_draw", "ensemble_seeds",
+    "ensemble_checkpoints", "ensemble_error",
+    "val_mse_per_seed", "samples_per_seed", "best_seed",
+    "best_seed_test", "baseline_mix_mse", "reference_test_mse", "protocol", "retrain_errors", "trials",
+    "search_wall_s", "wall_s",
+]  # fmt: skip
+# The keys report.json had before the ensemble and the samples were added: still there, in the same order.
+EARLIER_KEYS = [
+    "best_config", "best_params", "best_val_mse", "num_trials", "num_completed", "num_stopped_early", "num_errored",
     "num_diverged", "seeds", "test_mse_per_seed", "test_mse_mean", "test_mse_std", "val_mse_per_seed", "best_seed",
     "best_seed_test", "baseline_mix_mse", "reference_test_mse", "protocol", "retrain_errors", "trials",
     "search_wall_s", "wall_s",
 ]  # fmt: skip
+ROW_KEYS = ["trial_id", "number", "params", "epochs", "val_mse", "status", "error", "node", "path", "samples"]
 BEST_CONFIG = {"model": {"filters": 12}, "train": {"lr": 2e-3, "epochs": 3}}
 
 
-def row(number: int, lr: float, val: float, status: str, error: str = "") -> TrialRow:
-    return TrialRow(f"t{number}", number, {"train.lr": lr, "model.filters": 8 + 4 * (number % 2)}, 3, val, status,
-                    error, "box", f"/r/search/t{number}")  # fmt: skip
+def row(number: int, lr: float, val: float, status: str, error: str = "", epochs: int = 3) -> TrialRow:
+    return TrialRow(f"t{number}", number, {"train.lr": lr, "model.filters": 8 + 4 * (number % 2)}, epochs, val,
+                    status, error, "box", f"/r/search/t{number}", samples=epochs * 1920)  # fmt: skip
 
 
 def search() -> SearchSummary:
     trials = [
         row(1, 2e-3, 0.010, "completed"),
         row(0, 1e-3, 0.020, "completed"),
-        row(2, 3e-3, 0.001, "stopped"),
+        row(2, 3e-3, 0.001, "stopped", epochs=1),
         row(3, 1e3, math.nan, "diverged", "non-finite loss at step 7"),
     ]
     return SearchSummary("t1", {"train.lr": 2e-3}, 0.010, BEST_CONFIG, search_wall_s=42.0, trials=trials)
@@ -41,17 +52,30 @@ def search() -> SearchSummary:
 def seed(s: int, val: float, test: float | None, error: str = "") -> SeedResult:
     metrics = {} if test is None else {"test_mse_mean": test, "test_mse_std": test / 10, "baseline_mix_mse_mean": 0.05,
                                        "protocol_draws": 10, "protocol_pairs": 20000, "protocol_seed": 0}  # fmt: skip
-    return SeedResult(s, val, test, metrics, f"/r/retrain/{s}/checkpoint_000002", error, f"/r/retrain/{s}")
+    return SeedResult(s, val, test, metrics, f"/r/retrain/{s}/checkpoint_000002", error, f"/r/retrain/{s}",
+                      samples=19_438_080 if test is not None else 1_000_000)  # fmt: skip
 
 
-def retrain() -> RetrainSummary:
+ENSEMBLE = EnsembleResult(
+    [1000, 1001], 0.0025, 2.5e-5, [0.002475, 0.002525], ["/r/retrain/1000/c", "/r/retrain/1001/c"]
+)
+
+
+def retrain(ensemble: EnsembleResult | None = ENSEMBLE) -> RetrainSummary:
     seeds = [seed(1000, 0.009, 0.002), seed(1001, 0.008, 0.004), seed(1002, 0.5, None, "RuntimeError: boom")]
-    return RetrainSummary(seeds, best=seeds[1])
+    return RetrainSummary(seeds, best=seeds[1], ensemble=ensemble)
 
 
 def test_report_keys_and_values() -> None:
     r = build_report(search(), retrain(), BEST_CONFIG, wall_s=99.0)
     assert list(r) == REPORT_KEYS
+    assert [k for k in r if k in EARLIER_KEYS] == EARLIER_KEYS  # only added keys, none renamed or moved
+    assert all(list(t) == ROW_KEYS for t in r["trials"])
+    assert [t["samples"] for t in r["trials"]] == [5760, 5760, 1920, 5760]  # epochs x 1,920 samples
+    assert r["samples_per_seed"] == [19_438_080, 19_438_080]  # the evaluated seeds, in the order of "seeds"
+    assert (r["test_mse_ensemble"], r["test_mse_ensemble_std"]) == (0.0025, 2.5e-5)
+    assert r["test_mse_ensemble_per_draw"] == [0.002475, 0.002525] and r["ensemble_seeds"] == [1000, 1001]
+    assert r["ensemble_checkpoints"] == ["/r/retrain/1000/c", "/r/retrain/1001/c"] and r["ensemble_error"] == ""
     assert r["seeds"] == [1000, 1001] and r["test_mse_per_seed"] == [0.002, 0.004]  # the errored seed is left out
     assert r["test_mse_mean"] == pytest.approx(0.003) and r["test_mse_std"] == pytest.approx(0.001)  # ddof=0
     assert r["val_mse_per_seed"] == [0.009, 0.008] and r["best_seed"] == 1001
@@ -80,18 +104,45 @@ def test_markdown_shows_the_headline_trials_errors_seeds_and_pictures() -> None:
     r = build_report(search(), retrain(), BEST_CONFIG, wall_s=99.0)
     md = render_markdown(r)
     assert md.startswith("# bss-search report\n")
-    assert "**Test MSE 3.000e-03 ± 1.0e-03 over 2 seeds** (reference U-Net 3.677e-04; mix baseline 0.05)." in md
+    # The single-model mean and the ensemble, each named for what it is, with what its ± is over.
+    single = "single model (mean ± std over 2 seeds)"
+    ensemble = "ensemble of 2 seeds (averaged predictions; ± std over the protocol's draws)"
+    assert f"**Test MSE 3.000e-03 ± 1.0e-03: {single}** (reference U-Net 3.677e-04; mix baseline 0.05)." in md
+    assert f"Test MSE of the {ensemble}: 2.500e-03 ± 2.5e-05." in md
+    assert f"| {single} | 3.000e-03 ± 1.0e-03 |" in md and f"| {ensemble} | 2.500e-03 ± 2.5e-05 |" in md
     assert "4 trials: 2 ran their full budget, 1 stopped early by ASHA, 1 errored (1 diverged)." in md
-    assert "| # | trial | status | epochs | val MSE | model.filters | train.lr |" in md  # params sorted by key
-    assert "| 1 | t1 | completed | 3 | 0.01 | 12 | 2.000e-03 |" in md
-    assert "| 4 | t3 | diverged | 3 | nan | 12 | 1000 |" in md
+    assert "every trial saw 1,920 training samples per epoch whatever its batch size" in md
+    assert "| # | trial | status | epochs | samples | val MSE | model.filters | train.lr |" in md  # params by key
+    assert "| 1 | t1 | completed | 3 | 5,760 | 0.01 | 12 | 2.000e-03 |" in md
+    assert "| 3 | t2 | stopped | 1 | 1,920 | 1.000e-03 | 8 | 3.000e-03 |" in md
+    assert "| 4 | t3 | diverged | 3 | 5,760 | nan | 12 | 1000 |" in md
     assert "- t3: non-finite loss at step 7" in md
-    assert "| 1001 | 8.000e-03 | 4.000e-03 |" in md and "| 1002 |" not in md  # only evaluated seeds
+    assert "| seed | samples | val MSE | test MSE |" in md
+    assert "| 1001 | 19,438,080 | 8.000e-03 | 4.000e-03 |" in md and "| 1002 |" not in md  # only evaluated seeds
     assert "Protocol: 10 draws x 20000 test pairs, seed 0." in md
-    assert f"This result is {0.003 / 3.677e-4:.2f}x the reference's MSE" in md and "holds seed 1001" in md
+    assert f"The single-model mean is {0.003 / 3.677e-4:.2f}x the reference's MSE" in md
+    assert "predictions of seeds 1000, 1001" in md and "`best_model.pt` is one model, not the ensemble: seed 1001" in md
     assert "filters: 12" in md  # the best config as YAML
     for name in PICTURES.values():
         assert f"]({name})" in md
+
+
+def test_an_ensemble_that_could_not_be_evaluated_is_said_so() -> None:
+    failed = EnsembleResult([1000, 1001], math.nan, math.nan, [], ["a", "b"], error="CheckpointError: gone")
+    for ensemble, why in ((failed, "CheckpointError: gone"), (None, "no seed finished its retrain")):
+        r = build_report(search(), retrain(ensemble), BEST_CONFIG, wall_s=1.0)
+        assert r["test_mse_ensemble"] is None and r["test_mse_ensemble_std"] is None and r["ensemble_error"] == why
+        assert r["test_mse_ensemble_per_draw"] == []  # None, not NaN: report.json stays plain JSON here
+        assert f"not evaluated ({why})" in render_markdown(r)
+
+
+def test_summaries_written_before_samples_were_recorded_still_load() -> None:
+    old = row(1, 2e-3, 0.01, "completed").to_dict()
+    del old["samples"]
+    summary = SearchSummary.from_dict({**search().to_dict(), "trials": [old]})
+    assert summary.trials[0].samples is None
+    r = build_report(summary, retrain(), BEST_CONFIG, wall_s=1.0)
+    assert "| 1 | t1 | completed | 3 |  | 0.01 |" in render_markdown(r)
 
 
 def test_write_report_writes_every_file(tmp_path: Path) -> None:

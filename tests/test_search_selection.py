@@ -31,8 +31,8 @@ BUDGET = 3
 
 
 def trial(number: int, lr: float, epoch: int, val: float, error: Exception | None = None, **extra: Any) -> Result:
-    metrics = {"trial_id": f"t{number}", "epoch": epoch, "val_mse": val, "config": {"train.lr": lr},
-               "hostname": "box", "node_id": "abcdef0123456789", **extra}  # fmt: skip
+    metrics = {"trial_id": f"t{number}", "epoch": epoch, "samples": epoch * 640, "val_mse": val,
+               "config": {"train.lr": lr}, "hostname": "box", "node_id": "abcdef0123456789", **extra}  # fmt: skip
     return Result(metrics=metrics, checkpoint=None, error=error, path=f"/r/search/train_trial_ab12c_{number}_lr={lr}")
 
 
@@ -92,7 +92,11 @@ def test_search_summary_sorts_counts_and_builds_the_best_config() -> None:
         6, 2, 2, 2, 1,
     )  # fmt: skip
     assert list(d["trials"][0]) == ["trial_id", "number", "params", "epochs", "val_mse", "status", "error", "node",
-                                    "path"]  # fmt: skip
+                                    "path", "samples"]  # fmt: skip
+    # The samples each trial saw, as it reported them: equal at equal epochs in a compute-fair search.
+    assert {t["trial_id"]: t["samples"] for t in d["trials"]} == {
+        "t5": 1920, "t0": 1920, "t1": 640, "t3": 1920, "t2": 640, "t4": 1920,
+    }  # fmt: skip
 
 
 def test_summary_file_round_trip_keeps_types_and_bytes(tmp_path: Path) -> None:
@@ -109,7 +113,7 @@ def test_summary_file_round_trip_keeps_types_and_bytes(tmp_path: Path) -> None:
 
 
 def seed_result(seed: int, val: float | None, test: float | None, error: Exception | None = None) -> Result:
-    metrics = {"val_mse": val, "config": {"train.seed": seed}, "epoch": 2, "protocol_draws": 2}
+    metrics = {"val_mse": val, "config": {"train.seed": seed}, "epoch": 2, "samples": 3840, "protocol_draws": 2}
     if test is not None:
         metrics |= {"test_mse_mean": test, "baseline_mix_mse_mean": 0.05}
     return Result(metrics=metrics, checkpoint=None, error=error, path=f"/r/retrain/train_trial_cd34e_{seed}")
@@ -119,7 +123,7 @@ def test_best_seed_is_chosen_by_validation_never_by_test() -> None:
     seeds = summarize_retrain(
         [seed_result(1001, 0.010, 0.001), seed_result(1000, 0.008, 0.009), seed_result(1002, 0.001, None, OSError())]
     )
-    assert [s.seed for s in seeds] == [1000, 1001, 1002]
+    assert [s.seed for s in seeds] == [1000, 1001, 1002] and [s.samples for s in seeds] == [3840] * 3
     assert seeds[0].metrics == {"test_mse_mean": 0.009, "baseline_mix_mse_mean": 0.05, "protocol_draws": 2}
     for s in seeds:  # summarize_retrain reads Tune's checkpoint; these synthetic results have none
         s.checkpoint = f"{s.path}/checkpoint_000001"
