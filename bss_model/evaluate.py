@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from bss_model.checkpoint import load_model
-from bss_model.config import EvalConfig
+from bss_model.config import Config, EvalConfig
 from bss_model.data import mix
 from bss_model.runtime import Runtime, apply_torch_settings, resolve_runtime
 
@@ -179,19 +179,20 @@ def evaluate_ensemble(
     }
 
 
-def evaluate_ensemble_checkpoints(
+def load_for_evaluation(
     checkpoints: Sequence[str | Path],
     data_dir: str | None = None,
     eval_overrides: dict[str, Any] | None = None,
     device: str = "auto",
-) -> dict[str, Any]:
-    """Load several checkpoints (their evaluated weights: the EMA when on) and score their average.
+) -> tuple[list[torch.nn.Module], Config, Runtime]:
+    """Checkpoints' evaluated weights (the EMA when on) ready to score, with the first one's config.
 
-    The data and protocol settings come from the first checkpoint's config (plus overrides), so
-    the ensemble is scored on the very draws :func:`evaluate_checkpoint` uses for each seed.
+    Loaded with ``weights_only=True``. The data and protocol settings come from the first
+    checkpoint's config (plus overrides), so one checkpoint alone and an ensemble of several are
+    scored on the very same draws, with the same runtime.
     """
     if not checkpoints:
-        raise ValueError("an ensemble needs at least one checkpoint")
+        raise ValueError("nothing to evaluate: pass at least one checkpoint")
     loaded = [load_model(path, device="cpu") for path in checkpoints]
     cfg = loaded[0][1]
     if data_dir:
@@ -199,11 +200,22 @@ def evaluate_ensemble_checkpoints(
     for key, value in (eval_overrides or {}).items():
         setattr(cfg.eval, key, value)
     cfg.eval.validate()
-    cfg.train.device = device
+    cfg.train.device, cfg.train.cuda_graphs = device, "off"  # graphs are a training-step matter
     runtime = resolve_runtime(cfg.train)
-    models = [runtime.prepare_model(model) for model, _ in loaded]
+    apply_torch_settings(runtime)
+    return [runtime.prepare_model(model) for model, _ in loaded], cfg, runtime
+
+
+def evaluate_ensemble_checkpoints(
+    checkpoints: Sequence[str | Path],
+    data_dir: str | None = None,
+    eval_overrides: dict[str, Any] | None = None,
+    device: str = "auto",
+) -> dict[str, Any]:
+    """Score the average of several checkpoints' predictions on the draws each is scored on alone."""
     from bss_model.data import load_test
 
+    models, cfg, runtime = load_for_evaluation(checkpoints, data_dir, eval_overrides, device)
     test_digit, test_fashion = load_test(cfg.data)
     result = evaluate_ensemble(models, test_digit, test_fashion, cfg.eval, runtime)
     result["checkpoints"] = [str(p) for p in checkpoints]
@@ -216,19 +228,10 @@ def evaluate_checkpoint(
     eval_overrides: dict[str, Any] | None = None,
     device: str = "auto",
 ) -> dict[str, Any]:
-    """Load a checkpoint (``weights_only=True``) and run the protocol on the test sets."""
+    """Load a checkpoint and run the protocol on the test sets."""
     from bss_model.data import load_test
 
-    model, cfg = load_model(checkpoint, device="cpu")
-    if data_dir:
-        cfg.data.dir = str(Path(data_dir).resolve())
-    for key, value in (eval_overrides or {}).items():
-        setattr(cfg.eval, key, value)
-    cfg.eval.validate()
-    cfg.train.device, cfg.train.cuda_graphs = device, "off"  # graphs are a training-step matter
-    runtime = resolve_runtime(cfg.train)
-    apply_torch_settings(runtime)
-    model = runtime.prepare_model(model)
+    (model,), cfg, runtime = load_for_evaluation([checkpoint], data_dir, eval_overrides, device)
     test_digit, test_fashion = load_test(cfg.data)
     return evaluate_model(model, test_digit, test_fashion, cfg.eval, runtime)
 
