@@ -81,3 +81,33 @@ def test_trial_number_is_parsed_from_tune_folder_names() -> None:
     assert trial_number("/r/search/train_trial_bf4dedd4_6_model_filters=12_2026-11-23_22-37-20") == 6
     assert trial_number("/r/retrain/train_trial_df909_00000_0_train_seed=1000_2026-11-23") == 0
     assert trial_number("/r/search/not-a-trial") == -1
+
+
+@pytest.mark.parametrize(
+    ("sets", "suggestion"),
+    [
+        (["train.lr=3e-4"], "did you mean 'base.train.lr'?"),
+        (["model.filters=8"], "did you mean 'base.model.filters'?"),
+        (["data.val_pairs=500"], "did you mean 'base.data.val_pairs'?"),
+        (["eval.draws=2"], "did you mean 'base.eval.draws'?"),
+    ],
+)
+def test_a_base_key_at_the_top_suggests_base(sets: list[str], suggestion: str) -> None:
+    """`--set train.lr=...` on a search config: the fix is `base.train.lr`, not the nearest spelling ('retrain')."""
+    with pytest.raises(ConfigError) as err:
+        load_search_config(ROOT / "configs/smoke.yaml", sets)
+    message = str(err.value)
+    assert suggestion in message and "retrain" not in message and "\n" not in message, message
+    assert message.startswith(f"unknown config key '{sets[0].split('=')[0]}'")
+
+
+def test_a_base_section_at_the_top_of_the_yaml_suggests_base(tmp_path: Path) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text((ROOT / "configs/smoke.yaml").read_text() + "train:\n  lr: 1.0e-3\n  epochs: 2\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'train': did you mean 'base\.train'\?"):
+        load_search_config(path)
+
+
+def test_a_misspelt_search_section_still_gets_the_spelling_hint() -> None:
+    with pytest.raises(ConfigError, match=r"did you mean 'retrain'\?"):
+        load_search_config(ROOT / "configs/smoke.yaml", ["retrian.seeds=2"])
