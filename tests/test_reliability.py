@@ -495,3 +495,66 @@ def test_resume_with_an_incompatible_config_is_refused_and_leaves_the_run_alone(
     after = snapshot(run)
     assert {k: after.get(k) for k in before} == before, "the run's files were changed by a refused resume"
     assert set(after) - set(before) <= {"train.log"}
+
+
+# --------------------------------------------------------------------------------------
+# A run that never started a trial leaves nothing that blocks its name
+
+
+def test_a_run_that_failed_before_its_first_trial_leaves_its_name_free(
+    tmp_path: Path, data_dir: Path, no_ray: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ray failing to start, then an ImportError when the search starts: each rerun under the same name
+    gets as far as its own failure, never "already exists"; nothing the earlier runs wrote is deleted."""
+    import ray
+
+    from search import tuners
+    from search.run import main
+
+    store = tmp_path / "store"
+    exp = store / "exp"
+    argv = ["--config", SMOKE, "--storage-path", str(store), "--name", "exp", *sets(*TINY)]
+
+    def ray_fails(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("Ray failed to start (injected)")
+
+    monkeypatch.setattr(ray, "init", ray_fails)
+    with pytest.raises(RuntimeError, match="Ray failed to start"):
+        main(argv)
+    assert (exp / "search.log").exists(), "the failed run leaves its log"
+
+    def import_error(*args: Any, **kwargs: Any) -> None:
+        raise ImportError("No module named 'optuna' (injected)")
+
+    monkeypatch.setattr(ray, "init", lambda *args, **kwargs: None)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(tuners, "run_search", import_error)
+    (exp / "search").mkdir()
+    (exp / "search" / "tuner.pkl").write_bytes(b"what Tune writes before its first trial")
+    for _ in range(2):  # the second rerun finds the config and Tune leftovers of the first
+        with pytest.raises(ImportError, match="No module named 'optuna'"):
+            main(argv)
+    assert (exp / "search_config.yaml").exists() and (exp / "search" / "tuner.pkl").exists()
+    assert (exp / "search.log").exists()
+
+
+@pytest.mark.parametrize(
+    "trace",
+    ["search/train_trial_ab12c_0_lr=0.001/", "search/experiment_state-2026-01-01_00-00-00.json",
+     "retrain/train_trial_ab12c_00000_0_seed=1000/", "search_summary.json", "report.json", "best_model.pt"],
+)  # fmt: skip
+def test_a_run_that_started_a_trial_keeps_its_name(
+    trace: str, tmp_path: Path, data_dir: Path, no_ray: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from search.run import main
+
+    exp = tmp_path / "store" / "exp"
+    (exp / trace.rstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+    if trace.endswith("/"):
+        (exp / trace).mkdir()
+    else:
+        (exp / trace).write_text("{}")
+    before = snapshot(exp)
+    argv = ["--config", SMOKE, "--storage-path", str(tmp_path / "store"), "--name", "exp", *sets(*TINY)]
+    assert "already exists" in cli_error(main, argv, capsys)
+    assert snapshot(exp) == before
