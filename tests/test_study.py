@@ -185,3 +185,15 @@ def test_a_study_that_cannot_be_written_never_stops_the_search(
     assert rec.results["t0"], "kept, for the reconciliation at the end of the search"
     record_results(str(blocker / "exp"), "exp", DIMS, [result(0, history, None)], BUDGET)
     assert "not written" in caplog.text
+
+
+def test_the_console_gets_one_line_per_asha_stopped_trial(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from search.tuners import SearchProgress
+
+    progress = SearchProgress(BUDGET)
+    for number, history in enumerate([reports([0.03, 0.02, 0.01]), reports([0.05, 0.04])]):
+        progress.on_trial_complete(0, [], fake_trial(number, history, tmp_path))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [
+        "trial t1 stopped early by ASHA after epoch 2/3: val MSE 4.000e-02 is not among the best at its rung"
+    ]
