@@ -17,9 +17,11 @@ attribute ``params_outside_space`` instead, because Optuna refuses it and optuna
 parameter whose distribution differs between trials.
 
 When it is written:
-- while the search runs, by ``StudyRecorder``, a Tune callback in the driver, as each trial ends
-  (after its retries). Tune saves the callback's state with the experiment, so a resumed search
-  goes on with the epochs it had already seen;
+- while the search runs, by ``StudyRecorder``, a Tune callback in the driver: the (empty) study when
+  the search starts, then each trial as it ends (after its retries). It keeps each trial's epochs
+  from Tune's results as they arrive -- Tune's own result.json of a trial restored after a failure
+  can lack the epochs before the restore -- and Tune saves that state with the experiment, so a
+  resumed search goes on with the epochs it had already seen;
 - at the end of the search, by ``record_results``, from Tune's final results: it adds any trial the
   callback did not record (one that ended while the driver was dead, or a search started before the
   study existed).
@@ -243,6 +245,23 @@ class StudyRecorder(Callback):
         # Tune pickles the callbacks into tuner.pkl: the open database connection stays behind.
         return {**self.__dict__, "_study": None}
 
+    def setup(self, **info: Any) -> None:
+        # At the start of the search (and of each resume): the first write creates the schema, which
+        # takes seconds, and should not hold up the driver when the first trial ends. It also gives
+        # the dashboard a study to open from the start.
+        self._open(None)
+
+    def _open(self, trial_id: str | None) -> bool:
+        try:
+            if self._study is None:
+                self._study = open_study(study_path(self.root), self.name)
+            return True
+        except Exception as exc:  # a view of the search must never stop it; the end of the search reconciles
+            what = f"trial {trial_id} not recorded yet" if trial_id else "not opened yet"
+            log.warning("optuna study: %s (%s: %s)", what, type(exc).__name__, exc)
+            self._study = None
+            return False
+
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         self.results.setdefault(trial.trial_id, []).append({k: result[k] for k in RESULT_KEYS if k in result})
 
@@ -254,11 +273,11 @@ class StudyRecorder(Callback):
 
     def record(self, trial: Any, error: Any) -> None:
         row = trial_row(trial.last_result, error, trial.config, trial.path, self.budget)
+        if not self._open(row.trial_id):
+            return
         try:
-            if self._study is None:
-                self._study = open_study(study_path(self.root), self.name)
             add_new(self._study, [frozen_trial(row, self.results.get(trial.trial_id, []), self.dims)])
-        except Exception as exc:  # a view of the search must never stop it; the end of the search reconciles
+        except Exception as exc:  # as in _open
             log.warning("optuna study: trial %s not recorded yet (%s: %s)", row.trial_id, type(exc).__name__, exc)
             self._study = None
             return

@@ -227,8 +227,10 @@ def study_trials(exp: Path) -> dict[str, Any]:
 
 
 def check_study_matches_report(exp: Path) -> dict[str, Any]:
-    """The study against report.json trial by trial -- state, value, params -- and each trial's validation MSE
-    per epoch against its result.json in storage (the last report of an epoch; not the divergence marker)."""
+    """The study against report.json trial by trial -- state, value, params, one validation MSE per epoch run --
+    and those values against the trial's result.json in storage (an epoch's last report; not the divergence
+    marker). Tune's result.json of a trial restored after a failure can lack the epochs before the restore;
+    the study keeps them, so only the epochs the file has are compared."""
     report = read_json(exp / "report.json")
     trials = study_trials(exp)
     assert sorted(trials) == sorted(t["trial_id"] for t in report["trials"]), "every trial exactly once"
@@ -239,8 +241,10 @@ def check_study_matches_report(exp: Path) -> dict[str, Any]:
         assert t.user_attrs["status"] == row["status"] and t.user_attrs["epochs"] == row["epochs"]
         assert t.value == (None if t.state.name == "FAIL" else row["val_mse"])
         assert t.params == row["params"]
-        per_epoch = {r["epoch"]: r["val_mse"] for r in reported.get(row["trial_id"], []) if not r.get("diverged")}
-        assert t.intermediate_values == per_epoch, row["trial_id"]
+        epochs = list(t.intermediate_values)
+        assert epochs == list(range(1, row["epochs"] + 1)), (row["trial_id"], t.intermediate_values)
+        in_file = {r["epoch"]: r["val_mse"] for r in reported.get(row["trial_id"], []) if not r.get("diverged")}
+        assert {e: t.intermediate_values.get(e) for e in in_file} == in_file, (row["trial_id"], in_file)
     return trials
 
 

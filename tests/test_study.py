@@ -140,11 +140,13 @@ def test_the_callback_records_each_trial_as_it_ends_and_survives_a_driver_restar
     root = str(tmp_path / "exp")
     done, stopped = reports([0.03, 0.02, 0.01]), reports([0.05])
     a = StudyRecorder(root, "exp", DIMS, BUDGET)
+    a.setup()  # Tune calls it when the search starts: the study exists, empty, before any trial ends
+    study_file = Path(root) / STUDY_FILE
+    assert optuna.load_study(study_name="exp", storage=f"sqlite:///{study_file}").trials == []
     t0, t1 = fake_trial(0, done, tmp_path), fake_trial(1, stopped, tmp_path)
     a.on_trial_result(0, [], t0, done[0])
     a.on_trial_result(0, [], t1, stopped[0])
     a.on_trial_complete(0, [], t1)  # ASHA stopped it: written at once
-    study_file = Path(root) / STUDY_FILE
     assert optuna.load_study(study_name="exp", storage=f"sqlite:///{study_file}").trials[0].state == State.PRUNED
 
     # The driver dies. Tune restores the callback from tuner.pkl and its state from the experiment checkpoint.
