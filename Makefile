@@ -7,7 +7,7 @@ CONFIG ?= configs/smoke.yaml
 # A fresh, timestamped experiment name per `make search`, so nothing is ever overwritten.
 NAME   ?= $(basename $(notdir $(CONFIG)))-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: setup search test test-fast lint format bench train-seed tensorboard clean
+.PHONY: setup search test test-fast lint format bench train-seed tensorboard dashboard clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,13 @@ train-seed: setup  ## the reference run (hours on a GPU)
 
 tensorboard: setup  ## bound to localhost; pass ARGS="--host 0.0.0.0" to expose it
 	$(BIN)/tensorboard --logdir results --host 127.0.0.1 $(ARGS)
+
+# The search's Optuna study (results/<NAME>/optuna.db), in optuna-dashboard. NAME must name an experiment:
+# the default NAME above is a fresh timestamp, which never has a study.
+STUDY = results/$(NAME)/optuna.db
+dashboard: setup  ## make dashboard NAME=<experiment>; bound to localhost, port 8080 (ARGS="--port 8081")
+	$(if $(wildcard $(STUDY)),,$(error $(STUDY) does not exist: pass NAME=<experiment> of a search under results/ (with a study: $(or $(patsubst results/%/optuna.db,%,$(wildcard results/*/optuna.db)),none yet))))
+	$(BIN)/optuna-dashboard sqlite:///$(abspath $(STUDY)) --host 127.0.0.1 $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -8,6 +8,7 @@ Entry points: ``python search/run.py --config configs/<name>.yaml`` and
     storage, cluster  the experiment folder and the Ray connection
     tuners, trainable the search and the retrain as Tune experiments of one trainable
     selection         Tune's results as typed rows (``results``) and the winner among them
+    study             the search as an Optuna study in optuna.db, written as each trial ends
     best_model        best_model.pt and its test separations
     report            report.json, report.md and the pictures
 """

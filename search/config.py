@@ -192,9 +192,31 @@ def check_budget(base: Config, dims: dict[str, Dimension], points: list[dict[str
     check_fair_budget(base.train.samples_per_epoch, sizes, key="base.train")
 
 
+def check_misplaced_base_keys(raw: dict[str, Any]) -> None:
+    """A bss_model section at the top of a search config (``--set train.lr=...``) belongs under ``base``.
+
+    Without this, the generic "unknown key" check suggests the nearest search section by
+    spelling ('train' -> 'retrain'), which is the wrong fix.
+    """
+    search_sections = {f.name for f in dataclasses.fields(SearchConfig)}
+    base_sections = {f.name for f in dataclasses.fields(Config)}
+    for key, value in raw.items():
+        if key in search_sections or key not in base_sections:
+            continue
+        dotted = str(key)  # follow a single path down (what one --set makes) to name the whole key
+        while isinstance(value, dict) and len(value) == 1:
+            sub, value = next(iter(value.items()))
+            dotted += f".{sub}"
+        raise ConfigError(
+            f"unknown config key '{dotted}': did you mean 'base.{dotted}'? (a search config holds the "
+            "bss_model config under base:)"
+        )
+
+
 def load_search_config(path: str | Path | None, sets: list[str] | None = None) -> SearchConfig:
     """Defaults <- YAML <- ``--set``; base, space, points_to_evaluate and retrain overrides validated."""
     raw = apply_overrides(read_yaml(path) if path else {}, sets, flat_sections=("space",))
+    check_misplaced_base_keys(raw)
     base_raw = raw.get("base") or {}
     if not isinstance(base_raw, dict):
         raise ConfigError("base must be a mapping (a bss_model config: data/model/train/eval)")

@@ -18,7 +18,7 @@ from typing import Any
 from bss_model.config import Config, load_config
 from bss_model.errors import ConfigError
 from bss_model.io import setup_logging
-from search import best_model, report, selection, storage, tuners
+from search import best_model, report, selection, storage, study, tuners
 from search.cluster import cluster_gpus, init_ray
 from search.config import SearchConfig, TuneSection, with_overrides
 from search.results import SearchSummary
@@ -69,6 +69,8 @@ def search_step(cfg: SearchConfig, root: str, resume: bool, resume_cmd: str, t0:
     results = tuners.run_search(cfg, root, resume, resume_cmd)
     rows = selection.summarize_trials(results, cfg.base.train.epochs)
     summary = selection.search_summary(cfg.base, rows, time.time() - t0)
+    # Before the summary: a kill in between reruns this step on --resume, and the study adds no trial twice.
+    study.record_results(root, cfg.tune.name, cfg.dimensions(), results, cfg.base.train.epochs)
     storage.save_summary(root, summary)
     s = summary.to_dict()
     log.info(

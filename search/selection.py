@@ -57,27 +57,33 @@ def trial_status(metrics: dict[str, Any], error: Any, budget: int) -> str:
     return STOPPED
 
 
+def trial_row(
+    metrics: dict[str, Any] | None, error: Any, config: dict[str, Any] | None, path: str, budget: int
+) -> TrialRow:
+    """One trial as a typed row, from its last result, its error (None if none) and its config; ``budget`` in epochs.
+
+    The search summary and the Optuna study (``search/study.py``) both build their rows here, so a
+    trial has one status everywhere.
+    """
+    m = metrics or {}
+    val = m.get(METRIC)
+    return TrialRow(
+        trial_id=str(m.get("trial_id", "")) or Path(path).name,
+        number=trial_number(path),
+        params=dict(config or {}),
+        epochs=int(m.get("epoch", 0) or 0),
+        val_mse=float(val) if isinstance(val, (int, float)) else math.nan,
+        status=trial_status(m, error, budget),
+        error=m.get("reason") or _last_line(error),
+        node=str(m.get("hostname", "")) + (f":{m['node_id'][:8]}" if m.get("node_id") else ""),
+        path=str(path),
+        samples=_samples(m),
+    )
+
+
 def summarize_trials(results: Any, budget: int) -> list[TrialRow]:
     """One row per Tune result (``.metrics``, ``.error``, ``.config``, ``.path``); ``budget`` in epochs."""
-    rows = []
-    for r in results:
-        m = r.metrics or {}
-        val = m.get(METRIC)
-        rows.append(
-            TrialRow(
-                trial_id=str(m.get("trial_id", "")) or Path(r.path).name,
-                number=trial_number(r.path),
-                params=dict(r.config or {}),
-                epochs=int(m.get("epoch", 0) or 0),
-                val_mse=float(val) if isinstance(val, (int, float)) else math.nan,
-                status=trial_status(m, r.error, budget),
-                error=m.get("reason") or _last_line(r.error),
-                node=str(m.get("hostname", "")) + (f":{m['node_id'][:8]}" if m.get("node_id") else ""),
-                path=str(r.path),
-                samples=_samples(m),
-            )
-        )
-    return rows
+    return [trial_row(r.metrics, r.error, r.config, r.path, budget) for r in results]
 
 
 def pick_best(rows: list[TrialRow]) -> TrialRow:

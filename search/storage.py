@@ -16,6 +16,7 @@ writes go to a local mirror, ``results/<name>/``, and are uploaded.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -25,6 +26,8 @@ from bss_model.errors import ConfigError
 from bss_model.io import atomic_write_json, atomic_write_text
 from search.config import SearchConfig, search_config_from_dict
 from search.results import SearchSummary
+
+log = logging.getLogger("bss")
 
 CONFIG_FILE = "search_config.yaml"
 SUMMARY_FILE = "search_summary.json"
@@ -126,6 +129,37 @@ def load_summary(root: str) -> SearchSummary | None:
     return SearchSummary.from_dict(json.loads(path.read_text()))
 
 
+# What a run leaves once it has started a trial: any of these means the name is taken.
+RESULT_FILES = (SUMMARY_FILE, "report.json", "best_model.pt")
+
+
+def _tune_entries(path: str) -> list[str]:
+    """The names in a Tune experiment folder (local or URI); empty if it does not exist."""
+    if not is_uri(path):
+        return [p.name + ("/" if p.is_dir() else "") for p in Path(path).iterdir()] if Path(path).is_dir() else []
+    import pyarrow.fs
+
+    fs, base = pyarrow.fs.FileSystem.from_uri(path)
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(base, allow_not_found=True))
+    return [info.base_name + ("/" if info.type == pyarrow.fs.FileType.Directory else "") for info in infos]
+
+
+def has_started(root: str) -> bool:
+    """Whether a run of this experiment got as far as Tune: a trial folder, a saved Tune state, or results.
+
+    A run that failed before that (an ImportError at start-up, Ray failing to start) leaves at most
+    its config, its log and Tune's tuner.pkl: nothing to resume and nothing to lose, so its name is
+    free for the next run.
+    """
+    if any((local_dir(root) / name).exists() for name in RESULT_FILES):
+        return True
+    for phase in ("search", "retrain"):
+        for name in _tune_entries(tune_path(root, phase)):
+            if name.endswith("/") or (name.startswith("experiment_state") and name.endswith(".json")):
+                return True
+    return False
+
+
 def prepare_experiment(cfg: SearchConfig, resume: bool) -> str:
     """Check the experiment folder against --resume; returns the experiment root."""
     root = experiment_root(cfg)
@@ -143,9 +177,11 @@ def prepare_experiment(cfg: SearchConfig, resume: bool) -> str:
                 f"cannot --resume {root}: it was created with a different {what}; resume with the experiment's own "
                 f"config ({local_dir(root) / CONFIG_FILE}) or start a new experiment with another tune.name"
             )
-    elif exists:
+    elif has_started(root):
         raise ConfigError(
             f"experiment {root} already exists: pass --resume to continue it, or choose another name with "
             f"--set tune.name=NEW (nothing was overwritten)"
         )
+    elif exists:
+        log.info("%s holds no trial (its run stopped before the first): starting the experiment there afresh", root)
     return root

@@ -131,6 +131,15 @@ def train_trial(
     try:
         try:
             result = train(cfg, on_epoch=on_epoch, out_dir=Path.cwd(), resume=resume, checkpoint_dir=stage / "current")
+        except SystemExit as exc:
+            # Tune stops a trial (ASHA, or the end of the experiment) by raising SystemExit(0) inside
+            # tune.report, in the trial's training thread (ray/train/_internal/session.py). That is an
+            # order, not a failure: end the trial function here, normally, once train() has closed its
+            # writers, so no exit unwinds further through Ray's thread and worker machinery. The
+            # driver prints the one line for it (tuners.SearchProgress).
+            if exc.code not in (0, None):
+                raise
+            return
         except Exception as exc:
             if not is_out_of_memory(exc):
                 raise

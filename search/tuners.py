@@ -24,9 +24,11 @@ from bss_model.config import Config
 from bss_model.errors import BssError
 from search.cluster import cluster_gpus
 from search.config import SearchConfig
-from search.selection import METRIC, MODE
+from search.results import STOPPED
+from search.selection import METRIC, MODE, trial_status
 from search.space import param_space
 from search.storage import is_uri, tune_path
+from search.study import StudyRecorder
 from search.trainable import train_trial
 
 log = logging.getLogger("bss")
@@ -75,6 +77,28 @@ def _finish(results: tune.ResultGrid, expected: int, what: str, resume_cmd: str)
     return results
 
 
+class SearchProgress(Callback):
+    """One console line per trial that ASHA stopped early, naming the epoch and its validation MSE.
+
+    Tune's own trial table says only TERMINATED for such a trial, the same as for one that ran its
+    budget; this says which it was, in the words of the report (selection.trial_status decides).
+    """
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        m = trial.last_result or {}
+        if trial_status(m, None, self.budget) != STOPPED:
+            return
+        val = m.get(METRIC, math.nan)
+        print(
+            f"trial {m.get('trial_id', trial.trial_id)} stopped early by ASHA after epoch {m.get('epoch', 0)}/"
+            f"{self.budget}: val MSE {val:.3e} is not among the best at its rung",
+            flush=True,
+        )
+
+
 def run_search(cfg: SearchConfig, root: str, resume: bool, resume_cmd: str) -> tune.ResultGrid:
     trainable = _trainable(cfg, cfg.base, evaluate_test=False)
     path = tune_path(root, "search")
@@ -82,6 +106,7 @@ def run_search(cfg: SearchConfig, root: str, resume: bool, resume_cmd: str) -> t
         log.info("resuming the search at %s", path)
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
     else:
+        budget = cfg.base.train.epochs
         sampler = optuna.samplers.TPESampler(seed=cfg.tune.seed, n_startup_trials=cfg.tune.n_startup_trials)
         searcher = OptunaSearch(sampler=sampler, points_to_evaluate=list(cfg.tune.points_to_evaluate) or None)
         # Rungs in epochs, which are equal samples for every trial: load_search_config refused any batch
@@ -103,7 +128,14 @@ def run_search(cfg: SearchConfig, root: str, resume: bool, resume_cmd: str) -> t
                 num_samples=cfg.tune.num_samples,
                 max_concurrent_trials=cfg.tune.max_concurrent,
             ),
-            run_config=_run_config(cfg, root, "search", []),
+            # Tune pickles these into the experiment (tuner.pkl), so a --resume restores them, the
+            # study recorder with the epochs it had seen.
+            run_config=_run_config(
+                cfg,
+                root,
+                "search",
+                [SearchProgress(budget), StudyRecorder(root, cfg.tune.name, cfg.dimensions(), budget)],
+            ),
         )
     results = tuner.fit()
     return _finish(results, cfg.tune.num_samples, "search", resume_cmd)

@@ -214,6 +214,42 @@ def read_json(path: Path) -> Any:
     return json.loads(path.read_text())
 
 
+# Optuna's state for each trial status of the report (search/study.py's table, restated here on purpose).
+OPTUNA_STATE = {"completed": "COMPLETE", "stopped": "PRUNED", "diverged": "FAIL", "errored": "FAIL"}
+
+
+def study_trials(exp: Path) -> dict[str, Any]:
+    """``{tune trial id: FrozenTrial}`` of the experiment's Optuna study, read with ``optuna.load_study``."""
+    import optuna
+
+    study = optuna.load_study(study_name=exp.name, storage=f"sqlite:///{exp / 'optuna.db'}")
+    ids = [t.user_attrs["tune_trial_id"] for t in study.trials]
+    assert len(ids) == len(set(ids)), f"a trial is in the study twice: {sorted(ids)}"
+    return dict(zip(ids, study.trials, strict=True))
+
+
+def check_study_matches_report(exp: Path) -> dict[str, Any]:
+    """The study against report.json trial by trial -- state, value, params, one validation MSE per epoch run --
+    and those values against the trial's result.json in storage (an epoch's last report; not the divergence
+    marker). Tune's result.json of a trial restored after a failure can lack the epochs before the restore;
+    the study keeps them, so only the epochs the file has are compared."""
+    report = read_json(exp / "report.json")
+    trials = study_trials(exp)
+    assert sorted(trials) == sorted(t["trial_id"] for t in report["trials"]), "every trial exactly once"
+    reported = {rows[-1]["trial_id"]: rows for rows in results(exp, "search").values() if rows}
+    for row in report["trials"]:
+        t = trials[row["trial_id"]]
+        assert t.state.name == OPTUNA_STATE[row["status"]], (row, t.state)
+        assert t.user_attrs["status"] == row["status"] and t.user_attrs["epochs"] == row["epochs"]
+        assert t.value == (None if t.state.name == "FAIL" else row["val_mse"])
+        assert t.params == row["params"]
+        epochs = list(t.intermediate_values)
+        assert epochs == list(range(1, row["epochs"] + 1)), (row["trial_id"], t.intermediate_values)
+        in_file = {r["epoch"]: r["val_mse"] for r in reported.get(row["trial_id"], []) if not r.get("diverged")}
+        assert {e: t.intermediate_values.get(e) for e in in_file} == in_file, (row["trial_id"], in_file)
+    return trials
+
+
 def trial_pids(driver: Proc, exp: Path, phase: str) -> dict[str, int]:
     """``{trial folder name: pid}`` of the live trial workers: a Tune worker's cwd is its trial's dir."""
     out = {}

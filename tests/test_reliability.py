@@ -29,6 +29,7 @@ from _searchutil import (
     STEPS,
     TINY,
     alive,
+    check_study_matches_report,
     checkpoints,
     children_of,
     env_with,
@@ -41,6 +42,7 @@ from _searchutil import (
     running,
     search_args,
     sets,
+    study_trials,
     write_config,
 )
 
@@ -92,6 +94,7 @@ def crash_chain(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> dic
         seen["search_ckpts"] = checkpoints(exp, "search")
         seen["search_results_at_kill"] = results(exp, "search")
         seen["summary_at_kill"] = (exp / "search_summary.json").exists()
+        seen["study_at_kill"] = {k: t.state.name for k, t in study_trials(exp).items()}  # written as trials end
         # Ray's own processes must die with their driver, above all the trial workers (a worker left
         # training would write into the trial folders the resumed run uses). Ray's dashboard and
         # runtime-env agents poll for their raylet and exit on their own within about a minute.
@@ -152,6 +155,20 @@ def test_driver_sigkill_mid_search_then_resume_keeps_finished_trials(crash_chain
 
 
 @pytest.mark.slow
+def test_the_optuna_study_after_a_kill_and_resumes_holds_every_trial_once(crash_chain: dict[str, Any]) -> None:
+    """The study is written while the search runs (the trials finished before the kill are in it at the kill),
+    and after three interruptions and resumes it matches report.json trial by trial, each trial once."""
+    exp = crash_chain["exp"]
+    done_ids = {crash_chain["search_results_at_kill"][name][-1]["trial_id"] for name in crash_chain["search_done"]}
+    at_kill = crash_chain["study_at_kill"]
+    assert done_ids <= set(at_kill), at_kill
+    assert all(at_kill[i] == "COMPLETE" for i in done_ids)
+    trials = check_study_matches_report(exp)
+    assert len(trials) == NUM_SAMPLES and all(t.state.name == "COMPLETE" for t in trials.values())
+    assert all(list(t.intermediate_values) == list(range(1, EPOCHS + 1)) for t in trials.values())
+
+
+@pytest.mark.slow
 def test_sigint_exits_130_with_the_resume_command_and_resume_completes(crash_chain: dict[str, Any]) -> None:
     err = crash_chain["sigint_err"]
     assert crash_chain["sigint_rc"] == 130, err[-3000:]
@@ -208,6 +225,19 @@ def test_failed_and_killed_workers_resume_from_their_checkpoints(faulty_search: 
         assert last["iterations_since_restore"] == 1
         assert rows[last["trial_id"]]["status"] == "completed"
     assert results(exp, "search")[killed][-1]["pid"] != faulty_search["killed_pid"]
+
+
+@pytest.mark.slow
+def test_the_optuna_study_of_a_search_with_faults(faulty_search: dict[str, Any]) -> None:
+    """Retried trials are COMPLETE with one value per epoch; the divergent one is FAIL with its reason."""
+    exp = faulty_search["exp"]
+    trials = check_study_matches_report(exp)
+    failed = [t for t in trials.values() if t.state.name == "FAIL"]
+    assert len(failed) == 1 and failed[0].user_attrs["status"] == "diverged"
+    assert "non-finite" in failed[0].user_attrs["error"] and failed[0].params["train.lr"] == FAULT_LRS["diverges"]
+    complete = [t for t in trials.values() if t.state.name == "COMPLETE"]
+    assert len(complete) == NUM_SAMPLES - 1
+    assert all(list(t.intermediate_values) == list(range(1, EPOCHS + 1)) for t in complete)
 
 
 @pytest.mark.slow
@@ -495,3 +525,66 @@ def test_resume_with_an_incompatible_config_is_refused_and_leaves_the_run_alone(
     after = snapshot(run)
     assert {k: after.get(k) for k in before} == before, "the run's files were changed by a refused resume"
     assert set(after) - set(before) <= {"train.log"}
+
+
+# --------------------------------------------------------------------------------------
+# A run that never started a trial leaves nothing that blocks its name
+
+
+def test_a_run_that_failed_before_its_first_trial_leaves_its_name_free(
+    tmp_path: Path, data_dir: Path, no_ray: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ray failing to start, then an ImportError when the search starts: each rerun under the same name
+    gets as far as its own failure, never "already exists"; nothing the earlier runs wrote is deleted."""
+    import ray
+
+    from search import tuners
+    from search.run import main
+
+    store = tmp_path / "store"
+    exp = store / "exp"
+    argv = ["--config", SMOKE, "--storage-path", str(store), "--name", "exp", *sets(*TINY)]
+
+    def ray_fails(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("Ray failed to start (injected)")
+
+    monkeypatch.setattr(ray, "init", ray_fails)
+    with pytest.raises(RuntimeError, match="Ray failed to start"):
+        main(argv)
+    assert (exp / "search.log").exists(), "the failed run leaves its log"
+
+    def import_error(*args: Any, **kwargs: Any) -> None:
+        raise ImportError("No module named 'optuna' (injected)")
+
+    monkeypatch.setattr(ray, "init", lambda *args, **kwargs: None)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(tuners, "run_search", import_error)
+    (exp / "search").mkdir()
+    (exp / "search" / "tuner.pkl").write_bytes(b"what Tune writes before its first trial")
+    for _ in range(2):  # the second rerun finds the config and Tune leftovers of the first
+        with pytest.raises(ImportError, match="No module named 'optuna'"):
+            main(argv)
+    assert (exp / "search_config.yaml").exists() and (exp / "search" / "tuner.pkl").exists()
+    assert (exp / "search.log").exists()
+
+
+@pytest.mark.parametrize(
+    "trace",
+    ["search/train_trial_ab12c_0_lr=0.001/", "search/experiment_state-2026-01-01_00-00-00.json",
+     "retrain/train_trial_ab12c_00000_0_seed=1000/", "search_summary.json", "report.json", "best_model.pt"],
+)  # fmt: skip
+def test_a_run_that_started_a_trial_keeps_its_name(
+    trace: str, tmp_path: Path, data_dir: Path, no_ray: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from search.run import main
+
+    exp = tmp_path / "store" / "exp"
+    (exp / trace.rstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+    if trace.endswith("/"):
+        (exp / trace).mkdir()
+    else:
+        (exp / trace).write_text("{}")
+    before = snapshot(exp)
+    argv = ["--config", SMOKE, "--storage-path", str(tmp_path / "store"), "--name", "exp", *sets(*TINY)]
+    assert "already exists" in cli_error(main, argv, capsys)
+    assert snapshot(exp) == before

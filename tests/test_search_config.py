@@ -197,3 +197,33 @@ def test_every_shipped_config_loads_and_its_search_is_compute_fair(path: Path) -
     assert per_epoch == {cfg.base.train.samples_per_epoch}, f"unequal samples per epoch: {per_epoch}"
     for point in cfg.tune.points_to_evaluate:
         assert set(point) == set(cfg.space), "a starting point must set every dimension"
+
+
+@pytest.mark.parametrize(
+    ("sets", "suggestion"),
+    [
+        (["train.lr=3e-4"], "did you mean 'base.train.lr'?"),
+        (["model.filters=8"], "did you mean 'base.model.filters'?"),
+        (["data.val_pairs=500"], "did you mean 'base.data.val_pairs'?"),
+        (["eval.draws=2"], "did you mean 'base.eval.draws'?"),
+    ],
+)
+def test_a_base_key_at_the_top_suggests_base(sets: list[str], suggestion: str) -> None:
+    """`--set train.lr=...` on a search config: the fix is `base.train.lr`, not the nearest spelling ('retrain')."""
+    with pytest.raises(ConfigError) as err:
+        load_search_config(ROOT / "configs/smoke.yaml", sets)
+    message = str(err.value)
+    assert suggestion in message and "retrain" not in message and "\n" not in message, message
+    assert message.startswith(f"unknown config key '{sets[0].split('=')[0]}'")
+
+
+def test_a_base_section_at_the_top_of_the_yaml_suggests_base(tmp_path: Path) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text((ROOT / "configs/smoke.yaml").read_text() + "train:\n  lr: 1.0e-3\n  epochs: 2\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'train': did you mean 'base\.train'\?"):
+        load_search_config(path)
+
+
+def test_a_misspelt_search_section_still_gets_the_spelling_hint() -> None:
+    with pytest.raises(ConfigError, match=r"did you mean 'retrain'\?"):
+        load_search_config(ROOT / "configs/smoke.yaml", ["retrian.seeds=2"])

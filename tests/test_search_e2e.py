@@ -301,3 +301,91 @@ def test_retrain_of_a_named_config(tmp_path: Path, data_dir: Path) -> None:
     assert again.stderr.strip().startswith("error: ") and "already exists" in again.stderr
     assert "Traceback" not in again.stderr
     assert (exp / "report.json").read_bytes() == report_bytes
+
+
+# --------------------------------------------------------------------------------------
+# The Optuna study (optuna.db), the dashboard on it, and the console's ASHA lines
+
+
+def test_optuna_study_matches_the_report(experiment: tuple[Path, subprocess.CompletedProcess]) -> None:
+    """`optuna.load_study` on optuna.db: each trial once, its state, value, params and per-epoch validation MSE."""
+    from _searchutil import check_study_matches_report
+
+    exp, _ = experiment
+    trials = check_study_matches_report(exp)
+    report = json.loads((exp / "report.json").read_text())
+    states = [t.state.name for t in trials.values()]
+    assert states.count("COMPLETE") == report["num_completed"] and states.count("PRUNED") == report["num_stopped_early"]
+    best = min((t for t in trials.values() if t.state.name == "COMPLETE"), key=lambda t: t.value)
+    assert best.value == report["best_val_mse"] and best.params == report["best_params"]
+
+
+def test_asha_stops_are_one_console_line_each_without_a_traceback(
+    experiment: tuple[Path, subprocess.CompletedProcess],
+) -> None:
+    exp, proc = experiment
+    report = json.loads((exp / "report.json").read_text())
+    console = proc.stdout + proc.stderr
+    assert "Traceback" not in console and "SystemExit" not in console, console[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if "stopped early by ASHA" in line]
+    stopped = {t["trial_id"]: t for t in report["trials"] if t["status"] == "stopped"}
+    assert len(lines) == len(stopped) == report["num_stopped_early"], lines
+    for trial_id, t in stopped.items():
+        (line,) = [line for line in lines if line.startswith(f"trial {trial_id} ")]
+        assert f"after epoch {t['epochs']}/2" in line and f"{t['val_mse']:.3e}" in line
+
+
+@pytest.fixture(scope="module")
+def dashboard(experiment: tuple[Path, subprocess.CompletedProcess], tmp_path_factory: pytest.TempPathFactory):
+    """A real optuna-dashboard server on the experiment's study, on a free local port; stopped at the end."""
+    from _searchutil import Proc, free_port
+
+    exp, _ = experiment
+    port = free_port()
+    args = [str(Path(sys.executable).with_name("optuna-dashboard")), f"sqlite:///{exp / 'optuna.db'}",
+            "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+    proc = Proc(args, tmp_path_factory.mktemp("dashboard"), dict(os.environ), "dashboard")
+    url = f"http://127.0.0.1:{port}"
+
+    def studies() -> list | None:
+        try:
+            return get_json(f"{url}/api/studies")["study_summaries"]
+        except OSError:  # not listening yet
+            return None
+
+    try:
+        yield {"url": url, "exp": exp, "studies": proc.wait_until(studies, 60, "optuna-dashboard to answer")}
+    finally:
+        proc.cleanup()
+    assert proc.p.poll() is not None, "the dashboard server is still running"
+
+
+def get_json(url: str) -> dict:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def test_optuna_dashboard_serves_every_trial(dashboard: dict) -> None:
+    exp = dashboard["exp"]
+    (study,) = dashboard["studies"]
+    assert study["study_name"] == exp.name and study["directions"] == ["minimize"]
+    detail = get_json(f"{dashboard['url']}/api/studies/{study['study_id']}")
+    report = json.loads((exp / "report.json").read_text())
+    served = {}
+    for t in detail["trials"]:
+        attrs = {a["key"]: a["value"] for a in t["user_attrs"]}
+        served[attrs["tune_trial_id"]] = t
+    assert sorted(served) == sorted(r["trial_id"] for r in report["trials"])
+    states = {"completed": "Complete", "stopped": "Pruned", "diverged": "Fail", "errored": "Fail"}
+    for row in report["trials"]:
+        t = served[row["trial_id"]]
+        assert t["state"] == states[row["status"]]
+        assert t["values"] == ([row["val_mse"]] if row["status"] in ("completed", "stopped") else None)
+        assert [v["step"] for v in t["intermediate_values"]] == list(range(1, row["epochs"] + 1))
+        assert {p["name"]: p["param_external_value"] for p in t["params"]} == {
+            k: str(v) for k, v in row["params"].items()
+        }
+    # One distribution per parameter across trials, or the dashboard drops the parameter from its plots.
+    assert {p["name"] for p in detail["intersection_search_space"]} == set(report["best_params"])

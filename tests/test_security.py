@@ -76,3 +76,24 @@ def test_the_local_ray_keeps_its_dashboard_on_localhost(monkeypatch: pytest.Monk
     assert kwargs.get("address") == "local", "no --address: always a new local Ray, never an attached one"
     assert kwargs["dashboard_host"] == "127.0.0.1"
     assert kwargs["include_dashboard"] is False
+
+
+def test_make_dashboard_binds_to_localhost_and_names_a_missing_study(tmp_path: Path) -> None:
+    """`make dashboard NAME=...` (dry run, setup skipped) serves results/<NAME>/optuna.db on 127.0.0.1 only,
+    and a name without a study is one line naming the file and the experiments that have one."""
+    makefile = str(REPO / "Makefile")
+    (tmp_path / "results" / "exp").mkdir(parents=True)
+    (tmp_path / "results" / "exp" / "optuna.db").touch()
+
+    def make(name: str) -> subprocess.CompletedProcess:
+        cmd = ["make", "-s", "-f", makefile, "-n", "-o", "setup", "dashboard", f"NAME={name}"]
+        return subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+
+    ok = make("exp")
+    assert ok.returncode == 0, ok.stderr
+    (line,) = ok.stdout.strip().splitlines()
+    assert line.split()[1:] == [f"sqlite:///{tmp_path / 'results/exp/optuna.db'}", "--host", "127.0.0.1"]
+    missing = make("nope")
+    assert missing.returncode != 0 and missing.stdout == ""
+    (error,) = missing.stderr.strip().splitlines()
+    assert "results/nope/optuna.db does not exist" in error and "(with a study: exp)" in error
