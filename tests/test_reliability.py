@@ -274,7 +274,11 @@ def test_losing_a_worker_node_mid_search(tmp_path: Path, data_dir: Path) -> None
     try:
         nodes = json.loads(cluster.stdout.readline())
         exp = tmp_path / "results" / "nodes"
-        args = search_args(tmp_path / "results", "nodes", *sets("retrain.seeds=1"), "--address", nodes["address"])
+        # Four epochs, not two: after the worker's first checkpoint the trial must still have epochs
+        # left when the kill lands (with two, a fast worker sometimes finished first: no failure).
+        epochs = 2 * EPOCHS
+        longer = sets("retrain.seeds=1", f"base.train.epochs={epochs}", f"tune.grace_period={epochs}")
+        args = search_args(tmp_path / "results", "nodes", *longer, "--address", nodes["address"])
         with running(args, tmp_path, env, "nodes") as proc:
 
             def trial_on_worker() -> str | None:
@@ -300,7 +304,7 @@ def test_losing_a_worker_node_mid_search(tmp_path: Path, data_dir: Path) -> None
         error = (exp / "search" / trial / "error.txt").read_text()
         assert "Failure # 1" in error and "Failure # 2" not in error
         last = results(exp, "search")[trial][-1]
-        assert last["epoch"] == EPOCHS and last["node_id"] == nodes["head"], "retried on the surviving head"
+        assert last["epoch"] == epochs and last["node_id"] == nodes["head"], "retried on the surviving head"
     finally:
         cluster.stdin.close()
         try:
