@@ -10,5 +10,5 @@ Entry points: ``python search/run.py --config configs/<name>.yaml`` and
     selection         Tune's results as typed rows (``results``) and the winner among them
     study             the search as an Optuna study in optuna.db, written as each trial ends
     best_model        best_model.pt and its test separations
-    report            report.json, report.md and the pictures
+    report, figures   report.json and report.md; the pictures
 """

@@ -18,7 +18,7 @@ from typing import Any
 from bss_model.config import Config, load_config
 from bss_model.errors import ConfigError
 from bss_model.io import setup_logging
-from search import best_model, report, selection, storage, study, tuners
+from search import best_model, figures, report, selection, storage, study, tuners
 from search.cluster import cluster_gpus, init_ray
 from search.config import SearchConfig, TuneSection, with_overrides
 from search.results import SearchSummary
@@ -96,7 +96,7 @@ def retrain_step(
     result = report.write_report(
         out, summary, retrain, best_cfg.to_dict(), cfg.dimensions(), separations, time.time() - t0
     )
-    storage.upload(root, out, ["report.json", "report.md", best_model.FILENAME, *report.PICTURES.values()])
+    storage.upload(root, out, ["report.json", "report.md", best_model.FILENAME, *figures.PICTURES.values()])
     print(f"report: {out / 'report.md'}")
     mean, std, n = result["test_mse_mean"], result["test_mse_std"], len(result["seeds"])
     print(f"test MSE {mean:.3e} ± {std:.1e}: single model, mean ± std over {n} seeds")
