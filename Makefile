@@ -23,8 +23,8 @@ search: setup  ## the main job: search + retrain over seeds + report (local Ray 
 test: setup  ## the whole suite (reads data from $$BSS_DATA_DIR; never downloads)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-test-fast: setup  ## the quick tier: everything but the tests marked slow (the Ray searches)
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+test-fast: setup  ## the quick tier: everything but the tests marked slow (the Ray searches), on 2 workers
+	$(BIN)/python -m pytest -m "not slow" -n 2 $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
