@@ -14,6 +14,15 @@ from pathlib import Path
 import pytest
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # The README's `BSS_DATA_DIR=../shared/data` is relative to the repo, but CLI tests run their
+    # subprocesses in temp folders, where it would name nothing: every subprocess inherits this
+    # environment, so make the setting absolute once, here, for all of them.
+    value = os.environ.get("BSS_DATA_DIR")
+    if value:
+        os.environ["BSS_DATA_DIR"] = str(Path(value).resolve())
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _one_intra_op_thread() -> Iterator[None]:
     """Torch runs on one intra-op thread in every test: the models here are tiny, and on a shared 2-core
