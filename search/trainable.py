@@ -20,6 +20,7 @@ import math
 import os
 import shutil
 import socket
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -91,11 +92,26 @@ def _node_info() -> dict[str, Any]:
     return {"pid": os.getpid(), "hostname": socket.gethostname(), "node_id": ctx.get_node_id()}
 
 
+def quiet_termination(unraisable: Any) -> None:
+    """``sys.unraisablehook`` for trial workers: drop the SystemExit of Ray's SIGTERM handler, and only that.
+
+    Ray ends a trial's worker (after ASHA stops it, or once it finished) with SIGTERM, whose handler
+    raises SystemExit. When the signal lands while Python runs a finalizer (a weakref callback in
+    garbage collection), the exit cannot propagate and Python prints it as "Exception ignored ...
+    Traceback ... SystemExit: 1" into the driver's console: noise from a worker being shut down on
+    purpose (seen in a smoke search's console). Every other unraisable exception is reported as usual.
+    """
+    if isinstance(unraisable.exc_type, type) and issubclass(unraisable.exc_type, SystemExit):
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 def train_trial(
     params: dict[str, Any], base: dict[str, Any], evaluate_test: bool = False, gpu_share: float = 0.0
 ) -> None:
     """Ray Tune function trainable. ``params``: sampled dotted keys; ``base``: a resolved config dict;
     ``gpu_share``: the GPUs Ray gave the trial (``tune.gpus_per_trial``, 0 on a cluster without GPUs)."""
+    sys.unraisablehook = quiet_termination
     cfg = with_overrides(base, params)
     device = resolve_device(cfg.train.device)
     if 0 < gpu_share < 1:

@@ -4,6 +4,7 @@ cap are replaced, and the error goes through Ray's own error wrapping to the rep
 
 from __future__ import annotations
 
+import sys
 import traceback
 from typing import Any
 
@@ -111,3 +112,26 @@ def test_the_report_shows_exactly_that_line(caps: list, monkeypatch: pytest.Monk
                          path="/r/search/train_trial_ab12c_0_lr=0.001")  # fmt: skip
     (row,) = summarize_trials([result], budget=3)
     assert row.status == "errored" and row.error == SHARE_LINE
+
+
+def test_trial_workers_drop_only_the_unraisable_exit_of_rays_sigterm(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    import gc
+
+    from search.trainable import quiet_termination
+
+    class Finalizer:
+        def __init__(self, exc: BaseException) -> None:
+            self.exc = exc
+
+        def __del__(self) -> None:  # an exception here is "unraisable": Python hands it to the hook
+            raise self.exc
+
+    monkeypatch.setattr(sys, "unraisablehook", quiet_termination)
+    Finalizer(SystemExit(1))  # what Ray's SIGTERM handler raises when it lands in a finalizer
+    gc.collect()
+    assert capsys.readouterr().err == ""
+    Finalizer(ValueError("a real problem in a finalizer"))
+    gc.collect()
+    assert "ValueError: a real problem in a finalizer" in capsys.readouterr().err
