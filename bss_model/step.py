@@ -95,7 +95,7 @@ class TrainStep:
     ) -> None:
         self.model, self.sampler, self.rt, self.ema = model, sampler, rt, ema
         self.objective = objective or losses.objective("mse")
-        self.batch_size, self.grad_clip = t.batch_size, t.grad_clip
+        self.grad_clip = t.grad_clip
         self.net = torch.compile(model) if rt.compile else model
         self.graphed = rt.cuda_graphs
         dev = rt.device
@@ -108,10 +108,6 @@ class TrainStep:
         self.graph: torch.cuda.CUDAGraph | None = None
 
     # -- the learning rate -------------------------------------------------------------
-    @property
-    def lr(self) -> float:
-        return float(self.opt.param_groups[0]["lr"])
-
     def set_lr(self, lr: float) -> None:
         for group in self.opt.param_groups:
             if isinstance(group["lr"], torch.Tensor):
@@ -129,9 +125,6 @@ class TrainStep:
     def reset_sums(self) -> None:
         self.loss_sum.zero_()
         self.mse_sum.zero_()
-
-    def optimizer_state(self) -> dict:
-        return self.opt.state_dict()
 
     def load_optimizer_state(self, state: dict) -> None:
         if self.graph is not None:
