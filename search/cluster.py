@@ -63,3 +63,9 @@ def init_ray(address: str | None) -> None:
 
 def cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0))
+
+
+def trial_gpus(gpus_per_trial: float) -> float:
+    """The GPUs a trial (or the ensemble task) asks Ray for: ``tune.gpus_per_trial`` where the cluster
+    has GPUs, else 0, so the same config runs on a laptop."""
+    return gpus_per_trial if cluster_gpus() > 0 else 0.0

@@ -19,7 +19,7 @@ from bss_model.config import Config, load_config
 from bss_model.errors import ConfigError
 from bss_model.io import setup_logging
 from search import best_model, figures, report, selection, storage, study, tuners
-from search.cluster import cluster_gpus, init_ray
+from search.cluster import init_ray, trial_gpus
 from search.config import SearchConfig, TuneSection, with_overrides
 from search.results import SearchSummary
 
@@ -89,7 +89,7 @@ def retrain_step(
     results = tuners.run_retrain(cfg, best_cfg, root, resume_cmd)
     retrain = selection.retrain_summary(selection.summarize_retrain(results))
     # The seed ensemble: every finished seed's final checkpoint, their predictions averaged, on the same draws.
-    gpus = cfg.tune.gpus_per_trial if cluster_gpus() > 0 else 0.0
+    gpus = trial_gpus(cfg.tune.gpus_per_trial)
     retrain.ensemble = best_model.seed_ensemble(retrain.seeds, best_cfg.train.device, cfg.tune.cpus_per_trial, gpus)
     best_model.export_best_model(retrain.best, out / best_model.FILENAME)
     separations = best_model.predict_separations(out / best_model.FILENAME, cfg.retrain.images)

@@ -22,7 +22,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from bss_model.config import Config
 from bss_model.errors import BssError
-from search.cluster import cluster_gpus
+from search.cluster import trial_gpus
 from search.config import SearchConfig
 from search.results import STOPPED
 from search.selection import METRIC, MODE, trial_status
@@ -41,7 +41,7 @@ class Interrupted(BssError):
 
 
 def _trainable(cfg: SearchConfig, base: Config, evaluate_test: bool) -> Any:
-    gpus = cfg.tune.gpus_per_trial if cluster_gpus() > 0 else 0.0
+    gpus = trial_gpus(cfg.tune.gpus_per_trial)
     if cfg.tune.gpus_per_trial and not gpus:
         log.warning("tune.gpus_per_trial=%s but the cluster has no GPU: trials run on CPU", cfg.tune.gpus_per_trial)
     fn = tune.with_parameters(train_trial, base=base.to_dict(), evaluate_test=evaluate_test, gpu_share=gpus)
