@@ -58,14 +58,18 @@ def predict_separations(model_path: Path, n: int) -> Separations:
     return Separations(x=x.numpy(), target=target.numpy(), pred=pred.numpy(), mse=mse)
 
 
+def ensemble_members(seeds: list[SeedResult]) -> list[SeedResult]:
+    """The seeds that reached their final evaluation: whole retrains, never a search trial or a seed cut short."""
+    return [s for s in seeds if s.evaluated and s.checkpoint]
+
+
 def evaluate_seed_ensemble(seeds: list[SeedResult], device: str = "auto") -> EnsembleResult | None:
     """The protocol for the average of the seeds' predictions, from each seed's final retrain checkpoint.
 
-    Only seeds that reached their final evaluation take part, so every member is a whole retrain
-    (never a search trial, never a seed cut short); the draws are those each seed was scored on
-    (the protocol settings travel in the checkpoints' config). None if no seed qualifies.
+    The members are :func:`ensemble_members`; the draws are those each seed was scored on (the
+    protocol settings travel in the checkpoints' config). None if no seed qualifies.
     """
-    members = [s for s in seeds if s.evaluated and s.checkpoint]
+    members = ensemble_members(seeds)
     if not members:
         return None
     with contextlib.ExitStack() as stack:
@@ -91,6 +95,6 @@ def seed_ensemble(seeds: list[SeedResult], device: str, cpus: float, gpus: float
         text = str(getattr(exc, "cause", None) or exc).strip()
         error = one_line(text.splitlines()[-1] if text else type(exc).__name__)
         log.warning("the seed ensemble could not be evaluated: %s", error)
-        members = [s for s in seeds if s.evaluated and s.checkpoint]
+        members = ensemble_members(seeds)
         checkpoints = [str(s.checkpoint) for s in members]
         return EnsembleResult([s.seed for s in members], math.nan, math.nan, [], checkpoints, error=error)
