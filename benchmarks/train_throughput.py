@@ -22,6 +22,11 @@ Modes (``train.precision / channels_last / compile / cuda_graphs``):
 To be fair on a shared, noisy machine the modes are measured *interleaved*: after a warm-up, each
 of ``--reps`` rounds times one window of ``--steps`` steps per mode (the order rotates per round),
 and the table reports the median window. GFLOP/s = 3 x forward FLOPs x samples/s.
+
+Each batch size starts from a clean compiler state (``torch._dynamo.reset()``), as a trial process
+does. On CUDA, ``nvidia-smi`` samples the SM clock and the power draw while the windows run, and
+each row gets the medians over its own windows: a compute-bound step at a large batch slows down
+when the card holds its power limit, so figures from two machines compare only with their clocks.
 """
 
 from __future__ import annotations
@@ -30,9 +35,12 @@ import argparse
 import copy
 import json
 import platform
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,7 +77,67 @@ class Mode:
     step: TrainStep | None
     describe: str
     windows: list[float] = field(default_factory=list)  # samples/s per timed window
+    spans: list[tuple[float, float]] = field(default_factory=list)  # perf_counter start/end of each window
     error: str = ""
+
+
+class GpuMonitor:
+    """SM clock, power and temperature of one GPU, sampled by ``nvidia-smi -lms`` in the background.
+
+    One long-lived nvidia-smi streams a CSV line per interval, so sampling costs no process start
+    per sample and nothing on the CUDA stream. Without nvidia-smi the monitor stays empty and says why.
+    """
+
+    FIELDS = ("clocks.sm", "clocks.max.sm", "power.draw", "power.limit", "temperature.gpu")
+
+    def __init__(self, index: int, interval_ms: int = 100, command: str = "nvidia-smi") -> None:
+        self.samples: list[tuple[float, tuple[float, ...]]] = []  # (perf_counter, FIELDS values)
+        self.unavailable = ""
+        self._proc: subprocess.Popen | None = None
+        self._reader: threading.Thread | None = None
+        exe = shutil.which(command)
+        if exe is None:
+            self.unavailable = f"no {command} on PATH"
+            return
+        query = [exe, f"--id={index}", f"--query-gpu={','.join(self.FIELDS)}", "--format=csv,noheader,nounits"]
+        self._proc = subprocess.Popen(
+            [*query, f"-lms={interval_ms}"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self._proc.stdout:
+            try:  # "[N/A]" or "[Not Supported]" fields drop the sample
+                values = tuple(float(v) for v in line.split(","))
+            except ValueError:
+                continue
+            if len(values) == len(self.FIELDS):
+                self.samples.append((time.perf_counter(), values))
+
+    def close(self) -> None:
+        if self._proc is not None:
+            self._proc.terminate()
+            self._proc.wait(timeout=10)
+            self._reader.join(timeout=10)
+            if not self.samples and not self.unavailable:
+                self.unavailable = f"nvidia-smi gave no readable samples (exit status {self._proc.returncode})"
+            self._proc = None
+
+    def summary(self, spans: list[tuple[float, float]]) -> dict[str, float] | None:
+        """Medians of the samples taken inside ``spans`` (the SM clock's maximum is the card's)."""
+        inside = [v for t, v in self.samples if any(a <= t <= b for a, b in spans)]
+        if not inside:
+            return None
+        column = dict(zip(self.FIELDS, zip(*inside, strict=True), strict=True))
+        return {
+            "sm_clock_mhz": statistics.median(column["clocks.sm"]),
+            "sm_clock_max_mhz": max(column["clocks.max.sm"]),
+            "power_w": statistics.median(column["power.draw"]),
+            "power_limit_w": max(column["power.limit"]),
+            "temperature_c": max(column["temperature.gpu"]),
+            "samples": len(inside),
+        }
 
 
 def _sync(device: torch.device) -> None:
@@ -101,12 +169,19 @@ def time_window(mode: Mode, steps: int, batch: int, start: int, device: torch.de
     t0 = time.perf_counter()
     bad = mode.step.run(steps, lr_at, start=start)
     _sync(device)
+    t1 = time.perf_counter()
     if bad:
         raise RuntimeError(f"{mode.name}: non-finite loss")
-    return steps * batch / (time.perf_counter() - t0)
+    mode.spans.append((t0, t1))
+    return steps * batch / (t1 - t0)
 
 
-def benchmark_batch(args: argparse.Namespace, batch: int, template, flops: int, device, images) -> list[dict]:
+def benchmark_batch(
+    args: argparse.Namespace, batch: int, template, flops: int, device, images, monitor: GpuMonitor | None = None
+) -> list[dict]:
+    # A trial compiles one batch size in a fresh process; without a reset, this batch size would
+    # inherit the previous one's compiled frames and recompile counts.
+    torch._dynamo.reset()
     runs: list[Mode] = []
     for name in args.modes:
         t0 = time.perf_counter()
@@ -136,6 +211,9 @@ def benchmark_batch(args: argparse.Namespace, batch: int, template, flops: int, 
         else:
             sps = statistics.median(mode.windows)
             row.update(samples_per_s=sps, windows=mode.windows, gflops=3 * flops * sps / 1e9, vs_eager=sps / base)
+            gpu = monitor.summary(mode.spans) if monitor is not None else None
+            if gpu is not None:
+                row["gpu"] = gpu
         rows.append(row)
     for mode in runs:  # free the graphs' memory pools before the next batch size
         mode.step = None
@@ -156,7 +234,12 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     flops = forward_flops(template)
     rng = np.random.default_rng(args.seed)
     images = tuple(torch.from_numpy(rng.integers(0, 256, (N_IMAGES, 32, 32), dtype=np.uint8)).to(device) for _ in "df")
-    rows = [r for b in args.batch for r in benchmark_batch(args, b, template, flops, device, images)]
+    monitor = GpuMonitor(device.index or 0) if device.type == "cuda" else None
+    try:
+        rows = [r for b in args.batch for r in benchmark_batch(args, b, template, flops, device, images, monitor)]
+    finally:
+        if monitor is not None:
+            monitor.close()
     return {
         "variant": args.variant,
         "n_params": count_parameters(template),
@@ -170,6 +253,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
+        "gpu_telemetry": None if monitor is None else (monitor.unavailable or "nvidia-smi"),
         "results": rows,
     }
 
@@ -193,7 +277,9 @@ def print_table(report: dict[str, Any]) -> None:
         f"native_bf16={report['native_bf16']} torch={report['torch']}"
     )
     print(f"samples/s, median of {report['reps']} interleaved windows of {report['steps']} steps of TrainStep.run")
+    gpu = any("gpu" in row for row in report["results"])
     header = f"{'batch':>6} {'mode':<20} {'samples/s':>10} {'min..max':>17} {'GFLOP/s':>9} {'vs eager':>9}"
+    header += f" {'SM MHz':>7} {'power W':>8}" if gpu else ""
     print(header)
     print("-" * len(header))
     for row in report["results"]:
@@ -202,13 +288,22 @@ def print_table(report: dict[str, Any]) -> None:
             continue
         w = row["windows"]
         spread = f"{min(w):.0f}..{max(w):.0f}"
-        print(
+        line = (
             f"{row['batch']:>6} {row['mode']:<20} {row['samples_per_s']:>10.0f} {spread:>17} {row['gflops']:>9.1f} "
             f"{row['vs_eager']:>8.2f}x"
         )
+        if "gpu" in row:
+            line += f" {row['gpu']['sm_clock_mhz']:>7.0f} {row['gpu']['power_w']:>8.0f}"
+        print(line)
     for row in report["results"]:
         if row["mode"] == "auto" and "error" not in row:
             print(f"auto at batch {row['batch']}: {row['runtime']}")
+    limits = [(r["gpu"]["sm_clock_max_mhz"], r["gpu"]["power_limit_w"]) for r in report["results"] if "gpu" in r]
+    if limits:
+        print(f"GPU: SM clock up to {max(c for c, _ in limits):.0f} MHz, power limit {max(w for _, w in limits):.0f} W "
+              "(medians over each row's windows, from nvidia-smi)")  # fmt: skip
+    elif report.get("gpu_telemetry") not in (None, "nvidia-smi"):
+        print(f"GPU clocks not recorded: {report['gpu_telemetry']}")
 
 
 def short_run(args: argparse.Namespace) -> dict[str, Any]:

@@ -15,6 +15,13 @@ We capture by hand with ``torch.cuda.graph`` rather than ``torch.compile(mode="r
 The optimizer is ``Adam(fused=True, capturable=True)`` with the learning rate as a device tensor,
 so the schedule is one ``fill_`` outside the graph and never needs a recapture.
 
+torch.compile is told ``dynamic=False``: a step has one batch size for its whole life. Left to
+its default, dynamo notices when a second model in the same process (another batch size in the
+benchmark, a second run in a notebook or a reused worker) is called with a new batch size, and
+compiles that one with a *symbolic* batch dimension; Inductor then skips its layout optimisation
+for the convolutions ("perf regression with dynamic shape", pytorch#102670) and sizes nothing
+for the real batch. Static shapes are what a trial that trains one batch size would get anyway.
+
 Index drawing stays *outside* the graph: the sampler's generator then advances exactly as in an
 eager run (same pairs, same checkpointed RNG state, exact resume), for one extra tiny kernel.
 """
@@ -96,7 +103,7 @@ class TrainStep:
         self.model, self.sampler, self.rt, self.ema = model, sampler, rt, ema
         self.objective = objective or losses.objective("mse")
         self.grad_clip = t.grad_clip
-        self.net = torch.compile(model) if rt.compile else model
+        self.net = torch.compile(model, dynamic=False) if rt.compile else model
         self.graphed = rt.cuda_graphs
         dev = rt.device
         self.opt = make_optimizer(model, t, capturable=self.graphed, device=dev)

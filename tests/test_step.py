@@ -4,9 +4,12 @@ and the runtime's settings. The CUDA-graph path is tested in test_cuda.py."""
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import math
+import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +123,33 @@ def test_a_non_finite_loss_is_caught_within_the_check_interval() -> None:
     assert bad == FINITE_CHECK_EVERY and count["n"] == FINITE_CHECK_EVERY  # stopped at the first check after step 7
 
 
+def test_each_batch_size_is_compiled_for_its_own_static_shape(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Left to dynamo's default, the second batch size compiled in one process gets a symbolic batch
+    # dimension (and, on CUDA, no layout optimisation): the benchmark's 256 and 1024 rows did.
+    graphs: list[torch.fx.GraphModule] = []
+
+    def recording_backend(gm: torch.fx.GraphModule, example_inputs):
+        graphs.append(gm)
+        return gm.forward  # run the traced graph as it is: no Inductor, so this stays fast on a CPU
+
+    real_compile = torch.compile
+    monkeypatch.setattr(
+        torch, "compile", lambda model, **kw: real_compile(model, **{**kw, "backend": recording_backend})
+    )
+    torch._dynamo.reset()
+    try:
+        for batch in (4, 8, 16):
+            make_step(["train.compile=on", f"train.batch_size={batch}"]).run(2)
+    finally:
+        torch._dynamo.reset()
+    assert len(graphs) == 3  # one compile per batch size, each on its own shapes
+    for gm, batch in zip(graphs, (4, 8, 16), strict=True):
+        inputs = [n.meta["example_value"] for n in gm.graph.nodes if n.op == "placeholder"]
+        assert not any(isinstance(v, torch.SymInt) for v in inputs), gm.graph
+        shapes = [tuple(v.shape) for v in inputs if isinstance(v, torch.Tensor) and v.ndim == 4 and v.shape[1] == 1]
+        assert (batch, 1, 32, 32) in shapes and all(isinstance(d, int) for d in shapes[0])
+
+
 def test_evaluation_batches_have_one_shape_and_padding_changes_nothing() -> None:
     digit, fashion = torch.from_numpy(images(3, 64)), torch.from_numpy(images(4, 64))
     rng = np.random.default_rng(0)
@@ -155,3 +185,76 @@ def test_resolve_runtime_describes_and_apply_torch_settings_changes() -> None:
 def test_cuda_graphs_on_a_cpu_is_refused_with_the_fix() -> None:
     with pytest.raises(ConfigError, match="train.cuda_graphs=on needs a CUDA device.*cuda_graphs=auto"):
         resolve_runtime(TrainConfig(device="cpu", cuda_graphs="on"))
+
+
+# -- the benchmark's GPU clocks (a stand-in nvidia-smi: the real one needs a GPU) -------------------
+FAKE_NVIDIA_SMI = """#!/bin/sh
+echo "$@" > "$(dirname "$0")/args"
+echo "[N/A], 1980, [N/A], 700.00, 60"
+while true; do echo "1755, 1980, 650.5, 700.00, 61"; sleep 0.02; done
+"""
+
+
+def fake_nvidia_smi(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    exe = tmp_path / "nvidia-smi"
+    exe.write_text(FAKE_NVIDIA_SMI)
+    exe.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    return tmp_path
+
+
+def test_the_gpu_monitor_summarises_the_samples_inside_each_window(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_nvidia_smi(tmp_path, monkeypatch)
+    bench = load_benchmark()
+    before = time.perf_counter()
+    monitor = bench.GpuMonitor(index=3, interval_ms=20)
+    try:
+        time.sleep(0.1)
+        t0 = time.perf_counter()
+        time.sleep(0.3)
+        t1 = time.perf_counter()
+    finally:
+        monitor.close()
+    assert not monitor.unavailable
+    args = (tmp_path / "args").read_text().split()
+    assert "--id=3" in args and "-lms=20" in args and f"--query-gpu={','.join(bench.GpuMonitor.FIELDS)}" in args
+    gpu = monitor.summary([(t0, t1)])
+    assert gpu is not None and gpu["samples"] >= 3
+    assert gpu["sm_clock_mhz"] == 1755 and gpu["sm_clock_max_mhz"] == 1980
+    assert gpu["power_w"] == 650.5 and gpu["power_limit_w"] == 700 and gpu["temperature_c"] == 61
+    assert monitor.summary([(before - 10, before - 5)]) is None  # nothing sampled then
+    assert all(v[0] == 1755 and v[4] == 61 for _, v in monitor.samples)  # the [N/A] line was dropped
+
+
+def test_the_benchmark_puts_clocks_beside_each_row_and_runs_without_nvidia_smi(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bench = load_benchmark()
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    absent = bench.GpuMonitor(index=0)
+    absent.close()
+    assert absent.unavailable == "no nvidia-smi on PATH" and absent.summary([(0, 1e12)]) is None
+
+    fake_nvidia_smi(tmp_path, monkeypatch)
+    cfg = load_config(None, ["model.variant=tiny", "model.filters=4"])
+    imgs = (torch.from_numpy(images(1)), torch.from_numpy(images(2)))
+    args = argparse.Namespace(modes=["eager-fp32", "auto"], warmup=1, reps=2, steps=3)
+    monitor = bench.GpuMonitor(index=0, interval_ms=20)
+    try:
+        rows = bench.benchmark_batch(args, 4, build_model(cfg.model), 1, torch.device("cpu"), imgs, monitor)
+    finally:
+        monitor.close()
+    assert [r["mode"] for r in rows] == ["eager-fp32", "auto"]
+    for row in rows:
+        assert len(row["windows"]) == 2 and row["samples_per_s"] > 0
+        # a window of a tiny CPU model may fall between two samples; a row gets clocks only from its own windows
+        if "gpu" in row:
+            assert row["gpu"]["sm_clock_mhz"] == 1755 and row["gpu"]["samples"] >= 1
+    report = {"variant": "tiny", "n_params": 1, "forward_gflop_per_sample": 0.0, "device": "cpu", "device_name": "x",
+              "threads": 1, "native_bf16": False, "torch": torch.__version__, "reps": 2, "steps": 3,
+              "gpu_telemetry": "nvidia-smi", "results": [{**rows[0], "gpu": monitor.summary([(0, 1e12)])}]}  # fmt: skip
+    bench.print_table(report)
+    out = capsys.readouterr().out
+    assert "SM MHz" in out and " 1755 " in out and "power limit 700 W" in out
