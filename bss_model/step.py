@@ -18,9 +18,10 @@ so the schedule is one ``fill_`` outside the graph and never needs a recapture.
 torch.compile is told ``dynamic=False``: a step has one batch size for its whole life. Left to
 its default, dynamo notices when a second model in the same process (another batch size in the
 benchmark, a second run in a notebook or a reused worker) is called with a new batch size, and
-compiles that one with a *symbolic* batch dimension; Inductor then skips its layout optimisation
-for the convolutions ("perf regression with dynamic shape", pytorch#102670) and sizes nothing
-for the real batch. Static shapes are what a trial that trains one batch size would get anyway.
+compiles that one with a *symbolic* batch dimension: kernels for any size rather than this one,
+and on CUDA no conv layout optimisation (Inductor turns it off for symbolic shapes; for `seed`
+its other heuristics turn it off anyway). A trial process compiles one batch size, statically;
+this makes every other process do the same.
 
 Index drawing stays *outside* the graph: the sampler's generator then advances exactly as in an
 eager run (same pairs, same checkpointed RNG state, exact resume), for one extra tiny kernel.
