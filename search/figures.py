@@ -1,12 +1,17 @@
 """The report's pictures: the optimisation history, hyperparameter importances, test separations.
 
 Each is rendered off-screen (matplotlib's Agg backend) and written atomically as PNG.
+
+Importances are computed over the trials that ran their *full* budget only. A trial ASHA stopped
+at an early rung has a worse validation MSE because it trained less, not because of its
+parameters; mixed in, it would credit importance to whatever makes a trial a slow starter.
 """
 
 from __future__ import annotations
 
 import io
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -66,15 +71,27 @@ def plot_history(trials: list[TrialRow], path: Path) -> None:
     atomic_write_bytes(path, _fig_bytes(fig))
 
 
+@dataclass
+class Importances:
+    """Hyperparameter importances for validation MSE, and what they rest on."""
+
+    values: dict[str, float] = field(default_factory=dict)  # most important first; empty if unavailable
+    trials: int = 0  # the full-budget trials they were computed from
+    note: str = ""  # why ``values`` is empty
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"values": self.values, "trials": self.trials, "method": "PED-ANOVA", "note": self.note}
+
+
 def optuna_study(trials: list[TrialRow], dims: dict[str, Dimension]) -> Any:
-    """An in-memory Optuna study of the finished trials (their last validation MSE)."""
+    """An in-memory Optuna study of the trials that ran their full budget (their last validation MSE)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     dists = optuna_distributions(dims)
     study = optuna.create_study(direction="minimize")
     for t in trials:
-        if not math.isfinite(t.val_mse):
+        if t.status != COMPLETED or not math.isfinite(t.val_mse):
             continue
         params = {k: t.params[k] for k in dists if k in t.params}
         try:
@@ -84,30 +101,40 @@ def optuna_study(trials: list[TrialRow], dims: dict[str, Dimension]) -> Any:
     return study
 
 
-def plot_importances(trials: list[TrialRow], dims: dict[str, Dimension], path: Path) -> dict[str, float]:
-    """Hyperparameter importances from the Optuna study (PED-ANOVA, Optuna's default)."""
+def param_importances(trials: list[TrialRow], dims: dict[str, Dimension]) -> Importances:
+    """PED-ANOVA importances (Optuna's default evaluator) over the full-budget trials."""
     import optuna
 
-    plt = _plt()
     study = optuna_study(trials, dims)
-    importances: dict[str, float] = {}
-    note = ""
+    n = len(study.trials)
+    if not dims:
+        return Importances(trials=n, note="the search had no space")
+    if n < 2:
+        return Importances(trials=n, note=f"{n} trial(s) ran the full budget; importances need 2 or more")
     try:
-        importances = dict(optuna.importance.get_param_importances(study))
+        evaluator = (
+            optuna.importance.PedAnovaImportanceEvaluator()
+        )  # named: a new Optuna default would change the report
+        values = optuna.importance.get_param_importances(study, evaluator=evaluator)
     except (RuntimeError, ValueError, ZeroDivisionError) as exc:
-        note = f"importances unavailable: {exc}"
-    fig, ax = plt.subplots(figsize=(6, 0.5 + 0.45 * max(1, len(dims))))
-    if importances:
-        names = list(importances)[::-1]
-        ax.barh(names, [importances[n] for n in names], color="C0")
-        ax.set_xlabel("importance (validation MSE)")
+        return Importances(trials=n, note=f"importances unavailable: {exc}")
+    return Importances({k: float(v) for k, v in values.items()}, trials=n)
+
+
+def plot_importances(importances: Importances, path: Path) -> None:
+    plt = _plt()
+    values = importances.values
+    fig, ax = plt.subplots(figsize=(6, 0.5 + 0.45 * max(1, len(values))))
+    if values:
+        names = list(values)[::-1]
+        ax.barh(names, [values[n] for n in names], color="C0")
+        ax.set_xlabel("importance for validation MSE (PED-ANOVA)")
     else:
-        ax.text(0.5, 0.5, note or "not enough finished trials", ha="center", va="center", wrap=True)
+        ax.text(0.5, 0.5, importances.note, ha="center", va="center", wrap=True)
         ax.set_axis_off()
-    ax.set_title(f"Hyperparameter importances ({len(study.trials)} trials)")
+    ax.set_title(f"Hyperparameter importances ({importances.trials} full-budget trials)")
     fig.tight_layout()
     atomic_write_bytes(path, _fig_bytes(fig))
-    return importances
 
 
 def plot_separations(sep: Separations, path: Path) -> None:
@@ -115,7 +142,7 @@ def plot_separations(sep: Separations, path: Path) -> None:
     save_separation_png(sep.x, sep.target, sep.pred, path, title=title)
 
 
-def write_pictures(trials: list[TrialRow], dims: dict[str, Dimension], separations: Separations, out: Path) -> None:
+def write_pictures(trials: list[TrialRow], importances: Importances, separations: Separations, out: Path) -> None:
     plot_separations(separations, out / PICTURES["separations"])
     plot_history(trials, out / PICTURES["history"])
-    plot_importances(trials, dims, out / PICTURES["importances"])
+    plot_importances(importances, out / PICTURES["importances"])

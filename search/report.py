@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from bss_model.io import atomic_write_json, atomic_write_text
-from search.figures import PICTURES, write_pictures
+from search.figures import PICTURES, Importances, param_importances, write_pictures
 from search.results import RetrainSummary, SearchSummary, Separations
 from search.space import Dimension
 
@@ -28,7 +28,11 @@ def _fmt(v: Any) -> str:
 
 
 def build_report(
-    search: SearchSummary | None, retrain: RetrainSummary, best_config: dict[str, Any], wall_s: float
+    search: SearchSummary | None,
+    retrain: RetrainSummary,
+    best_config: dict[str, Any],
+    wall_s: float,
+    importances: Importances | None = None,
 ) -> dict[str, Any]:
     """report.json's content. ``search`` is None for a named config retrained directly (no trials)."""
     if search is None:  # then the best seed's validation MSE is the best there is
@@ -50,6 +54,7 @@ def build_report(
         "num_stopped_early": s["num_stopped_early"],
         "num_errored": s["num_errored"],
         "num_diverged": s["num_diverged"],
+        "param_importances": (importances or Importances(note="no search")).to_dict(),
         "seeds": [r.seed for r in evaluated],
         "test_mse_per_seed": per_seed,
         "test_mse_mean": float(np.mean(per_seed)),
@@ -88,8 +93,9 @@ def write_report(
 ) -> dict[str, Any]:
     """Every picture, then report.json and report.md (which link the pictures); returns the report."""
     trials = search.trials if search is not None else []
-    write_pictures(trials, dims, separations, out)
-    report = build_report(search, retrain, best_config, wall_s)
+    importances = param_importances(trials, dims)
+    write_pictures(trials, importances, separations, out)
+    report = build_report(search, retrain, best_config, wall_s, importances)
     atomic_write_json(out / "report.json", report)
     atomic_write_text(out / "report.md", render_markdown(report))
     return report
@@ -129,6 +135,13 @@ def render_markdown(r: dict[str, Any]) -> str:
         f"{_fmt(r['best_val_mse'])}.",
         "",
     ]
+    imp = r["param_importances"]
+    if imp["values"]:
+        ranked = ", ".join(f"`{k}` {v:.2f}" for k, v in imp["values"].items())
+        lines += [f"Importances for validation MSE ({imp['method']}, over the {imp['trials']} full-budget trials): "
+                  f"{ranked}.", ""]  # fmt: skip
+    elif r["trials"]:
+        lines += [f"Importances: none ({imp['note']}).", ""]
     per_epoch = {t["samples"] // t["epochs"] for t in r["trials"] if t.get("samples") and t["epochs"]}
     if len(per_epoch) == 1:
         lines += [

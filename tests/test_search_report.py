@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from search.figures import param_importances
 from search.report import PICTURES, REFERENCE_TEST_MSE, build_report, render_markdown, write_report
 from search.results import EnsembleResult, RetrainSummary, SearchSummary, SeedResult, Separations, TrialRow
 from search.space import parse_dimension
@@ -16,7 +17,7 @@ from search.space import parse_dimension
 # report.json's format: these keys, in this order.
 REPORT_KEYS = [
     "best_config", "best_params", "best_val_mse", "num_trials", "num_completed", "num_stopped_early", "num_errored",
-    "num_diverged", "seeds", "test_mse_per_seed", "test_mse_mean", "test_mse_std",
+    "num_diverged", "param_importances", "seeds", "test_mse_per_seed", "test_mse_mean", "test_mse_std",
     "test_mse_ensemble", "test_mse_ensemble_std", "test_mse_ensemble_per_draw", "ensemble_seeds",
     "ensemble_checkpoints", "ensemble_error",
     "val_mse_per_seed", "samples_per_seed", "best_seed",
@@ -156,3 +157,40 @@ def test_write_report_writes_every_file(tmp_path: Path) -> None:
     assert (tmp_path / "report.md").read_text() == render_markdown(report)
     for name in PICTURES.values():
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+
+def test_importances_rest_on_the_full_budget_trials_only() -> None:
+    # Full budget: only the weight decay matters. Stopped early: rows whose *partial* runs look best
+    # whenever the lr is high. Counted in, they would make the lr look important.
+    rng = np.random.default_rng(0)
+    dims = {"train.lr": parse_dimension("train.lr", {"loguniform": [1e-4, 1e-2]}),
+            "train.weight_decay": parse_dimension("train.weight_decay", {"uniform": [0.0, 0.1]})}  # fmt: skip
+    trials = []
+    for i in range(60):
+        lr, wd = float(10 ** rng.uniform(-4, -2)), float(rng.uniform(0, 0.1))
+        full = i % 2 == 0
+        val = 1e-3 + 1e-2 * wd if full else (1e-5 if lr > 1e-3 else 1e-1)
+        trials.append(TrialRow(f"t{i}", i, {"train.lr": lr, "train.weight_decay": wd}, 3 if full else 1, val,
+                               "completed" if full else "stopped", "", "box", f"/r/t{i}", samples=1))  # fmt: skip
+    imp = param_importances(trials, dims)
+    assert imp.trials == 30 and not imp.note
+    assert set(imp.values) == set(dims)
+    assert imp.values["train.weight_decay"] > 0.8 > imp.values["train.lr"], imp.values
+    assert list(imp.values) == ["train.weight_decay", "train.lr"]  # most important first
+
+    r = build_report(SearchSummary("t0", {}, 1e-3, BEST_CONFIG, 1.0, trials), retrain(), BEST_CONFIG, 1.0, imp)
+    assert r["param_importances"]["method"] == "PED-ANOVA" and r["param_importances"]["trials"] == 30
+    md = render_markdown(r)
+    wd = imp.values["train.weight_decay"]
+    assert f"(PED-ANOVA, over the 30 full-budget trials): `train.weight_decay` {wd:.2f}, `train.lr`" in md
+
+
+def test_importances_say_why_when_there_are_none() -> None:
+    dims = {"train.lr": parse_dimension("train.lr", {"loguniform": [1e-4, 1e4]})}
+    one = [row(1, 2e-3, 0.01, "completed"), row(2, 3e-3, 0.001, "stopped", epochs=1)]
+    imp = param_importances(one, dims)
+    assert imp.values == {} and imp.trials == 1 and "1 trial(s) ran the full budget" in imp.note
+    assert param_importances(one, {}).note == "the search had no space"
+    r = build_report(search(), retrain(), BEST_CONFIG, 1.0, imp)
+    assert f"Importances: none ({imp.note})." in render_markdown(r)
+    assert build_report(None, retrain(), BEST_CONFIG, 1.0)["param_importances"]["note"] == "no search"
