@@ -90,7 +90,7 @@ class GpuMonitor:
 
     FIELDS = ("clocks.sm", "clocks.max.sm", "power.draw", "power.limit", "temperature.gpu")
 
-    def __init__(self, index: int, interval_ms: int = 100, command: str = "nvidia-smi") -> None:
+    def __init__(self, gpu: int | str, interval_ms: int = 100, command: str = "nvidia-smi") -> None:
         self.samples: list[tuple[float, tuple[float, ...]]] = []  # (perf_counter, FIELDS values)
         self.unavailable = ""
         self._proc: subprocess.Popen | None = None
@@ -99,7 +99,7 @@ class GpuMonitor:
         if exe is None:
             self.unavailable = f"no {command} on PATH"
             return
-        query = [exe, f"--id={index}", f"--query-gpu={','.join(self.FIELDS)}", "--format=csv,noheader,nounits"]
+        query = [exe, f"--id={gpu}", f"--query-gpu={','.join(self.FIELDS)}", "--format=csv,noheader,nounits"]
         self._proc = subprocess.Popen(
             [*query, f"-lms={interval_ms}"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
         )
@@ -138,6 +138,13 @@ class GpuMonitor:
             "temperature_c": max(column["temperature.gpu"]),
             "samples": len(inside),
         }
+
+
+def nvidia_smi_id(device: torch.device) -> str:
+    """The card's UUID as nvidia-smi names it: CUDA_VISIBLE_DEVICES renumbers torch's indices, not nvidia-smi's."""
+    props = torch.cuda.get_device_properties(device)
+    uuid = str(getattr(props, "uuid", "") or "")
+    return (uuid if uuid.startswith("GPU-") else f"GPU-{uuid}") if uuid else str(device.index or 0)
 
 
 def _sync(device: torch.device) -> None:
@@ -234,7 +241,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     flops = forward_flops(template)
     rng = np.random.default_rng(args.seed)
     images = tuple(torch.from_numpy(rng.integers(0, 256, (N_IMAGES, 32, 32), dtype=np.uint8)).to(device) for _ in "df")
-    monitor = GpuMonitor(device.index or 0) if device.type == "cuda" else None
+    monitor = GpuMonitor(nvidia_smi_id(device)) if device.type == "cuda" else None
     try:
         rows = [r for b in args.batch for r in benchmark_batch(args, b, template, flops, device, images, monitor)]
     finally:

@@ -195,21 +195,21 @@ while true; do echo "1755, 1980, 650.5, 700.00, 61"; sleep 0.02; done
 """
 
 
-def fake_nvidia_smi(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def fake_nvidia_smi(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, path: str) -> Path:
     exe = tmp_path / "nvidia-smi"
     exe.write_text(FAKE_NVIDIA_SMI)
     exe.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.setenv("PATH", f"{tmp_path}:{path}")  # the script itself needs dirname and sleep from `path`
     return tmp_path
 
 
 def test_the_gpu_monitor_summarises_the_samples_inside_each_window(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    fake_nvidia_smi(tmp_path, monkeypatch)
+    fake_nvidia_smi(tmp_path, monkeypatch, os.environ["PATH"])
     bench = load_benchmark()
     before = time.perf_counter()
-    monitor = bench.GpuMonitor(index=3, interval_ms=20)
+    monitor = bench.GpuMonitor(3, interval_ms=20)
     try:
         time.sleep(0.1)
         t0 = time.perf_counter()
@@ -232,20 +232,22 @@ def test_the_benchmark_puts_clocks_beside_each_row_and_runs_without_nvidia_smi(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     bench = load_benchmark()
+    system_path = os.environ["PATH"]
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
-    absent = bench.GpuMonitor(index=0)
+    absent = bench.GpuMonitor(0)
     absent.close()
     assert absent.unavailable == "no nvidia-smi on PATH" and absent.summary([(0, 1e12)]) is None
 
-    fake_nvidia_smi(tmp_path, monkeypatch)
+    fake_nvidia_smi(tmp_path, monkeypatch, system_path)
     cfg = load_config(None, ["model.variant=tiny", "model.filters=4"])
     imgs = (torch.from_numpy(images(1)), torch.from_numpy(images(2)))
     args = argparse.Namespace(modes=["eager-fp32", "auto"], warmup=1, reps=2, steps=3)
-    monitor = bench.GpuMonitor(index=0, interval_ms=20)
+    monitor = bench.GpuMonitor("GPU-1234", interval_ms=20)
     try:
         rows = bench.benchmark_batch(args, 4, build_model(cfg.model), 1, torch.device("cpu"), imgs, monitor)
     finally:
         monitor.close()
+    assert "--id=GPU-1234" in (tmp_path / "args").read_text().split()  # a UUID, as nvidia_smi_id gives on CUDA
     assert [r["mode"] for r in rows] == ["eager-fp32", "auto"]
     for row in rows:
         assert len(row["windows"]) == 2 and row["samples_per_s"] > 0
