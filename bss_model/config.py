@@ -98,6 +98,7 @@ class TrainConfig:
     # adamw: decoupled weight decay (Loshchilov & Hutter), applied to conv/linear weights only.
     optimizer: Literal["adam", "adamw"] = "adam"
     weight_decay: float = 0.0
+    adam_eps: float = 1e-8  # torch's default; Keras's Adam (the reference) uses 1e-7
     # The training objective (bss_model/losses.py). The score is always MSE, whatever this is.
     loss: Literal["mse", "l1", "charbonnier"] = "mse"
     charbonnier_eps: float = 1e-3
@@ -107,8 +108,13 @@ class TrainConfig:
     # plateau: the reference's ReduceLROnPlateau on val MSE, stepped once per epoch.
     # cosine: linear warmup for warmup_epochs, then cosine decay to min_lr, per step.
     schedule: Literal["plateau", "cosine"] = "plateau"
+    # torch's ReduceLROnPlateau semantics: the lr drops after *more than* `patience` epochs without an
+    # improvement, and an improvement is `val < best * (1 - threshold)` (rel) or `val < best - threshold`
+    # (abs). Keras's patience=p, min_delta=d is torch's patience=p-1, threshold=d, abs (configs/seed.yaml).
     plateau_factor: float = 0.5
     plateau_patience: int = 10
+    plateau_threshold: float = 1e-4
+    plateau_threshold_mode: Literal["rel", "abs"] = "rel"
     min_lr: float = 1e-5
     warmup_epochs: float = 1.0
     grad_clip: float = 0.0  # max grad norm; 0 = off
@@ -131,12 +137,14 @@ class TrainConfig:
         check_range(self.batch_size >= 1, "train.batch_size", self.batch_size, ">= 1")
         check_range(self.lr > 0 and math.isfinite(self.lr), "train.lr", self.lr, "a positive learning rate, e.g. 1e-3")
         check_range(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, ">= 0")
+        check_range(0 < self.adam_eps < 1, "train.adam_eps", self.adam_eps, "in (0, 1), e.g. 1e-8 or 1e-7 (Keras)")
         check_range(self.charbonnier_eps > 0, "train.charbonnier_eps", self.charbonnier_eps, "> 0, e.g. 1e-3")
         check_range(
             0 <= self.ema_decay < 1, "train.ema_decay", self.ema_decay, "in [0, 1): 0 = off, e.g. 0.999 or 0.9999"
         )
         check_range(0 < self.plateau_factor < 1, "train.plateau_factor", self.plateau_factor, "in (0, 1), e.g. 0.5")
         check_range(self.plateau_patience >= 0, "train.plateau_patience", self.plateau_patience, ">= 0")
+        check_range(self.plateau_threshold >= 0, "train.plateau_threshold", self.plateau_threshold, ">= 0, e.g. 1e-4")
         check_range(0 <= self.min_lr <= self.lr, "train.min_lr", self.min_lr, f"in [0, train.lr={self.lr}]")
         check_range(self.warmup_epochs >= 0, "train.warmup_epochs", self.warmup_epochs, ">= 0")
         check_range(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, ">= 0 (0 disables clipping)")

@@ -65,13 +65,26 @@ def build_optimizer(model: torch.nn.Module, t: TrainConfig, **kwargs) -> torch.o
     scale or a bias towards 0 is no regulariser, it only fights the normalisation.
     """
     if t.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay, **kwargs)
+        return torch.optim.Adam(model.parameters(), lr=t.lr, eps=t.adam_eps, weight_decay=t.weight_decay, **kwargs)
     params = list(model.parameters())
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": t.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=t.lr, **kwargs)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=t.lr, eps=t.adam_eps, **kwargs)
+
+
+def build_plateau(opt: torch.optim.Optimizer, t: TrainConfig) -> torch.optim.lr_scheduler.ReduceLROnPlateau:
+    """``schedule: plateau``: torch's ReduceLROnPlateau on validation MSE, stepped once per epoch."""
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(
+        opt,
+        mode="min",
+        factor=t.plateau_factor,
+        patience=t.plateau_patience,
+        threshold=t.plateau_threshold,
+        threshold_mode=t.plateau_threshold_mode,
+        min_lr=t.min_lr,
+    )
 
 
 def make_optimizer(model: torch.nn.Module, t: TrainConfig, capturable: bool, device: torch.device):

@@ -36,7 +36,7 @@ from bss_model.io import atomic_write_json, next_run_dir, setup_logging
 from bss_model.model import build_model, count_parameters
 from bss_model.progress import EpochProgress
 from bss_model.runtime import Runtime, apply_torch_settings, resolve_runtime
-from bss_model.step import FINITE_CHECK_EVERY, TrainStep, cosine_lr
+from bss_model.step import FINITE_CHECK_EVERY, TrainStep, build_plateau, cosine_lr
 from bss_model.viz import separation_grid
 
 log = logging.getLogger("bss")
@@ -90,13 +90,7 @@ class _Trainer:
         objective = losses.objective(t.loss, t.charbonnier_eps)
         self.step_fn = TrainStep(self.model, self.sampler, t, self.rt, objective=objective, ema=self.ema)
         self.opt = self.step_fn.opt
-        self.plateau = (
-            torch.optim.lr_scheduler.ReduceLROnPlateau(
-                self.opt, mode="min", factor=t.plateau_factor, patience=t.plateau_patience, min_lr=t.min_lr
-            )
-            if t.schedule == "plateau"
-            else None
-        )
+        self.plateau = build_plateau(self.opt, t) if t.schedule == "plateau" else None
         self.epoch = 0  # epochs completed
         self.step = 0  # optimizer steps completed
         self.samples = 0  # training samples seen (steps x batch_size, summed over epochs)

@@ -339,12 +339,61 @@ def test_seed_yaml_is_the_reference_network_and_training() -> None:
     assert (t.optimizer, t.lr, t.weight_decay, t.batch_size, t.epochs) == ("adam", 1e-3, 0.0, 32, 120)
     assert (t.samples_per_epoch, t.steps_per_epoch, t.epoch_samples) == (161_984, 5062, 161_984)
     assert t.epochs * t.epoch_samples == 19_438_080  # the reference's 19.4M training samples
-    assert (t.schedule, t.plateau_factor, t.plateau_patience, t.min_lr) == ("plateau", 0.5, 10, 1e-5)
+    assert (t.schedule, t.plateau_factor, t.min_lr) == ("plateau", 0.5, 1e-5)
+    # Keras's ReduceLROnPlateau(patience=10) with its default absolute min_delta, in torch's terms
+    assert (t.plateau_patience, t.plateau_threshold, t.plateau_threshold_mode) == (9, 1e-4, "abs")
     assert (t.loss, t.ema_decay, t.grad_clip) == ("mse", 0.0, 0.0)
     assert cfg.data.val_fraction == 0.1 and (cfg.eval.draws, cfg.eval.pairs) == (10, 20000)
     # What the trainer builds from it: plain Adam over every parameter, and the MSE objective.
     opt = build_optimizer(model, t)
     assert type(opt) is torch.optim.Adam and len(opt.param_groups) == 1
     assert (opt.defaults["lr"], opt.defaults["weight_decay"], opt.defaults["betas"]) == (1e-3, 0.0, (0.9, 0.999))
+    assert opt.defaults["eps"] == 1e-7  # Keras's Adam epsilon
     pred, target = torch.tensor([0.5, -1.0]), torch.zeros(2)
     assert objective(t.loss)(pred, target)[0].item() == (0.25 + 1.0) / 2
+
+
+def keras_reduce_lr_on_plateau(vals: list[float], lr: float, factor: float, patience: int, min_delta: float,
+                               min_lr: float) -> list[float]:  # fmt: skip
+    """Keras's ReduceLROnPlateau (mode min, cooldown 0), as its documentation and source state it."""
+    best, wait, out = float("inf"), 0, []
+    for v in vals:
+        if v < best - min_delta:
+            best, wait = v, 0
+        else:
+            wait += 1
+            if wait >= patience:
+                lr = max(lr * factor, min_lr) if lr > min_lr else lr
+                wait = 0
+        out.append(lr)
+    return out
+
+
+def test_the_seed_schedule_drops_the_lr_where_keras_would() -> None:
+    import math
+
+    import numpy as np
+    import torch
+
+    from bss_model.step import build_plateau
+
+    # A validation curve shaped like the reference run's: fast early progress, then gains far below 1e-4.
+    rng = np.random.default_rng(0)
+    vals = [4e-4 + 3e-3 * math.exp(-e / 6) + float(rng.normal(0, 2e-6)) for e in range(120)]
+
+    def torch_lrs(sets: list[str]) -> list[float]:
+        t = load_config(REPO / "configs" / "seed.yaml", sets).train
+        opt = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=t.lr)
+        sched = build_plateau(opt, t)
+        out = []
+        for v in vals:
+            sched.step(v)
+            out.append(opt.param_groups[0]["lr"])
+        return out
+
+    keras = keras_reduce_lr_on_plateau(vals, 1e-3, 0.5, 10, 1e-4, 1e-5)
+    assert len(set(keras)) >= 6 and keras[-1] == 1e-5  # the curve really exercises the rule, down to the floor
+    assert torch_lrs([]) == pytest.approx(keras, rel=1e-12, abs=0)
+    # torch's own defaults (relative threshold, reduce after `patience`) schedule these epochs differently
+    torch_default = torch_lrs(["train.plateau_patience=10", "train.plateau_threshold_mode=rel"])
+    assert torch_default != pytest.approx(keras, rel=1e-12, abs=0)
