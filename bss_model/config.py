@@ -67,6 +67,9 @@ class ModelConfig:
     head: Literal["depthwise", "consistent"] = "depthwise"
     # Output activation after the head: none (the reference) or relu (the sources are >= 0).
     output: Literal["none", "relu"] = "none"
+    # Initial weights: torch's defaults, or keras (the reference's Keras defaults: glorot-uniform
+    # kernels and zero biases, about sqrt(3)x torch's scale for a 3x3 conv; configs/seed.yaml).
+    init: Literal["torch", "keras"] = "torch"
 
     def validate(self) -> None:
         check_range(self.variant in VARIANTS, "model.variant", self.variant, f"one of {sorted(VARIANTS)}")

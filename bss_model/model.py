@@ -113,6 +113,8 @@ class UNet(nn.Module):
         # (Before the projection it would be undone: adding the residual can make a component
         # negative again.) No parameters: seed stays 3,684,214 with either output.
         self.output = nn.ReLU() if cfg.output == "relu" else nn.Identity()
+        if cfg.init == "keras":
+            keras_init_(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, skips = x, []
@@ -123,6 +125,20 @@ class UNet(nn.Module):
         for up, skip in zip(self.decoders, reversed(skips), strict=True):
             h = up(h, skip)
         return self.output(self.head(h, x))
+
+
+def keras_init_(model: nn.Module) -> None:
+    """Keras's default initialisers, in place: glorot-uniform kernels, zero biases (BN keeps 1 and 0).
+
+    torch's xavier_uniform_ gives Keras's glorot bound sqrt(6 / (fan_in + fan_out)) for every conv
+    here: the two libraries lay kernels out differently, but for plain, transposed and depthwise
+    convs alike the *sum* of the fans is the same.
+    """
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d | nn.ConvTranspose2d):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
 
 
 def build_model(cfg: ModelConfig) -> UNet:

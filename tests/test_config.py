@@ -335,6 +335,7 @@ def test_seed_yaml_is_the_reference_network_and_training() -> None:
     model = build_model(cfg.model)
     assert count_parameters(model) == 3_684_214
     assert {k: getattr(cfg.model, k) for k in VARIANTS["seed"]} == VARIANTS["seed"] and cfg.model.output == "none"
+    assert cfg.model.init == "keras"  # Keras's glorot-uniform kernels and zero biases
     t = cfg.train
     assert (t.optimizer, t.lr, t.weight_decay, t.batch_size, t.epochs) == ("adam", 1e-3, 0.0, 32, 120)
     assert (t.samples_per_epoch, t.steps_per_epoch, t.epoch_samples) == (161_984, 5062, 161_984)

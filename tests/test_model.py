@@ -237,3 +237,44 @@ def test_published_shape_parameters_by_hand() -> None:
     widths = [d.convs[0].out_channels for d in model.encoders] + [model.bottleneck[0].out_channels]
     assert widths == [128, 256, 512]
     assert isinstance(model.output, nn.ReLU)
+
+
+def keras_glorot_bound(m: nn.Module) -> float:
+    """Keras's glorot-uniform bound, computed from *Keras's* kernel layout for the same layer."""
+    k = m.kernel_size[0] * m.kernel_size[1]
+    if isinstance(m, nn.ConvTranspose2d):  # Keras Conv2DTranspose kernel (kh, kw, out, in)
+        fan_in, fan_out = k * m.out_channels, k * m.in_channels
+    elif m.groups == m.in_channels == m.out_channels > 1:  # DepthwiseConv2D kernel (kh, kw, in, 1)
+        fan_in, fan_out = k * m.in_channels, k
+    else:  # Conv2D kernel (kh, kw, in, out)
+        fan_in, fan_out = k * m.in_channels, k * m.out_channels
+    return (6 / (fan_in + fan_out)) ** 0.5
+
+
+@pytest.mark.parametrize("variant", ["seed", "seed-bn-consistent"])
+def test_keras_init_draws_glorot_uniform_kernels_and_zero_biases(variant: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(model_config(variant, init="keras"))
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d | nn.ConvTranspose2d)]
+    assert any(isinstance(m, nn.ConvTranspose2d) for m in convs) and any(m.groups > 1 for m in convs)
+    for m in convs:
+        bound, w = keras_glorot_bound(m), m.weight.detach()
+        assert float(w.abs().max()) <= bound
+        if w.numel() >= 4000:  # uniform on [-b, b]: std b / sqrt(3)
+            assert float(w.std()) == pytest.approx(bound / 3**0.5, rel=0.05), m
+        assert m.bias is None or not m.bias.any()
+    for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+        assert bool((bn.weight == 1).all()) and not bn.bias.any()
+
+
+def test_torch_init_is_the_default_and_keras_init_is_another_draw() -> None:
+    def weights(**kw) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        return [p.detach().clone() for p in build_model(model_config("seed", **kw)).parameters()]
+
+    default, torch_init, keras = weights(), weights(init="torch"), weights(init="keras")
+    assert all(torch.equal(a, b) for a, b in zip(default, torch_init, strict=True))
+    assert not any(torch.equal(a, b) for a, b in zip(default, keras, strict=True) if a.ndim == 4)
+    # a 3x3 conv with as many inputs as outputs: torch's bound is 1/sqrt(9c), Keras's sqrt(1/(3c))
+    deep = [(a, b) for a, b in zip(default, keras, strict=True) if a.ndim == 4 and a.shape[1] == a.shape[0] >= 64]
+    assert deep and all(float(b.std() / a.std()) == pytest.approx(3**0.5, rel=0.05) for a, b in deep)
