@@ -112,9 +112,8 @@ def param_importances(trials: list[TrialRow], dims: dict[str, Dimension]) -> Imp
     if n < 2:
         return Importances(trials=n, note=f"{n} trial(s) ran the full budget; importances need 2 or more")
     try:
-        evaluator = (
-            optuna.importance.PedAnovaImportanceEvaluator()
-        )  # named: a new Optuna default would change the report
+        # Named, not Optuna's default: a new default would silently change what the report means.
+        evaluator = optuna.importance.PedAnovaImportanceEvaluator()
         values = optuna.importance.get_param_importances(study, evaluator=evaluator)
     except (RuntimeError, ValueError, ZeroDivisionError) as exc:
         return Importances(trials=n, note=f"importances unavailable: {exc}")
