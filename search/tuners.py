@@ -48,6 +48,56 @@ def _trainable(cfg: SearchConfig, base: Config, evaluate_test: bool) -> Any:
     return tune.with_resources(fn, {"cpu": cfg.tune.cpus_per_trial, "gpu": gpus})
 
 
+def make_sampler(
+    seed: int, n_startup_trials: int, multivariate: bool | None = None, constant_liar: bool | None = None
+) -> optuna.samplers.TPESampler:
+    """The search's TPE sampler (benchmarks/search_replay.py replays searches with this very function).
+
+    ``None`` keeps Optuna's default for that option.
+    """
+    options = {k: v for k, v in (("multivariate", multivariate), ("constant_liar", constant_liar)) if v is not None}
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup_trials, **options)
+
+
+class StoppedAsPrunedSearch(OptunaSearch):
+    """Ray's OptunaSearch, but a trial that ASHA stopped before its budget is told to Optuna as PRUNED.
+
+    Ray's OptunaSearch tells every trial that ended without an error as COMPLETE with its last
+    value, so TPE ranks a value from 4 epochs beside values from 36. A PRUNED trial keeps its
+    intermediate values, and TPE orders pruned trials behind complete ones by the step they reached.
+    """
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        epoch, budget = (result or {}).get("epoch"), (result or {}).get("budget_epochs")
+        stopped = not error and epoch is not None and budget is not None and epoch < budget
+        if not stopped or trial_id in self._completed_trials:
+            return super().on_trial_complete(trial_id, result=result, error=error)
+        ot_trial = self._ot_trials[trial_id]
+        value = result.get(self.metric)
+        if value is not None and math.isfinite(value):
+            # Tune does not pass the stopping result to on_trial_result: report it, so the pruned
+            # trial's last intermediate value is the one ASHA judged.
+            ot_trial.report(value, result.get("training_iteration", epoch))
+        self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.PRUNED)
+        self._completed_trials.add(trial_id)
+
+
+def make_searcher(sampler: optuna.samplers.BaseSampler, points: list[dict], stopped_as_pruned: bool) -> OptunaSearch:
+    cls = StoppedAsPrunedSearch if stopped_as_pruned else OptunaSearch
+    return cls(sampler=sampler, points_to_evaluate=list(points) or None)
+
+
+def make_scheduler(max_t: int, grace_period: int, reduction_factor: float) -> ASHAScheduler:
+    # Rungs in epochs, which are equal samples for every trial: load_search_config refused any batch
+    # size that does not divide base.train.samples_per_epoch (search/config.py, check_budget).
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        max_t=max_t,
+        grace_period=min(grace_period, max_t),
+        reduction_factor=reduction_factor,
+    )
+
+
 def _run_config(cfg: SearchConfig, root: str, name: str, callbacks: list[Callback]) -> tune.RunConfig:
     return tune.RunConfig(
         name=name,
@@ -107,16 +157,9 @@ def run_search(cfg: SearchConfig, root: str, resume: bool, resume_cmd: str) -> t
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
     else:
         budget = cfg.base.train.epochs
-        sampler = optuna.samplers.TPESampler(seed=cfg.tune.seed, n_startup_trials=cfg.tune.n_startup_trials)
-        searcher = OptunaSearch(sampler=sampler, points_to_evaluate=list(cfg.tune.points_to_evaluate) or None)
-        # Rungs in epochs, which are equal samples for every trial: load_search_config refused any batch
-        # size that does not divide base.train.samples_per_epoch (search/config.py, check_budget).
-        scheduler = ASHAScheduler(
-            time_attr="training_iteration",
-            max_t=cfg.base.train.epochs,
-            grace_period=min(cfg.tune.grace_period, cfg.base.train.epochs),
-            reduction_factor=cfg.tune.reduction_factor,
-        )
+        sampler = make_sampler(cfg.tune.seed, cfg.tune.n_startup_trials)
+        searcher = make_searcher(sampler, cfg.tune.points_to_evaluate, stopped_as_pruned=False)
+        scheduler = make_scheduler(cfg.base.train.epochs, cfg.tune.grace_period, cfg.tune.reduction_factor)
         tuner = tune.Tuner(
             trainable,
             param_space=param_space(cfg.dimensions()),
