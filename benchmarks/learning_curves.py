@@ -22,9 +22,10 @@ What it holds:
 - ``meta``: the machine, torch's version, the base config every run is resolved against.
 
 Every run is trained by ``bss_model.train.train`` -- the project's own loop, not a copy. Simulated
-time comes from the throughput measured in a first phase, one configuration at a time on an
-otherwise idle machine, not from the wall clock of the training phase (which runs ``--workers``
-processes side by side, niced, on a shared machine).
+time comes from the throughput measured in a first phase, one configuration at a time, as samples
+per second of CPU time on one thread (``measure_throughput``): on a shared machine that figure is
+what the config costs on a core of its own, where the wall clock of the training phase (which runs
+``--workers`` processes side by side, niced) says mostly what else was running.
 
 Resumable: the file is rewritten atomically after each finished run, and a rerun skips what is
 there; a kill loses only the runs in flight.
@@ -89,10 +90,10 @@ SEARCH_POINTS = [
 ]  # fmt: skip
 
 SCALES: dict[str, dict[str, Any]] = {
-    # A 2-core CPU with native bf16: the reference shape at filters 8 trains ~600 samples/s on one thread.
-    # 16 epochs x 1,536 samples: the reference is still improving at the end (checked in the table:
-    # ``reference_still_improving``). 1,536 is a multiple of lcm(64, 128, 256), so every batch size
-    # sees the same samples per epoch, as check_fair_budget demands of the real search.
+    # A 2-core CPU with native bf16: the reference shape (filters 4 here) trains ~1,200 samples/s on one
+    # thread. 16 epochs x 1,024 samples: the reference is still improving at the end (checked in the
+    # table: ``reference_still_improving``). 1,024 is a multiple of lcm(64, 128, 256), so every batch
+    # size sees the same samples per epoch, as check_fair_budget demands of the real search.
     "cpu": {
         "width_divisor": 8,
         "configs": 150,
@@ -224,14 +225,17 @@ def _splits(cfg):
 
 
 def measure_throughput(resolved: dict[str, Any]) -> float:
-    """Training samples/s of one config, alone: the best of a few epochs after a warm-up epoch.
+    """Training samples per second of one core's CPU time (per second of GPU time on CUDA), for one config.
 
-    The real training loop over a short budget (2 steps' worth of val pairs, no checkpoint worth
-    keeping); the first epoch carries warm-up costs (oneDNN primitive creation, compile on CUDA).
+    The real training loop over a short budget; the first epoch carries warm-up costs (oneDNN
+    primitive creation, compile on CUDA) and is dropped. On a CPU the time is the process's CPU
+    time, not the wall clock: with one intra-op thread a run's CPU time per sample hardly depends on
+    what else the machine runs, while its wall time doubles when another job takes the core.
     """
     import tempfile
 
-    from bss_model.config import config_from_dict
+    import torch
+
     from bss_model.train import train
 
     d = copy.deepcopy(resolved)
@@ -239,10 +243,27 @@ def measure_throughput(resolved: dict[str, Any]) -> float:
     d["train"].update(epochs=3, samples_per_epoch=b * max(2, 512 // b), schedule="cosine", warmup_epochs=0.0)
     d["data"]["val_pairs"] = 16
     cfg = config_from_dict(d)
+    cuda = cfg.train.device.startswith("cuda") or (cfg.train.device == "auto" and torch.cuda.is_available())
+    clock = time.perf_counter if cuda else time.process_time  # CUDA: train() synchronises each epoch
+    marks = [clock()]
     with tempfile.TemporaryDirectory() as tmp:
-        r = train(cfg, out_dir=tmp, splits=_splits(cfg))
-    rates = [h["samples_per_s"] for h in r.history[1:]]
-    return float(max(rates)) if rates else math.nan
+        r = train(cfg, on_epoch=lambda m, _: marks.append(clock()), out_dir=tmp, splits=_splits(cfg))
+    spans = [b - a for a, b in zip(marks[1:], marks[2:], strict=False)]
+    return float(cfg.train.epoch_samples / min(spans)) if spans and r.status == "completed" else math.nan
+
+
+def measure_config(job: tuple[int, dict[str, Any]]) -> tuple[int, dict[str, Any]]:
+    """Phase 1 for one config: its parameter count and throughput (or why it could not be measured)."""
+    from bss_model.model import build_model, count_parameters
+
+    cid, resolved = job
+    fields: dict[str, Any] = {"n_params": count_parameters(build_model(config_from_dict(resolved).model))}
+    try:
+        fields["samples_per_s"] = round(measure_throughput(resolved), 1)
+    except Exception as exc:  # e.g. out of memory on a GPU: the config stays out of the replay
+        fields["samples_per_s"] = None
+        fields["throughput_error"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
+    return cid, fields
 
 
 def train_run(job: tuple[int, int, dict[str, Any]]) -> dict[str, Any]:
@@ -312,7 +333,10 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
         table = json.loads(out.read_text())
         if table.get("meta", {}).get("base") != base or table.get("space") != space:
             raise SystemExit(f"{out} was built with another base or space: pass another --out, or delete it")
-    table.setdefault("meta", {"scale": args.scale, "base": base, "draw_seed": args.seed, "machine": machine()})
+    meta = {"scale": args.scale, "base": base, "draw_seed": args.seed, "machine": machine()}
+    # samples_per_s: per second of one core's CPU time (per second of wall time on CUDA).
+    meta["throughput_clock"] = "cuda wall" if meta["machine"].get("gpu") else "cpu process time, 1 thread"
+    table.setdefault("meta", meta)
     table["space"] = space
     table.setdefault("configs", [])
     table.setdefault("runs", [])
@@ -329,26 +353,16 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
         table["runs"].sort(key=lambda r: (r["config"], r["seed"]))
         atomic_write_json(out, table)
 
-    # Phase 1: throughput, one config at a time, one process (the machine otherwise idle).
-    from bss_model.model import build_model, count_parameters
-
+    # Phase 1: throughput, measured in CPU time (robust to the other workers: see measure_throughput).
     todo = [c for c in table["configs"] if "samples_per_s" not in c]
-    if todo:
-        print(f"throughput: {len(todo)} configs, one at a time", flush=True)
-        if args.nice:
-            os.nice(0)
-        _worker_init(0)
-        for i, c in enumerate(todo):
-            cfg = config_from_dict(c["resolved"])
-            c["n_params"] = count_parameters(build_model(cfg.model))
-            try:
-                c["samples_per_s"] = round(measure_throughput(c["resolved"]), 1)
-            except Exception as exc:
-                c["samples_per_s"] = None
-                c["throughput_error"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
-            c["load_avg_1m"] = os.getloadavg()[0]
-            print(f"  [{i + 1}/{len(todo)}] config {c['id']}: {c['samples_per_s']} samples/s", flush=True)
-            if (i + 1) % 10 == 0 or i + 1 == len(todo):
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(args.workers, initializer=_worker_init, initargs=(args.nice,), maxtasksperchild=20) as pool:
+        if todo:
+            print(f"throughput: {len(todo)} configs", flush=True)
+        for i, (cid, fields) in enumerate(pool.imap(measure_config, [(c["id"], c["resolved"]) for c in todo]), 1):
+            known[cid].update(fields)
+            print(f"  [{i}/{len(todo)}] config {cid}: {fields.get('samples_per_s')} samples/s", flush=True)
+            if i % 10 == 0 or i == len(todo):
                 save()
 
     # Phase 2: the runs, --workers processes side by side.
@@ -359,11 +373,10 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
         for s in seeds:
             if (c["id"], s) not in done:
                 jobs.append((c["id"], s, resolve(base, c["params"], s)))
-    # Cheap first within each seed: a partial table (killed early) still has its seed-0 curves.
+    # In config order, a noise config's extra seeds beside it: a table killed early is a smaller whole table.
     jobs.sort(key=lambda j: (j[1] > 0 and j[0] >= noise_configs, j[0]))
     print(f"training: {len(jobs)} runs to go ({len(done)} done), {args.workers} workers", flush=True)
     t0 = time.time()
-    ctx = mp.get_context("spawn")
     with ctx.Pool(args.workers, initializer=_worker_init, initargs=(args.nice,), maxtasksperchild=20) as pool:
         for k, row in enumerate(pool.imap_unordered(train_run, jobs), 1):
             table["runs"].append(row)
