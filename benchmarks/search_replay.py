@@ -160,6 +160,7 @@ METHODS = [
     Method("random-2x", sampler="random", asha=False, budget_factor=2.0),
     Method("tpe+asha-pruned", sampler="tpe", asha=True, stopped_as_pruned=True),
     Method("tpe+asha-independent", sampler="tpe", asha=True, multivariate=False),
+    Method("tpe+asha-no-liar", sampler="tpe", asha=True, constant_liar=False),
     Method("tpe+asha+points", sampler="tpe", asha=True, points=True),
 ]
 
@@ -425,6 +426,44 @@ def compare(
     return out
 
 
+def sweep(table: Table, method: Method, base: Settings, seeds: int, processes: int) -> list[dict[str, Any]]:
+    """One setting at a time around ``base``: the final regret and compute of ``method`` for each value."""
+    grid = {
+        "grace_period": [1, 2, 4],
+        "reduction_factor": [2, 3, 4],
+        "n_startup_trials": [8, 16, 24, 48],
+        "workers": [4, 8, 16, 32],
+        "num_samples": [48, 96, 144],
+    }
+    rows, seen = [], set()
+    for key, values in grid.items():
+        for value in values:
+            settings = dataclasses.replace(base, **{key: value})
+            if settings in seen:
+                continue  # the base itself is measured once, under the first key
+            seen.add(settings)
+            res = compare(table, [method], settings, seeds, processes)["methods"][method.name]
+            rows.append(
+                {
+                    "vary": key,
+                    "settings": dataclasses.asdict(settings),
+                    "final_regret_median": res["final_regret_median"],
+                    "final_regret_q25": res["final_regret_q25"],
+                    "final_regret_q75": res["final_regret_q75"],
+                    "total_compute_median": res["total_compute_median"],
+                    "total_wall_median": res["total_wall_median"],
+                }
+            )
+            r = rows[-1]
+            print(
+                f"  {key}={value}: regret {r['final_regret_median']:.3f} [{r['final_regret_q25']:.3f}, "
+                f"{r['final_regret_q75']:.3f}] compute {r['total_compute_median']:.0f} s wall "
+                f"{r['total_wall_median']:.0f} s",
+                flush=True,
+            )
+    return rows
+
+
 def plot(result: dict[str, Any], path: str) -> None:
     import matplotlib
 
@@ -467,6 +506,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grace-period", type=int, default=Settings.grace_period, help="in table epochs")
     p.add_argument("--reduction-factor", type=int, default=Settings.reduction_factor)
     p.add_argument("--processes", type=int, default=2)
+    p.add_argument("--sweep", default=None, metavar="METHOD", help="also vary each setting around the given ones")
+    p.add_argument("--sweep-seeds", type=int, default=10)
     args = p.parse_args(argv)
     table = Table.load(args.table)
     methods = [m for m in METHODS if args.methods is None or m.name in args.methods]
@@ -488,6 +529,11 @@ def main(argv: list[str] | None = None) -> int:
     if "compute_ratio_tpe_asha_vs_random" in result:
         print(f"compute ratio tpe+asha vs random: {result['compute_ratio_tpe_asha_vs_random']:.3f}")
     print(f"replay took {result['replay_seconds']} s")
+    if args.sweep:
+        method = next(m for m in METHODS if m.name == args.sweep)
+        print(f"sweep of {method.name}, {args.sweep_seeds} seeds per setting:")
+        result["sweep"] = {"method": method.name, "seeds": args.sweep_seeds}
+        result["sweep"]["rows"] = sweep(table, method, settings, args.sweep_seeds, args.processes)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1, default=float))
     if args.plot:

@@ -116,6 +116,7 @@ def test_a_synthetic_table_runs_end_to_end_through_every_method(tmp_path):
     out, png = tmp_path / "replay.json", tmp_path / "replay.png"
     argv = ["--table", str(path), "--json", str(out), "--plot", str(png), "--seeds", "2", "--processes", "1"]
     argv += ["--num-samples", "12", "--workers", "3", "--n-startup-trials", "4", "--grace-period", "1"]
+    argv += ["--sweep", "tpe+asha", "--sweep-seeds", "1"]
     assert sr.main(argv) == 0
     result = json.loads(out.read_text())
     assert result["table"] == {"file": str(path), "configs": 40, "epochs": 9}
@@ -132,6 +133,11 @@ def test_a_synthetic_table_runs_end_to_end_through_every_method(tmp_path):
     assert set(result["rank_correlation_vs_final"]) == {str(e) for e in range(1, 10)}
     assert result["rank_correlation_vs_final"]["9"] == pytest.approx(1.0)
     assert png.stat().st_size > 10_000
+    rows = result["sweep"]["rows"]
+    varied = {r["vary"] for r in rows}
+    assert varied == {"grace_period", "reduction_factor", "n_startup_trials", "workers", "num_samples"}
+    assert len({json.dumps(r["settings"], sort_keys=True) for r in rows}) == len(rows)  # each setting once
+    assert {r["settings"]["grace_period"] for r in rows if r["vary"] == "grace_period"} == {1, 2, 4}
 
 
 @pytest.mark.slow
