@@ -10,7 +10,15 @@ An experiment lives in one folder, ``<storage_path>/<name>/``:
 
 ``tensorboard --logdir <storage_path>/<name>`` shows every trial and retrain seed. With URI
 storage (s3://, gs://) Tune writes the two experiments there directly; the files the driver
-writes go to a local mirror, ``results/<name>/``, and are uploaded.
+writes go to a local mirror, ``results/<name>/``, and are uploaded. The storage is the truth:
+a run reads ``search_config.yaml`` and ``search_summary.json`` back from it (and ``optuna.db``
+when the mirror has none), so a driver on another machine, with an empty mirror, resumes the
+experiment as well as the one that started it.
+
+S3 and S3-compatible stores (MinIO, SeaweedFS, Ceph) are configured the AWS way, through the
+environment only: ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` (or a profile, or an instance
+role) and, for a store that is not AWS, ``AWS_ENDPOINT_URL`` (e.g. ``http://minio:9000``), which
+pyarrow -- and so Ray -- reads like the AWS SDKs do.
 """
 
 from __future__ import annotations
@@ -37,6 +45,64 @@ def is_uri(path: str) -> bool:
     return "://" in path
 
 
+# pyarrow filesystems by type_name, and the scheme of their URIs.
+_SCHEMES = {"s3": "s3", "gcs": "gs", "hdfs": "hdfs"}
+
+
+def uri_of(path: str, filesystem: object | None) -> str:
+    """A path that Ray gives with its filesystem (a Result's ``path``, a Checkpoint's ``path``) as a URI.
+
+    Ray's paths on object storage lack their scheme (``bucket/key``); pyarrow, and a ``Checkpoint``
+    built from one, would read that as a local path. Local paths are returned as they are.
+    """
+    scheme = _SCHEMES.get(getattr(filesystem, "type_name", "local"))
+    if scheme is None or is_uri(path):
+        return path
+    return f"{scheme}://{path.lstrip('/')}"
+
+
+def _storage_error(root: str, exc: Exception) -> ConfigError:
+    """One line naming what is wrong with URI storage and the fix: endpoint, bucket or credentials."""
+    text = " ".join(str(exc).split())
+    endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
+    bucket = root.split("://", 1)[1].split("/", 1)[0]
+    at = f" at {endpoint}" if endpoint else ""
+    if "NETWORK_CONNECTION" in text or "Could not connect" in text or "Could not resolve" in text:
+        where = f"AWS_ENDPOINT_URL={endpoint}" if endpoint else "the default AWS endpoint"
+        return ConfigError(
+            f"storage {root} cannot be reached ({where}: {text}): start the S3 server, or set AWS_ENDPOINT_URL to "
+            "its address (e.g. http://127.0.0.1:9000 for MinIO, :8333 for SeaweedFS; unset for AWS)"
+        )
+    if "not found" in text.lower() and "bucket" in text.lower() or "NoSuchBucket" in text:
+        return ConfigError(
+            f"storage {root}: bucket '{bucket}' does not exist{at}: create it (e.g. `aws s3 mb s3://{bucket}`) "
+            "or fix --storage-path / tune.storage_path"
+        )
+    if any(k in text for k in ("ACCESS_DENIED", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+                               "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH", "Forbidden", "403")):  # fmt: skip
+        return ConfigError(
+            f"storage {root}: access denied{at} ({text}): set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or "
+            f"AWS_PROFILE) to credentials that may write bucket '{bucket}'"
+        )
+    return ConfigError(
+        f"storage {root} cannot be written ({type(exc).__name__}: {text}): check the URI, AWS_ENDPOINT_URL and "
+        "the AWS_* credentials, or set tune.storage_path to a writable folder"
+    )
+
+
+def _filesystem(uri: str, quick: bool = False) -> tuple[object, str]:
+    """pyarrow's filesystem and path for ``uri``; ``quick``: S3 gives up after 2 attempts (a check, not a job)."""
+    import pyarrow.fs
+
+    fs, path = pyarrow.fs.FileSystem.from_uri(uri)
+    if quick and getattr(fs, "type_name", "") == "s3":
+        # The same filesystem (from_uri resolved region, endpoint and credentials from the URI and AWS_*),
+        # but with 2 attempts: an unreachable endpoint then fails in about a second, not ten.
+        options = dict(fs.__reduce__()[1][0])
+        fs = pyarrow.fs.S3FileSystem(**options, retry_strategy=pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=2))
+    return fs, path
+
+
 def experiment_root(cfg: SearchConfig) -> str:
     """``storage_path/name`` with local paths made absolute (trials chdir into their own dirs)."""
     storage = cfg.tune.storage_path
@@ -58,16 +124,15 @@ def tune_path(root: str, phase: str) -> str:
 def check_writable(root: str) -> None:
     """Fail early, with the fix, if the storage cannot be written."""
     if is_uri(root):
-        import pyarrow.fs
-
         try:
-            fs, path = pyarrow.fs.FileSystem.from_uri(root)
+            fs, path = _filesystem(root, quick=True)
             fs.create_dir(path, recursive=True)
+            probe = f"{path.rstrip('/')}/.write-probe-{os.getpid()}"
+            with fs.open_output_stream(probe) as f:
+                f.write(b"ok")
+            fs.delete_file(probe)
         except Exception as exc:  # pyarrow raises many types for auth/network/scheme problems
-            raise ConfigError(
-                f"storage {root} cannot be written ({type(exc).__name__}: {exc}): check the URI and credentials,"
-                " or set tune.storage_path to a writable folder"
-            ) from None
+            raise _storage_error(root, exc) from None
         return
     path = Path(root)
     try:
@@ -101,6 +166,30 @@ def upload(root: str, local: Path, names: list[str]) -> None:
             pyarrow.fs.copy_files(str(local / name), f"{base}/{name}", destination_filesystem=fs)
 
 
+def download(root: str, local: Path, names: list[str], missing_only: bool = False) -> set[str]:
+    """Copy files of URI storage into the local mirror; returns the names that storage has (for local
+    storage: those the folder has). ``missing_only``: keep a file the mirror already has (one the
+    driver writes locally and uploads later)."""
+    if not is_uri(root):
+        return {name for name in names if (local / name).exists()}
+    import pyarrow.fs
+
+    fs, base = pyarrow.fs.FileSystem.from_uri(root)
+    found = set()
+    for name in names:
+        target = local / name
+        if fs.get_file_info(f"{base}/{name}").type != pyarrow.fs.FileType.File:
+            continue
+        found.add(name)
+        if missing_only and target.exists():
+            continue
+        local.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{name}.download")
+        pyarrow.fs.copy_files(f"{base}/{name}", str(tmp), source_filesystem=fs)
+        os.replace(tmp, target)
+    return found
+
+
 def save_resolved_config(cfg: SearchConfig, root: str) -> None:
     text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
     out = local_dir(root)
@@ -110,7 +199,7 @@ def save_resolved_config(cfg: SearchConfig, root: str) -> None:
 
 def load_saved_config(root: str) -> SearchConfig | None:
     path = local_dir(root) / CONFIG_FILE
-    if not path.exists():
+    if CONFIG_FILE not in download(root, path.parent, [CONFIG_FILE]):
         return None
     return search_config_from_dict(yaml.safe_load(path.read_text()))
 
@@ -124,7 +213,7 @@ def save_summary(root: str, summary: SearchSummary) -> None:
 def load_summary(root: str) -> SearchSummary | None:
     """The finished search's summary; None while the search has not finished."""
     path = local_dir(root) / SUMMARY_FILE
-    if not path.exists():
+    if SUMMARY_FILE not in download(root, path.parent, [SUMMARY_FILE]):  # storage, not the mirror, decides
         return None
     return SearchSummary.from_dict(json.loads(path.read_text()))
 
@@ -134,7 +223,7 @@ RESULT_FILES = (SUMMARY_FILE, "report.json", "best_model.pt")
 
 
 def _tune_entries(path: str) -> list[str]:
-    """The names in a Tune experiment folder (local or URI); empty if it does not exist."""
+    """The names in a folder of the experiment (local or URI), folders with a trailing /; empty if it does not exist."""
     if not is_uri(path):
         return [p.name + ("/" if p.is_dir() else "") for p in Path(path).iterdir()] if Path(path).is_dir() else []
     import pyarrow.fs
@@ -151,7 +240,7 @@ def has_started(root: str) -> bool:
     its config, its log and Tune's tuner.pkl: nothing to resume and nothing to lose, so its name is
     free for the next run.
     """
-    if any((local_dir(root) / name).exists() for name in RESULT_FILES):
+    if set(RESULT_FILES) & set(_tune_entries(root)):  # in storage: the local mirror may be stale or absent
         return True
     for phase in ("search", "retrain"):
         for name in _tune_entries(tune_path(root, phase)):
