@@ -116,6 +116,8 @@ def search_retrain_report(
     resolve_data_dir(cfg.base, data_dir)
     check_data(cfg.base, address)
     root = storage.prepare_experiment(cfg, resume)
+    if resume:  # a driver on another machine (an empty mirror) goes on with the study in storage
+        storage.download(root, storage.local_dir(root), [study.STUDY_FILE], missing_only=True)
     setup_logging(storage.local_dir(root) / "search.log")
     init_ray(address)
     if not resume or storage.load_saved_config(root) is None:

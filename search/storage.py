@@ -30,7 +30,7 @@ from pathlib import Path
 
 import yaml
 
-from bss_model.errors import ConfigError
+from bss_model.errors import BssError, ConfigError
 from bss_model.io import atomic_write_json, atomic_write_text
 from search.config import SearchConfig, search_config_from_dict
 from search.results import SearchSummary
@@ -39,6 +39,29 @@ log = logging.getLogger("bss")
 
 CONFIG_FILE = "search_config.yaml"
 SUMMARY_FILE = "search_summary.json"
+
+
+class StorageUnavailable(BssError):
+    """The experiment's storage stopped answering mid-run; what it holds is kept and a resume continues."""
+
+    exit_code = 75  # EX_TEMPFAIL: try again later
+
+
+# How pyarrow words a storage that does not answer (or refuses), in the errors of trials and of Tune.
+STORAGE_FAILURES = ("AWS Error", "When testing for existence of bucket", "GCS Error", "Could not connect to server")
+
+
+def storage_failure(text: str) -> bool:
+    """Whether an error text (a trial's, or Tune's) says the storage failed, rather than the trial."""
+    return any(k in text for k in STORAGE_FAILURES)
+
+
+def storage_lost(root: str, what: str, exc: BaseException | str, resume_cmd: str) -> StorageUnavailable:
+    text = " ".join(str(exc).split())
+    return StorageUnavailable(
+        f"the storage of {root} failed during the {what} ({text[:300]}): the trials' checkpoints and the state "
+        f"saved before the failure are kept there; once the storage answers again, resume with `{resume_cmd}`"
+    )
 
 
 def is_uri(path: str) -> bool:
@@ -163,7 +186,13 @@ def upload(root: str, local: Path, names: list[str]) -> None:
     fs, base = pyarrow.fs.FileSystem.from_uri(root)
     for name in names:
         if (local / name).exists():
-            pyarrow.fs.copy_files(str(local / name), f"{base}/{name}", destination_filesystem=fs)
+            try:
+                pyarrow.fs.copy_files(str(local / name), f"{base}/{name}", destination_filesystem=fs)
+            except OSError as exc:
+                raise StorageUnavailable(
+                    f"could not upload {name} to {root} ({' '.join(str(exc).split())[:300]}): the file is in {local};"
+                    " rerun the same command with --resume once the storage answers"
+                ) from None
 
 
 def download(root: str, local: Path, names: list[str], missing_only: bool = False) -> set[str]:
