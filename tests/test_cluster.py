@@ -1,0 +1,211 @@
+"""A Ray cluster whose nodes share nothing but S3 (issue 17), driven the README's way: `ray start --head`,
+`ray start --address=...` for a worker, and the search sent with `ray job submit --working-dir .`.
+
+Two nodes on this machine, each with its own temp dir (--temp-dir), working directory, TMPDIR, HOME and
+copy of the data; the experiment on a real S3 server (SeaweedFS, tests/_s3util.py). Trials run on the
+worker and write their checkpoints to S3 from there; the worker node is then lost (every process of it
+SIGKILLed) mid-trial, and its trial resumes on the head from its checkpoint in S3 -- the head never sees
+the worker's disk. A second job with --resume reads the finished experiment back from S3. Every node
+and server is stopped by PID (found by its unique temp dir too) even when the test fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from _s3util import BUCKET, WeedServer, s3_tree, weed_server
+from _searchutil import PY, REPO, TINY, Proc, children_of, env_with, free_port, sets
+
+RAY = str(Path(PY).with_name("ray"))
+EPOCHS = 4  # after the worker's first checkpoint its trial still has epochs left when the kill lands
+
+
+def processes_under(folder: Path) -> set[int]:
+    """The pids whose command line names ``folder`` (a node's unique temp dir): what is left of a node."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                if str(folder).encode() in Path(f"/proc/{entry}/cmdline").read_bytes():
+                    found.add(int(entry))
+    return found
+
+
+class Node:
+    """One `ray start --block` node in its own session, with its own folders and ports."""
+
+    def __init__(self, name: str, work: Path, env: dict[str, str], args: list[str]) -> None:
+        # Short: Ray's unix sockets live under the temp dir, and socket paths are limited to 107 bytes.
+        self.temp = Path(tempfile.mkdtemp(prefix=f"bss-{name}-", dir="/tmp"))
+        self.work = work / name
+        (self.work / "tmp").mkdir(parents=True)
+        env = {**env, "TMPDIR": str(self.work / "tmp"), "HOME": str(self.work), "RAY_USAGE_STATS_ENABLED": "0"}
+        ports = [("--node-manager-port", free_port()), ("--object-manager-port", free_port()),
+                 ("--dashboard-agent-listen-port", free_port()), ("--dashboard-agent-grpc-port", free_port()),
+                 ("--runtime-env-agent-port", free_port()), ("--metrics-export-port", free_port())]  # fmt: skip
+        low = free_port()
+        argv = [RAY, "start", "--block", "--num-cpus=1", "--node-ip-address=127.0.0.1", f"--temp-dir={self.temp}",
+                f"--min-worker-port={low}", f"--max-worker-port={low + 40}", "--disable-usage-stats",
+                *[f"{flag}={port}" for flag, port in ports], *args]  # fmt: skip
+        self.proc = Proc(argv, self.work, env, "ray")
+
+    def pids(self) -> set[int]:
+        self.proc.poll()
+        return self.proc.seen | processes_under(self.temp)
+
+    def kill(self) -> None:
+        """SIGKILL every process of this node: a lost machine."""
+        for _ in range(3):  # a dying raylet's workers can outlive the first pass by a moment
+            for pid in self.pids():
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+            self.proc.cleanup()
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        self.kill()
+        left = processes_under(self.temp)
+        shutil.rmtree(self.temp, ignore_errors=True)
+        assert not left, f"processes of {self.temp} survived: {left}"
+
+
+@contextlib.contextmanager
+def nodes(work: Path, head_env: dict[str, str], worker_env: dict[str, str]) -> Iterator[dict[str, Any]]:
+    gcs, dashboard = free_port(), free_port()
+    started: list[Node] = []
+    try:
+        head_args = ["--head", f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+                     f"--ray-client-server-port={free_port()}"]  # fmt: skip
+        head = Node("head", work, head_env, head_args)
+        started.append(head)
+        address = f"http://127.0.0.1:{dashboard}"
+        wait_for_nodes(address, 1, head)
+        worker = Node("worker", work, worker_env, [f"--address=127.0.0.1:{gcs}"])
+        started.append(worker)
+        ids = wait_for_nodes(address, 2, worker)
+        yield {"address": address, "head": head, "worker": worker, **ids}
+    finally:
+        for node in reversed(started):
+            node.stop()
+
+
+def wait_for_nodes(address: str, count: int, node: Node, timeout: float = 120) -> dict[str, str]:
+    """``{"head_id": ..., "worker_id": ...}`` once ``count`` nodes are alive (from the dashboard's state API)."""
+    from ray.util.state import list_nodes
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if node.proc.poll() is not None:
+            raise AssertionError(f"ray start exited ({node.proc.p.returncode}):\n{node.proc.tail()}")
+        with contextlib.suppress(Exception):  # the dashboard is still starting
+            alive = [n for n in list_nodes(address=address, timeout=10, raise_on_missing_output=False)
+                     if n.state == "ALIVE"]  # fmt: skip
+            if len(alive) >= count:
+                ids = {("head_id" if n.is_head_node else "worker_id"): n.node_id for n in alive}
+                return ids
+        time.sleep(1)
+    raise AssertionError(f"{count} Ray node(s) not alive after {timeout:.0f} s:\n{node.proc.tail()}")
+
+
+def s3_rows(server: WeedServer, key: str) -> list[dict[str, Any]]:
+    with contextlib.suppress(OSError), server.filesystem().open_input_stream(key) as f:
+        return [json.loads(line) for line in f.read().decode().splitlines() if line.strip()]
+    return []
+
+
+def repo_copy(dest: Path) -> Path:
+    """The project as a clone has it (tracked and new files), plus what a job must not ship: a virtualenv,
+    results, data and git history."""
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
+    for name in files:
+        if (REPO / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, dest / name)
+    for junk in (".venv/bin/junk", "results/old-run/junk", "data/mnist/junk", ".git/junk"):
+        (dest / junk).parent.mkdir(parents=True, exist_ok=True)
+        (dest / junk).write_bytes(b"must not be shipped")
+    return dest
+
+
+@pytest.mark.slow
+def test_job_submit_on_nodes_that_share_only_s3_survives_losing_the_worker(tmp_path: Path, data_dir: Path) -> None:
+    with weed_server(tmp_path / "weed") as s3:
+        s3.make_bucket()
+        base = {k: v for k, v in env_with(data_dir, **s3.env()).items() if k not in ("BSS_DATA_DIR", "PYTHONPATH")}
+        base.update(RAY_health_check_period_ms="1000", RAY_health_check_failure_threshold="3")
+        own = {}
+        for name in ("head", "worker"):  # each node's own copy of the data
+            own[name] = tmp_path / f"data-{name}"
+            shutil.copytree(data_dir, own[name])
+        with nodes(tmp_path, {**base, "BSS_DATA_DIR": str(own["head"])},
+                   {**base, "BSS_DATA_DIR": str(own["worker"])}) as cluster:  # fmt: skip
+            repo = repo_copy(tmp_path / "repo")
+            name, prefix = "nodes", f"{BUCKET}/cluster/nodes"
+            longer = [*TINY, f"base.train.epochs={EPOCHS}", f"tune.grace_period={EPOCHS}", "retrain.seeds=1"]
+            # The README's command (its smoke-sized variant), run from the repo the way it says.
+            job = [RAY, "job", "submit", "--address", cluster["address"], "--working-dir", ".", "--",
+                   "python", "search/run.py", "--config", "configs/smoke.yaml", "--storage-path", f"s3://{BUCKET}/cluster",
+                   "--name", name, *sets(*longer)]  # fmt: skip
+            client_env = {k: v for k, v in base.items() if not k.startswith("AWS_")}  # the client needs no storage
+            submit = Proc(job, repo, client_env, "submit")
+            try:
+                worker = cluster["worker"]
+
+                def trial_on_worker() -> str | None:
+                    worker.pids()
+                    for pid in children_of(worker.proc.pid):
+                        with contextlib.suppress(OSError):
+                            trial = Path(os.readlink(f"/proc/{pid}/cwd")).name
+                            keys = s3_tree(s3, f"{prefix}/search")
+                            if any(k.startswith(f"{trial}/checkpoint_000000/") for k in keys):
+                                return trial
+                    return None
+
+                trial = submit.wait_until(trial_on_worker, 300, "a trial on the worker to checkpoint to S3")
+                worker.kill()
+                rc = submit.finish(400)
+            finally:
+                submit.cleanup()
+            assert rc == 0, submit.tail()
+            assert "report:" in submit.out and "test MSE" in submit.out, submit.tail()
+
+            tree = s3_tree(s3, prefix)
+            assert {"report.json", "best_model.pt", "optuna.db", "search_summary.json"} <= set(tree)
+            with s3.filesystem().open_input_stream(f"{prefix}/report.json") as f:
+                report = json.loads(f.read())
+            assert report["num_trials"] == report["num_completed"] == 3 and report["num_errored"] == 0
+            rows = s3_rows(s3, f"{prefix}/search/{trial}/result.json")
+            assert rows[-1]["epoch"] == EPOCHS and rows[-1]["node_id"] == cluster["head_id"], "finished on the head"
+            on_head = [r["epoch"] for r in rows if r["node_id"] == cluster["head_id"]]
+            assert on_head and min(on_head) > 1, f"resumed from its S3 checkpoint, not from scratch: {on_head}"
+            with s3.filesystem().open_input_stream(f"{prefix}/search/{trial}/error.txt") as f:
+                assert b"Failure # 1" in f.read()
+            placed = {r["node_id"] for t in tree if t.endswith("/result.json") for r in s3_rows(s3, f"{prefix}/{t}")}
+            assert cluster["worker_id"] in placed, "trials ran on the worker"
+
+            # The job shipped the code and nothing else (the head unpacked it under its own temp dir).
+            shipped = [p for p in cluster["head"].temp.glob("session_*/runtime_resources/working_dir_files/*")]
+            assert shipped and all((p / "search" / "run.py").is_file() for p in shipped)
+            for p in shipped:
+                assert not any((p / junk).exists() for junk in (".venv", "results/old-run", "data", ".git")), p
+
+            # A resume on the cluster reads the finished experiment back from S3 and trains nothing.
+            resume = Proc([*job, "--resume"], repo, client_env, "resume")
+            try:
+                assert resume.finish(300) == 0, resume.tail()
+            finally:
+                resume.cleanup()
+            assert "search already finished (3 trials)" in resume.out and "report:" in resume.out, resume.tail()
+            assert "epoch 1/" not in resume.out
