@@ -145,6 +145,8 @@ def test_job_submit_on_nodes_that_share_only_s3_survives_losing_the_worker(tmp_p
         s3.make_bucket()
         base = {k: v for k, v in env_with(data_dir, **s3.env()).items() if k not in ("BSS_DATA_DIR", "PYTHONPATH")}
         base.update(RAY_health_check_period_ms="1000", RAY_health_check_failure_threshold="3")
+        # As `source .venv/bin/activate` leaves it (the README's recipe): a job's `python` is the venv's.
+        base.update(PATH=f"{Path(PY).parent}:{base['PATH']}", VIRTUAL_ENV=str(Path(PY).parent.parent))
         own = {}
         for name in ("head", "worker"):  # each node's own copy of the data
             own[name] = tmp_path / f"data-{name}"
@@ -153,22 +155,38 @@ def test_job_submit_on_nodes_that_share_only_s3_survives_losing_the_worker(tmp_p
                    {**base, "BSS_DATA_DIR": str(own["worker"])}) as cluster:  # fmt: skip
             repo = repo_copy(tmp_path / "repo")
             name, prefix = "nodes", f"{BUCKET}/cluster/nodes"
-            longer = [*TINY, f"base.train.epochs={EPOCHS}", f"tune.grace_period={EPOCHS}", "retrain.seeds=1"]
+            longer = [
+                *TINY,
+                f"base.train.epochs={EPOCHS}",
+                f"tune.grace_period={EPOCHS}",
+                "base.train.samples_per_epoch=2560",  # epochs of a few seconds: time to act between checkpoints
+                "retrain.seeds=1",
+                "tune.verbose=2",  # the driver prints each result it takes in
+            ]
             # The README's command (its smoke-sized variant), run from the repo the way it says.
             job = [RAY, "job", "submit", "--address", cluster["address"], "--working-dir", ".", "--",
                    "python", "search/run.py", "--config", "configs/smoke.yaml", "--storage-path", f"s3://{BUCKET}/cluster",
                    "--name", name, *sets(*longer)]  # fmt: skip
             client_env = {k: v for k, v in base.items() if not k.startswith("AWS_")}  # the client needs no storage
-            submit = Proc(job, repo, client_env, "submit")
+            # Run in the repo, its output kept outside (Ray hashes the folder while the job starts).
+            in_repo = ["/bin/sh", "-c", 'cd "$0" && exec "$@"', str(repo)]
+            submit = Proc([*in_repo, *job], tmp_path, client_env, "submit")
             try:
                 worker = cluster["worker"]
 
                 def trial_on_worker() -> str | None:
+                    """A trial running on the worker whose epoch-1 checkpoint is in S3 *and* known to the driver
+                    (tune.verbose=2: the driver prints each result it took in, and a result comes with its
+                    checkpoint), with epochs left. Before the driver knows it, Tune restarts a trial from scratch."""
                     worker.pids()
+                    out = submit.out
                     for pid in children_of(worker.proc.pid):
                         with contextlib.suppress(OSError):
                             trial = Path(os.readlink(f"/proc/{pid}/cwd")).name
-                            keys = s3_tree(s3, f"{prefix}/search")
+                            tid = "_".join(trial.split("_")[:3])  # train_trial_<id>
+                            told = f"Trial {tid} finished iteration 1 " in out
+                            left = f"Trial {tid} finished iteration 3 " not in out
+                            keys = s3_tree(s3, f"{prefix}/search") if told and left else {}
                             if any(k.startswith(f"{trial}/checkpoint_000000/") for k in keys):
                                 return trial
                     return None
@@ -196,16 +214,54 @@ def test_job_submit_on_nodes_that_share_only_s3_survives_losing_the_worker(tmp_p
             assert cluster["worker_id"] in placed, "trials ran on the worker"
 
             # The job shipped the code and nothing else (the head unpacked it under its own temp dir).
-            shipped = [p for p in cluster["head"].temp.glob("session_*/runtime_resources/working_dir_files/*")]
+            folders = cluster["head"].temp.glob("session_2*/runtime_resources/working_dir_files/_ray_pkg_*")
+            shipped = [p for p in folders if p.is_dir()]
             assert shipped and all((p / "search" / "run.py").is_file() for p in shipped)
             for p in shipped:
                 assert not any((p / junk).exists() for junk in (".venv", "results/old-run", "data", ".git")), p
 
             # A resume on the cluster reads the finished experiment back from S3 and trains nothing.
-            resume = Proc([*job, "--resume"], repo, client_env, "resume")
+            resume = Proc([*in_repo, *job, "--resume"], tmp_path, client_env, "resume")
             try:
                 assert resume.finish(300) == 0, resume.tail()
             finally:
                 resume.cleanup()
             assert "search already finished (3 trials)" in resume.out and "report:" in resume.out, resume.tail()
             assert "epoch 1/" not in resume.out
+
+
+# --------------------------------------------------------------------------------------
+# Fast: what the driver sends to a cluster
+
+
+def test_the_driver_ships_its_packages_in_a_form_a_job_can_merge(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inside a `ray job submit` job, ray.init merges its runtime env with the job's by deep copy: module
+    objects in py_modules made the README's job fail (TypeError: cannot pickle 'module' object)."""
+    import copy
+
+    import ray
+
+    import bss_model
+    import search
+    from search.cluster import init_ray
+
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: seen.update(kwargs))
+    init_ray("auto")
+    env = copy.deepcopy(seen["runtime_env"])  # what Ray does to it inside a job
+    assert [Path(m) for m in env["py_modules"]] == [Path(bss_model.__file__).parent, Path(search.__file__).parent]
+
+
+def test_on_a_cluster_each_node_reads_its_own_data_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The driver's $BSS_DATA_DIR names its own machine's disk: on a cluster it stays out of the config (and
+    each trial reads its node's $BSS_DATA_DIR); with a local Ray it goes into the config as before."""
+    from bss_model.config import load_config
+    from search.pipeline import resolve_data_dir
+
+    monkeypatch.setenv("BSS_DATA_DIR", str(tmp_path))
+    cfg = load_config(None, [])
+    resolve_data_dir(cfg, None, cluster=True)
+    assert cfg.data.dir == ""
+    resolve_data_dir(cfg, None)
+    assert cfg.data.dir == str(tmp_path)

@@ -280,7 +280,9 @@ def test_search_on_s3_survives_a_killed_driver_and_a_storage_outage(tmp_path: Pa
         server.make_bucket()
         name, prefix = "s3exp", f"{BUCKET}/exp/s3exp"
         env = env_with(data_dir, **server.env())
-        args = search_args("s3://bss/exp", name)
+        # No retries: in the outage each trial fails at its first upload instead of three times over (faster;
+        # Tune's own retries of its state uploads still run).
+        args = search_args("s3://bss/exp", name, *sets("tune.max_failures=0"))
         search = f"{prefix}/search"
         first, second = tmp_path / "first", tmp_path / "second"
         first.mkdir(), second.mkdir()
