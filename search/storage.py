@@ -278,6 +278,14 @@ def has_started(root: str) -> bool:
     return False
 
 
+def _portable(base: object) -> dict:
+    """A base config as --resume compares it: without ``data.dir``, which names a machine's own disk (a run
+    on a Ray cluster leaves it to each node's $BSS_DATA_DIR), not what the experiment trains."""
+    d = base.to_dict()  # type: ignore[attr-defined]
+    d.get("data", {}).pop("dir", None)
+    return d
+
+
 def prepare_experiment(cfg: SearchConfig, resume: bool) -> str:
     """Check the experiment folder against --resume; returns the experiment root."""
     root = experiment_root(cfg)
@@ -289,7 +297,7 @@ def prepare_experiment(cfg: SearchConfig, resume: bool) -> str:
             raise ConfigError(
                 f"cannot --resume: no experiment at {root}: drop --resume to start it, or fix tune.name/storage_path"
             )
-        if saved is not None and (saved.space != cfg.space or saved.base != cfg.base):
+        if saved is not None and (saved.space != cfg.space or _portable(saved.base) != _portable(cfg.base)):
             what = "search space" if saved.space != cfg.space else "base config"
             raise ConfigError(
                 f"cannot --resume {root}: it was created with a different {what}; resume with the experiment's own "

@@ -265,3 +265,23 @@ def test_on_a_cluster_each_node_reads_its_own_data_dir(monkeypatch: pytest.Monke
     assert cfg.data.dir == ""
     resolve_data_dir(cfg, None)
     assert cfg.data.dir == str(tmp_path)
+
+
+def test_resume_accepts_another_data_dir_but_not_another_base(tmp_path: Path) -> None:
+    """An experiment started with a local Ray (data.dir set from $BSS_DATA_DIR) resumes on a cluster (data.dir
+    left to each node): where the data lives is not what the experiment trains. Any other change is refused."""
+    from _searchutil import SMOKE
+
+    from bss_model.errors import ConfigError
+    from search import storage
+    from search.config import load_search_config
+
+    def cfg(*extra: str) -> Any:
+        return load_search_config(SMOKE, [*TINY, f"tune.storage_path={tmp_path}", "tune.name=exp", *extra])
+
+    first = cfg(f"base.data.dir={tmp_path / 'data'}")
+    root = storage.prepare_experiment(first, resume=False)
+    storage.save_resolved_config(first, root)
+    assert storage.prepare_experiment(cfg(), resume=True) == root
+    with pytest.raises(ConfigError, match="different base config"):
+        storage.prepare_experiment(cfg("base.train.lr=0.002"), resume=True)
