@@ -334,6 +334,9 @@ def test_search_on_s3_survives_a_killed_driver_and_a_storage_outage(tmp_path: Pa
         local = tmp_path / "download"
         pyarrow.fs.copy_files(prefix, str(local), source_filesystem=fs)
         model, _ = ckpt.load_model(local / "best_model.pt")
+        # The README's way to TensorBoard from S3 (a local copy): every trial's event files are in it.
+        trials = [t for t in (local / "search").iterdir() if (t / "result.json").is_file()]
+        assert len(trials) == NUM_SAMPLES and all(list(t.glob("tb/events.out.tfevents.*")) for t in trials)
         assert sum(p.numel() for p in model.parameters()) > 0
 
         import optuna
