@@ -282,7 +282,8 @@ def test_search_on_s3_survives_a_killed_driver_and_a_storage_outage(tmp_path: Pa
         env = env_with(data_dir, **server.env())
         # No retries: in the outage each trial fails at its first upload instead of three times over (faster;
         # Tune's own retries of its state uploads still run).
-        args = search_args("s3://bss/exp", name, *sets("tune.max_failures=0"))
+        # One retrain seed: the retrain's S3 path is the same for one seed as for many.
+        args = search_args("s3://bss/exp", name, *sets("tune.max_failures=0", "retrain.seeds=1"))
         search = f"{prefix}/search"
         first, second = tmp_path / "first", tmp_path / "second"
         first.mkdir(), second.mkdir()
