@@ -24,6 +24,12 @@ FILENAME = "checkpoint.pt"
 
 def resolve_path(path: str | Path) -> Path:
     """Accept a checkpoint file, or a folder holding one (a run folder or its checkpoint/)."""
+    if "://" in str(path):  # Path() would quietly turn s3://b/k into the local path s3:/b/k
+        raise CheckpointError(
+            f"{path} is a URI, and checkpoints are read from local files only: download it first (e.g. "
+            f"`aws s3 cp {path} .`, or `python -c \"import pyarrow.fs as f; f.copy_files('{path}', 'best_model.pt')\"`)"
+            " and pass the local file"
+        )
     path = Path(path)
     for candidate in (path, path / FILENAME, path / "checkpoint" / FILENAME, path / "best_model.pt"):
         if candidate.is_file():

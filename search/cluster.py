@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from pathlib import Path
 
 import ray
 
@@ -37,11 +38,14 @@ def init_ray(address: str | None) -> None:
         import bss_model
         import search
 
+        # Ship our two packages to the cluster so nodes need only the dependencies. As folders, not module
+        # objects: inside a `ray job submit` job Ray merges this with the job's runtime env by deep copy,
+        # and a module cannot be copied (TypeError: cannot pickle 'module' object).
+        modules = [str(Path(m.__file__).parent) for m in (bss_model, search)]
         try:
-            # Ship our two packages to the cluster so nodes need only the dependencies.
             ray.init(
                 address=address,
-                runtime_env={"py_modules": [bss_model, search]},
+                runtime_env={"py_modules": modules},
                 logging_level=logging.WARNING,
             )
         except (ConnectionError, RuntimeError) as exc:

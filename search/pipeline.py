@@ -26,11 +26,13 @@ from search.results import SearchSummary
 log = logging.getLogger("bss")
 
 
-def resolve_data_dir(cfg: Config, flag: str | None) -> None:
+def resolve_data_dir(cfg: Config, flag: str | None, cluster: bool = False) -> None:
     """Make the data dir absolute before trials chdir into their own folders.
 
     $BSS_DATA_DIR itself is made absolute too: a local Ray's workers inherit this
     process's environment, and a relative value would point elsewhere from a trial folder.
+    On a ``cluster`` the driver's $BSS_DATA_DIR is its own machine's: it stays out of the
+    config, so that each node's trials read their own $BSS_DATA_DIR (nodes share no disk).
     """
     if os.environ.get("BSS_DATA_DIR"):
         os.environ["BSS_DATA_DIR"] = str(Path(os.environ["BSS_DATA_DIR"]).expanduser().resolve())
@@ -38,15 +40,20 @@ def resolve_data_dir(cfg: Config, flag: str | None) -> None:
         cfg.data.dir = str(Path(flag).expanduser().resolve())
     elif cfg.data.dir:
         cfg.data.dir = str(Path(cfg.data.dir).expanduser().resolve())
-    elif os.environ.get("BSS_DATA_DIR"):
+    elif os.environ.get("BSS_DATA_DIR") and not cluster:
         cfg.data.dir = os.environ["BSS_DATA_DIR"]
+
+
+def on_cluster(address: str | None) -> bool:
+    """Whether the run joins a Ray cluster (--address, or $RAY_ADDRESS as `ray job submit` sets it)."""
+    return bool(address or os.environ.get("RAY_ADDRESS"))
 
 
 def check_data(cfg: Config, address: str | None) -> None:
     """With a local Ray, verify every data file up front (seconds): a missing, truncated or corrupt
     file is then one clear error before Ray starts, not the same error in every trial. On a cluster
     the files live on the nodes, so the trials check them there."""
-    if address or os.environ.get("RAY_ADDRESS"):
+    if on_cluster(address):
         return
     from bss_model.data import DATASETS, load_dataset
 
@@ -113,9 +120,11 @@ def search_retrain_report(
 ) -> dict[str, Any]:
     """The main job. ``resume_cmd`` is what the console tells the user to run after an interruption."""
     t0 = time.time()
-    resolve_data_dir(cfg.base, data_dir)
+    resolve_data_dir(cfg.base, data_dir, on_cluster(address))
     check_data(cfg.base, address)
     root = storage.prepare_experiment(cfg, resume)
+    if resume:  # a driver on another machine (an empty mirror) goes on with the study in storage
+        storage.download(root, storage.local_dir(root), [study.STUDY_FILE], missing_only=True)
     setup_logging(storage.local_dir(root) / "search.log")
     init_ray(address)
     if not resume or storage.load_saved_config(root) is None:
@@ -127,6 +136,8 @@ def search_retrain_report(
 def finished_search(folder: str) -> tuple[str, SearchConfig, SearchSummary]:
     """A finished search's root, saved config and summary, or one line saying what is missing."""
     root = storage.root_of(folder)
+    if storage.is_uri(root):  # endpoint, bucket and credentials: one line now, not a traceback later
+        storage.check_writable(root)
     cfg = storage.load_saved_config(root)
     if cfg is None:
         raise ConfigError(f"{root} has no search_config.yaml: pass the folder of an experiment made by search/run.py")
@@ -161,7 +172,7 @@ def retrain_report(
     cfg.retrain.validate()
     cfg.tune.validate()
     best_cfg = best_config(cfg, summary) if summary is not None else cfg.base
-    resolve_data_dir(best_cfg, data_dir)
+    resolve_data_dir(best_cfg, data_dir, on_cluster(address))
     check_data(best_cfg, address)
     if root is None:
         root = storage.prepare_experiment(cfg, resume)

@@ -17,6 +17,7 @@ from bss_model.config import Config
 from bss_model.errors import BssError
 from search.config import with_overrides
 from search.results import COMPLETED, DIVERGED, ERRORED, STOPPED, RetrainSummary, SearchSummary, SeedResult, TrialRow
+from search.storage import uri_of
 
 METRIC, MODE = "val_mse", "min"  # what every trial reports and the search minimises
 
@@ -83,7 +84,9 @@ def trial_row(
 
 def summarize_trials(results: Any, budget: int) -> list[TrialRow]:
     """One row per Tune result (``.metrics``, ``.error``, ``.config``, ``.path``); ``budget`` in epochs."""
-    return [trial_row(r.metrics, r.error, r.config, r.path, budget) for r in results]
+    return [
+        trial_row(r.metrics, r.error, r.config, uri_of(r.path, getattr(r, "filesystem", None)), budget) for r in results
+    ]
 
 
 def pick_best(rows: list[TrialRow]) -> TrialRow:
@@ -125,9 +128,11 @@ def summarize_retrain(results: Any) -> list[SeedResult]:
                 val_mse=m.get(METRIC),
                 test_mse_mean=m.get("test_mse_mean"),
                 metrics={k: v for k, v in m.items() if k.startswith(("test_", "baseline_", "protocol_"))},
-                checkpoint=r.checkpoint.path if r.checkpoint else None,
+                # As URIs: Ray's paths on object storage lack the scheme (s3://), and a Checkpoint or
+                # pyarrow given one without it looks on the local disk.
+                checkpoint=uri_of(r.checkpoint.path, r.checkpoint.filesystem) if r.checkpoint else None,
                 error=_last_line(r.error),
-                path=str(r.path),
+                path=uri_of(str(r.path), getattr(r, "filesystem", None)),
                 samples=_samples(m),
             )
         )

@@ -10,7 +10,15 @@ An experiment lives in one folder, ``<storage_path>/<name>/``:
 
 ``tensorboard --logdir <storage_path>/<name>`` shows every trial and retrain seed. With URI
 storage (s3://, gs://) Tune writes the two experiments there directly; the files the driver
-writes go to a local mirror, ``results/<name>/``, and are uploaded.
+writes go to a local mirror, ``results/<name>/``, and are uploaded. The storage is the truth:
+a run reads ``search_config.yaml`` and ``search_summary.json`` back from it (and ``optuna.db``
+when the mirror has none), so a driver on another machine, with an empty mirror, resumes the
+experiment as well as the one that started it.
+
+S3 and S3-compatible stores (MinIO, SeaweedFS, Ceph) are configured the AWS way, through the
+environment only: ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` (or a profile, or an instance
+role) and, for a store that is not AWS, ``AWS_ENDPOINT_URL`` (e.g. ``http://minio:9000``), which
+pyarrow -- and so Ray -- reads like the AWS SDKs do.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from pathlib import Path
 
 import yaml
 
-from bss_model.errors import ConfigError
+from bss_model.errors import BssError, ConfigError
 from bss_model.io import atomic_write_json, atomic_write_text
 from search.config import SearchConfig, search_config_from_dict
 from search.results import SearchSummary
@@ -33,8 +41,89 @@ CONFIG_FILE = "search_config.yaml"
 SUMMARY_FILE = "search_summary.json"
 
 
+class StorageUnavailable(BssError):
+    """The experiment's storage stopped answering mid-run; what it holds is kept and a resume continues."""
+
+    exit_code = 75  # EX_TEMPFAIL: try again later
+
+
+# How pyarrow words a storage that does not answer (or refuses), in the errors of trials and of Tune.
+STORAGE_FAILURES = ("AWS Error", "When testing for existence of bucket", "GCS Error", "Could not connect to server")
+
+
+def storage_failure(text: str) -> bool:
+    """Whether an error text (a trial's, or Tune's) says the storage failed, rather than the trial."""
+    return any(k in text for k in STORAGE_FAILURES)
+
+
+def storage_lost(root: str, what: str, exc: BaseException | str, resume_cmd: str) -> StorageUnavailable:
+    text = " ".join(str(exc).split())
+    return StorageUnavailable(
+        f"the storage of {root} failed during the {what} ({text[:300]}): the trials' checkpoints and the state "
+        f"saved before the failure are kept there; once the storage answers again, resume with `{resume_cmd}`"
+    )
+
+
 def is_uri(path: str) -> bool:
     return "://" in path
+
+
+# pyarrow filesystems by type_name, and the scheme of their URIs.
+_SCHEMES = {"s3": "s3", "gcs": "gs", "hdfs": "hdfs"}
+
+
+def uri_of(path: str, filesystem: object | None) -> str:
+    """A path that Ray gives with its filesystem (a Result's ``path``, a Checkpoint's ``path``) as a URI.
+
+    Ray's paths on object storage lack their scheme (``bucket/key``); pyarrow, and a ``Checkpoint``
+    built from one, would read that as a local path. Local paths are returned as they are.
+    """
+    scheme = _SCHEMES.get(getattr(filesystem, "type_name", "local"))
+    if scheme is None or is_uri(path):
+        return path
+    return f"{scheme}://{path.lstrip('/')}"
+
+
+def _storage_error(root: str, exc: Exception) -> ConfigError:
+    """One line naming what is wrong with URI storage and the fix: endpoint, bucket or credentials."""
+    text = " ".join(str(exc).split())
+    endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
+    bucket = root.split("://", 1)[1].split("/", 1)[0]
+    at = f" at {endpoint}" if endpoint else ""
+    if "NETWORK_CONNECTION" in text or "Could not connect" in text or "Could not resolve" in text:
+        where = f"AWS_ENDPOINT_URL={endpoint}" if endpoint else "the default AWS endpoint"
+        return ConfigError(
+            f"storage {root} cannot be reached ({where}: {text}): start the S3 server, or set AWS_ENDPOINT_URL to "
+            "its address (e.g. http://127.0.0.1:9000 for MinIO, :8333 for SeaweedFS; unset for AWS)"
+        )
+    if "not found" in text.lower() and "bucket" in text.lower() or "NoSuchBucket" in text:
+        return ConfigError(
+            f"storage {root}: bucket '{bucket}' does not exist{at}: create it (e.g. `aws s3 mb s3://{bucket}`) "
+            "or fix --storage-path / tune.storage_path"
+        )
+    if any(k in text for k in ("ACCESS_DENIED", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+                               "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH", "Forbidden", "403")):  # fmt: skip
+        return ConfigError(
+            f"storage {root}: access denied{at} ({text}): set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or "
+            f"AWS_PROFILE) to credentials that may write bucket '{bucket}'"
+        )
+    return ConfigError(
+        f"storage {root} cannot be written ({type(exc).__name__}: {text}): check the URI, AWS_ENDPOINT_URL and "
+        "the AWS_* credentials, or set tune.storage_path to a writable folder"
+    )
+
+
+def _filesystem(uri: str, quick: bool = False) -> tuple[object, str]:
+    """pyarrow's filesystem and path for ``uri``; ``quick``: S3 gives up after 2 attempts (a check, not a job)."""
+    import pyarrow.fs
+
+    fs, path = pyarrow.fs.FileSystem.from_uri(uri)
+    if quick and getattr(fs, "type_name", "") == "s3":
+        # The same filesystem (from_uri resolved region, endpoint and credentials from the URI and AWS_*),
+        # but with 2 attempts: an unreachable endpoint then fails in about a second, not ten.
+        options = dict(fs.__reduce__()[1][0])
+        fs = pyarrow.fs.S3FileSystem(**options, retry_strategy=pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=2))
+    return fs, path
 
 
 def experiment_root(cfg: SearchConfig) -> str:
@@ -58,16 +147,15 @@ def tune_path(root: str, phase: str) -> str:
 def check_writable(root: str) -> None:
     """Fail early, with the fix, if the storage cannot be written."""
     if is_uri(root):
-        import pyarrow.fs
-
         try:
-            fs, path = pyarrow.fs.FileSystem.from_uri(root)
+            fs, path = _filesystem(root, quick=True)
             fs.create_dir(path, recursive=True)
+            probe = f"{path.rstrip('/')}/.write-probe-{os.getpid()}"
+            with fs.open_output_stream(probe) as f:
+                f.write(b"ok")
+            fs.delete_file(probe)
         except Exception as exc:  # pyarrow raises many types for auth/network/scheme problems
-            raise ConfigError(
-                f"storage {root} cannot be written ({type(exc).__name__}: {exc}): check the URI and credentials,"
-                " or set tune.storage_path to a writable folder"
-            ) from None
+            raise _storage_error(root, exc) from None
         return
     path = Path(root)
     try:
@@ -98,7 +186,37 @@ def upload(root: str, local: Path, names: list[str]) -> None:
     fs, base = pyarrow.fs.FileSystem.from_uri(root)
     for name in names:
         if (local / name).exists():
-            pyarrow.fs.copy_files(str(local / name), f"{base}/{name}", destination_filesystem=fs)
+            try:
+                pyarrow.fs.copy_files(str(local / name), f"{base}/{name}", destination_filesystem=fs)
+            except OSError as exc:
+                raise StorageUnavailable(
+                    f"could not upload {name} to {root} ({' '.join(str(exc).split())[:300]}): the file is in {local};"
+                    " rerun the same command with --resume once the storage answers"
+                ) from None
+
+
+def download(root: str, local: Path, names: list[str], missing_only: bool = False) -> set[str]:
+    """Copy files of URI storage into the local mirror; returns the names that storage has (for local
+    storage: those the folder has). ``missing_only``: keep a file the mirror already has (one the
+    driver writes locally and uploads later)."""
+    if not is_uri(root):
+        return {name for name in names if (local / name).exists()}
+    import pyarrow.fs
+
+    fs, base = pyarrow.fs.FileSystem.from_uri(root)
+    found = set()
+    for name in names:
+        target = local / name
+        if fs.get_file_info(f"{base}/{name}").type != pyarrow.fs.FileType.File:
+            continue
+        found.add(name)
+        if missing_only and target.exists():
+            continue
+        local.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{name}.download")
+        pyarrow.fs.copy_files(f"{base}/{name}", str(tmp), source_filesystem=fs)
+        os.replace(tmp, target)
+    return found
 
 
 def save_resolved_config(cfg: SearchConfig, root: str) -> None:
@@ -110,7 +228,7 @@ def save_resolved_config(cfg: SearchConfig, root: str) -> None:
 
 def load_saved_config(root: str) -> SearchConfig | None:
     path = local_dir(root) / CONFIG_FILE
-    if not path.exists():
+    if CONFIG_FILE not in download(root, path.parent, [CONFIG_FILE]):
         return None
     return search_config_from_dict(yaml.safe_load(path.read_text()))
 
@@ -124,7 +242,7 @@ def save_summary(root: str, summary: SearchSummary) -> None:
 def load_summary(root: str) -> SearchSummary | None:
     """The finished search's summary; None while the search has not finished."""
     path = local_dir(root) / SUMMARY_FILE
-    if not path.exists():
+    if SUMMARY_FILE not in download(root, path.parent, [SUMMARY_FILE]):  # storage, not the mirror, decides
         return None
     return SearchSummary.from_dict(json.loads(path.read_text()))
 
@@ -134,7 +252,7 @@ RESULT_FILES = (SUMMARY_FILE, "report.json", "best_model.pt")
 
 
 def _tune_entries(path: str) -> list[str]:
-    """The names in a Tune experiment folder (local or URI); empty if it does not exist."""
+    """The names in a folder of the experiment (local or URI), folders with a trailing /; empty if it does not exist."""
     if not is_uri(path):
         return [p.name + ("/" if p.is_dir() else "") for p in Path(path).iterdir()] if Path(path).is_dir() else []
     import pyarrow.fs
@@ -151,13 +269,21 @@ def has_started(root: str) -> bool:
     its config, its log and Tune's tuner.pkl: nothing to resume and nothing to lose, so its name is
     free for the next run.
     """
-    if any((local_dir(root) / name).exists() for name in RESULT_FILES):
+    if set(RESULT_FILES) & set(_tune_entries(root)):  # in storage: the local mirror may be stale or absent
         return True
     for phase in ("search", "retrain"):
         for name in _tune_entries(tune_path(root, phase)):
             if name.endswith("/") or (name.startswith("experiment_state") and name.endswith(".json")):
                 return True
     return False
+
+
+def _portable(base: object) -> dict:
+    """A base config as --resume compares it: without ``data.dir``, which names a machine's own disk (a run
+    on a Ray cluster leaves it to each node's $BSS_DATA_DIR), not what the experiment trains."""
+    d = base.to_dict()  # type: ignore[attr-defined]
+    d.get("data", {}).pop("dir", None)
+    return d
 
 
 def prepare_experiment(cfg: SearchConfig, resume: bool) -> str:
@@ -171,7 +297,7 @@ def prepare_experiment(cfg: SearchConfig, resume: bool) -> str:
             raise ConfigError(
                 f"cannot --resume: no experiment at {root}: drop --resume to start it, or fix tune.name/storage_path"
             )
-        if saved is not None and (saved.space != cfg.space or saved.base != cfg.base):
+        if saved is not None and (saved.space != cfg.space or _portable(saved.base) != _portable(cfg.base)):
             what = "search space" if saved.space != cfg.space else "base config"
             raise ConfigError(
                 f"cannot --resume {root}: it was created with a different {what}; resume with the experiment's own "

@@ -27,7 +27,7 @@ from search.config import SearchConfig
 from search.results import STOPPED
 from search.selection import METRIC, MODE, trial_status
 from search.space import param_space
-from search.storage import is_uri, tune_path
+from search.storage import check_writable, is_uri, storage_failure, storage_lost, tune_path
 from search.study import StudyRecorder
 from search.trainable import train_trial
 
@@ -112,6 +112,32 @@ def _run_config(cfg: SearchConfig, root: str, name: str, callbacks: list[Callbac
     )
 
 
+def _fit(tuner: tune.Tuner, root: str, what: str, expected: int, resume_cmd: str) -> tune.ResultGrid:
+    """``tuner.fit()``, then :func:`_finish`; storage that fails meanwhile is one line, not a traceback.
+
+    When object storage stops answering, the trials fail on their checkpoint uploads until their retries
+    run out, and Tune then fails reading its own state back. Neither is the trials' fault: nothing is
+    summarised, and a --resume restores the state saved before the failure and reruns no finished trial.
+    """
+    try:
+        results = tuner.fit()
+        return _finish(results, expected, what, resume_cmd)
+    except OSError as exc:  # pyarrow's errors for storage that does not answer
+        raise storage_lost(root, what, exc, resume_cmd) from None
+
+
+def _check_storage_after(results: tune.ResultGrid, root: str, what: str, resume_cmd: str) -> None:
+    """Refuse to summarise trials that failed because the storage did (see :func:`_fit`)."""
+    failed = [r.error for r in results if r.error is not None and storage_failure(str(r.error))]
+    if failed:
+        raise storage_lost(root, what, str(failed[0]).strip().splitlines()[-1], resume_cmd)
+    if is_uri(root):
+        try:
+            check_writable(root)
+        except BssError as exc:
+            raise storage_lost(root, what, exc, resume_cmd) from None
+
+
 def _finish(results: tune.ResultGrid, expected: int, what: str, resume_cmd: str) -> tune.ResultGrid:
     """Raise Interrupted if Ctrl-C (or a lost driver) left trials unfinished."""
     # Judge by the experiment state Tune saved, not by the in-memory Trial objects: on Ctrl-C
@@ -180,8 +206,9 @@ def run_search(cfg: SearchConfig, root: str, resume: bool, resume_cmd: str) -> t
                 [SearchProgress(budget), StudyRecorder(root, cfg.tune.name, cfg.dimensions(), budget)],
             ),
         )
-    results = tuner.fit()
-    return _finish(results, cfg.tune.num_samples, "search", resume_cmd)
+    results = _fit(tuner, root, "search", cfg.tune.num_samples, resume_cmd)
+    _check_storage_after(results, root, "search", resume_cmd)
+    return results
 
 
 class RetrainProgress(Callback):
@@ -224,6 +251,7 @@ def run_retrain(cfg: SearchConfig, best_cfg: Config, root: str, resume_cmd: str)
             run_config=_run_config(cfg, root, "retrain", [RetrainProgress(len(seeds), best_cfg.train.epochs)]),
         )
     t0 = time.time()
-    results = tuner.fit()
+    results = _fit(tuner, root, "retrain", len(seeds), resume_cmd)
     log.info("retrain finished in %.0f s", time.time() - t0)
-    return _finish(results, len(seeds), "retrain", resume_cmd)
+    _check_storage_after(results, root, "retrain", resume_cmd)
+    return results
