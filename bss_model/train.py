@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import random
 import sys
 import time
@@ -265,6 +266,12 @@ def train(
                 break
             train_time = time.perf_counter() - t0
             val = tr.validate()
+            if not math.isfinite(val["mse"]):
+                # The loss checks run every few steps; weights can go non-finite after the last one.
+                # A NaN score must not pass for a finished run (nor be checkpointed as one).
+                status, reason = "diverged", f"non-finite validation MSE at epoch {tr.epoch + 1} (lr={t.lr:g})"
+                log.warning("run diverged: %s", reason)
+                break
             if tr.plateau:
                 tr.plateau.step(val["mse"])
             tr.epoch += 1

@@ -1,0 +1,214 @@
+"""What validation accepts, the pipeline runs: a property walk over every config key.
+
+Every key of the bss_model config and of the search config's own sections is tried with values
+at and beyond its bounds. Each is either refused with one line naming the key, or accepted; the
+accepted extremes are then run, one smoke-scale run per class (every key at its smallest accepted
+value; every key at its largest), through training, the protocol and ``bss-separate``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import subprocess
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import pytest
+import yaml
+
+from bss_model.config import MAX_SEED, Config, config_from_dict, with_overrides
+from bss_model.errors import ConfigError
+from search.config import RetrainSection, TuneSection, load_search_config
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "configs" / "smoke.yaml"
+
+# At and beyond the bounds: negative, zero, one, the largest seed and one past it, huge, non-finite,
+# and the wrong types (a string, a boolean, nothing, a list).
+WALK = [-1, 0, 1, MAX_SEED, MAX_SEED + 1, 10**12, math.inf, -math.inf, math.nan, "x", True, None, [1]]
+
+# The base every bss_model value is tried on: the tiny network on this machine.
+BASE = config_from_dict({"model": {"variant": "tiny"}, "train": {"device": "cpu"}}).to_dict()
+
+
+def leaves(cls: type, prefix: str = "") -> dict[str, Any]:
+    """``{dotted key: annotation}`` of every leaf field of a config dataclass."""
+    hints = typing.get_type_hints(cls)
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out.update(leaves(tp, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = tp
+    return out
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def refused_in_one_line(exc: ConfigError, key: str) -> None:
+    message = str(exc)
+    assert "\n" not in message, message
+    assert key in message, f"the message for {key} does not name it: {message}"
+
+
+def walk_bss_model() -> dict[str, list[Any]]:
+    accepted: dict[str, list[Any]] = {}
+    for key in leaves(Config):
+        for value in WALK:
+            try:
+                with_overrides(BASE, {key: value})
+            except ConfigError as exc:
+                refused_in_one_line(exc, key)
+            else:
+                accepted.setdefault(key, []).append(value)
+    return accepted
+
+
+def test_every_bss_model_key_refuses_what_cannot_run() -> None:
+    accepted = walk_bss_model()
+    for key, tp in leaves(Config).items():
+        values = accepted.get(key, [])
+        if tp is float or tp is int:
+            # No key has a use for a negative, non-finite or absurd value, or for a boolean as a number.
+            bad = [v for v in values if not is_number(v) or v < 0 or not math.isfinite(v)]
+            assert not bad, f"{key} accepts {bad}"
+            if tp is int:
+                huge = [v for v in values if v > MAX_SEED]
+                assert huge in ([], [MAX_SEED + 1, 10**12]), f"{key} accepts {huge}"
+        elif get_origin(tp) is Literal:
+            assert all(v in get_args(tp) or isinstance(v, bool) for v in values), (key, values)
+        elif tp is bool:
+            assert values == [True], (key, values)
+    # The issue's cases: a seed numpy cannot take, sizes no device holds.
+    for key in ("data.split_seed", "data.val_seed", "train.seed", "eval.seed"):
+        assert -1 not in accepted[key] and MAX_SEED in accepted[key] and MAX_SEED + 1 not in accepted[key], key
+    for key in ("eval.pairs", "eval.batch_size", "train.batch_size", "data.val_pairs", "model.filters"):
+        assert max(v for v in accepted[key] if is_number(v)) < 10**12, key
+
+
+def test_a_model_no_device_could_hold_is_refused_naming_its_keys() -> None:
+    with pytest.raises(ConfigError, match=r"model\.filters=1024 with model\.depth=5 .* lower model\.filters"):
+        with_overrides(BASE, {"model.filters": 1024, "model.depth": 5})
+    with pytest.raises(ConfigError, match=r"eval\.draws=10000 x eval\.pairs=10000000"):
+        with_overrides(BASE, {"eval.draws": 10_000, "eval.pairs": 10_000_000})
+
+
+# Accepted at their largest, these make any network diverge: they have their own run (below).
+DIVERGING = ("train.lr",)
+
+
+def extreme_config(accepted: dict[str, list[Any]], pick: Any, data_dir: Path) -> Config:
+    """One run's config: every numeric key at ``pick`` (min or max) of its accepted walk values."""
+    params = {}
+    for key, values in accepted.items():
+        numbers = [v for v in values if is_number(v)]
+        if numbers and get_origin(leaves(Config)[key]) is not Literal and not (pick is max and key in DIVERGING):
+            params[key] = pick(numbers)
+    # Where the machine, not the config, decides: this machine's data and CPU, no TensorBoard files.
+    params.update({"data.dir": str(data_dir), "data.download": False, "train.device": "cpu"})
+    params.update({"train.tensorboard": False, "train.threads": 1})
+    return with_overrides(BASE, params)
+
+
+@pytest.mark.parametrize("pick", [min, max], ids=["smallest", "largest"])
+def test_accepted_extremes_run_through_training_evaluation_and_separate(
+    pick: Any, data_dir: Path, tmp_path: Path
+) -> None:
+    from bss_model.evaluate import evaluate_checkpoint
+    from bss_model.separate import main as separate
+    from bss_model.train import train
+
+    cfg = extreme_config(walk_bss_model(), pick, data_dir)
+    if pick is max:
+        # The extremes a run can reach: the largest seeds, "never" for the patience and the logging intervals.
+        assert cfg.train.seed == cfg.eval.seed == cfg.data.split_seed == MAX_SEED
+        assert cfg.train.plateau_patience == cfg.train.image_every == 10**12
+    else:
+        assert cfg.model.bottleneck_convs == 0 and cfg.train.batch_size == cfg.eval.pairs == 1
+    result = train(cfg, out_dir=tmp_path / "run")
+    assert result.status == "completed" and result.epochs_done == cfg.train.epochs, result.reason
+    test = evaluate_checkpoint(tmp_path / "run", device="cpu")
+    assert test["draws"] == cfg.eval.draws and math.isfinite(test["baseline_mix_mse_mean"])
+    argv = ["--checkpoint", str(tmp_path / "run"), "--demo", "1", "--out", str(tmp_path / "sep"), "--device", "cpu"]
+    assert separate([*argv, "--data-dir", str(data_dir), "--threads", "1"]) == 0
+    assert any((tmp_path / "sep").iterdir())
+
+
+def test_the_largest_accepted_learning_rate_ends_as_a_divergence_not_a_nan_score(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    from bss_model.train import train
+
+    accepted = walk_bss_model()
+    params = {key: max(v for v in accepted[key] if is_number(v)) for key in DIVERGING}
+    cfg = with_overrides(extreme_config(accepted, min, data_dir).to_dict(), params)
+    result = train(cfg, out_dir=tmp_path / "run")
+    assert result.status == "diverged" and "non-finite" in result.reason, result
+    assert not (tmp_path / "run" / "checkpoint").exists(), "a NaN model is never checkpointed as a finished epoch"
+
+
+# --------------------------------------------------------------------------------------
+# The search config's own sections
+
+
+def walk_search(tmp_path: Path) -> dict[str, list[Any]]:
+    smoke = yaml.safe_load(SMOKE.read_text())
+    accepted: dict[str, list[Any]] = {}
+    sections = {"tune": leaves(TuneSection), "retrain": leaves(RetrainSection)}
+    for section, keys in sections.items():
+        for key in keys:
+            for value in WALK:
+                raw = {**smoke, section: {**smoke[section], key: value}}
+                path = tmp_path / "walk.yaml"
+                path.write_text(yaml.safe_dump(raw))
+                try:
+                    load_search_config(path)
+                except ConfigError as exc:
+                    refused_in_one_line(exc, f"{section}.{key}")
+                else:
+                    accepted.setdefault(f"{section}.{key}", []).append(value)
+    return accepted
+
+
+def test_every_search_key_refuses_what_cannot_run(tmp_path: Path) -> None:
+    accepted = walk_search(tmp_path)
+    for key, values in accepted.items():
+        numbers = [v for v in values if is_number(v)]
+        assert all(v >= 0 and math.isfinite(v) for v in numbers), (key, values)
+    for key in ("tune.seed", "retrain.first_seed"):
+        assert MAX_SEED + 1 not in accepted[key] and -1 not in accepted[key], key
+    assert MAX_SEED in accepted["tune.seed"] and 10**12 not in accepted["tune.num_samples"]
+    # The accepted extremes are accepted by the libraries that take them (no Ray needed to build these).
+    import optuna
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    largest = {
+        k: max(v for v in values if is_number(v)) for k, values in accepted.items() if any(map(is_number, values))
+    }
+    optuna.samplers.TPESampler(seed=largest["tune.seed"], n_startup_trials=largest["tune.n_startup_trials"])
+    ASHAScheduler(
+        max_t=4, grace_period=min(largest["tune.grace_period"], 4), reduction_factor=largest["tune.reduction_factor"]
+    )
+    tune.FailureConfig(max_failures=largest["tune.max_failures"])
+    tune.CheckpointConfig(num_to_keep=largest["tune.checkpoints_to_keep"])
+    tune.TuneConfig(max_concurrent_trials=largest["tune.max_concurrent"], num_samples=largest["tune.num_samples"])
+
+
+def test_a_base_seed_numpy_cannot_take_is_refused_before_ray(tmp_path: Path, data_dir: Path) -> None:
+    """The issue's worst case: base.eval.seed=-1 passed, the search ran, and every retrain seed crashed."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "search" / "run.py"), "--config", str(SMOKE), "--storage-path", str(tmp_path),
+         "--set", "base.eval.seed=-1"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "base.eval.seed=-1" in lines[0] and "2**32 - 1" in lines[0], proc.stderr
+    assert not any(tmp_path.iterdir()), "nothing is created for a refused config"
