@@ -21,6 +21,7 @@ import yaml
 
 from bss_model.config import MAX_SEED, Config, config_from_dict, with_overrides
 from bss_model.errors import ConfigError
+from bss_model.variants import VARIANTS
 from search.config import RetrainSection, TuneSection, load_search_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -212,3 +213,97 @@ def test_a_base_seed_numpy_cannot_take_is_refused_before_ray(tmp_path: Path, dat
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "base.eval.seed=-1" in lines[0] and "2**32 - 1" in lines[0], proc.stderr
     assert not any(tmp_path.iterdir()), "nothing is created for a refused config"
+
+
+# --------------------------------------------------------------------------------------
+# The space and its starting points, as the searcher and the trials use them
+
+
+def search_config(tmp_path: Path, edit: Any) -> Any:
+    raw = yaml.safe_load(SMOKE.read_text())
+    edit(raw)
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return load_search_config(path)
+
+
+def test_a_variant_in_the_space_trains_that_variants_shape(tmp_path: Path) -> None:
+    """A trial labelled seed trained the base's shape (filters 8, decoder_convs 1): the label lied."""
+    from search.trainable import with_overrides as trial_overrides
+
+    def edit(raw: dict[str, Any]) -> None:
+        raw["space"] = {"model.variant": {"choice": ["tiny", "seed"]}, "train.lr": {"loguniform": [1e-4, 1e-2]}}
+        raw["tune"]["points_to_evaluate"] = [{"model.variant": "seed", "train.lr": 1e-3}]
+
+    cfg = search_config(tmp_path, edit)
+    trial = trial_overrides(cfg.base.to_dict(), {"model.variant": "seed", "train.lr": 1e-3})
+    assert trial.model.variant == "seed"
+    assert {k: getattr(trial.model, k) for k in VARIANTS["seed"]} == VARIANTS["seed"]
+    assert trial.train.lr == 1e-3 and trial.train.epochs == cfg.base.train.epochs  # the rest stays the base's
+    # The trial's other model keys override the preset, as on the command line.
+    trial = trial_overrides(cfg.base.to_dict(), {"model.variant": "seed", "model.filters": 12})
+    assert (trial.model.filters, trial.model.decoder_convs) == (12, VARIANTS["seed"]["decoder_convs"])
+    # And a retrain's override of the variant does the same.
+    retrain = with_overrides(cfg.base.to_dict(), {"model.variant": "seed", "train.epochs": 1})
+    assert retrain.model.decoder_convs == VARIANTS["seed"]["decoder_convs"]
+
+
+@pytest.mark.parametrize(
+    ("point", "expected"),
+    [
+        ({"model.filters": 16}, r"points_to_evaluate\[0\]\.model\.filters=16 is not one of space\.model\.filters"),
+        ({"train.lr": 0.5}, r"points_to_evaluate\[0\]\.train\.lr=0\.5 is outside space\.train\.lr"),
+        ({"model.decoder_convs": 3}, r"points_to_evaluate\[0\]\.model\.decoder_convs=3 is outside"),
+        ({"model.decoder_convs": 1.5}, r"use an integer in that range"),
+        ({"train.lr": "fast"}, r"train\.lr='fast' is outside"),
+    ],
+)
+def test_a_starting_point_outside_its_dimension_is_refused(tmp_path: Path, point: dict, expected: str) -> None:
+    """Outside a choice it failed after Ray started; outside a range it trained and optuna.db dropped it."""
+
+    def edit(raw: dict[str, Any]) -> None:
+        raw["tune"]["points_to_evaluate"] = [{**raw["tune"]["points_to_evaluate"][0], **point}]
+
+    with pytest.raises(ConfigError, match=expected) as info:
+        search_config(tmp_path, edit)
+    assert "\n" not in str(info.value)
+
+
+def test_starting_points_at_the_bounds_and_equal_numbers_are_accepted(tmp_path: Path) -> None:
+    def edit(raw: dict[str, Any]) -> None:
+        point = {"model.filters": 8.0, "model.bottleneck_convs": 2, "model.decoder_convs": 1, "train.lr": 3.0e-3}
+        raw["tune"]["points_to_evaluate"] = [point]
+
+    assert search_config(tmp_path, edit).tune.points_to_evaluate[0]["train.lr"] == 3.0e-3
+
+
+@pytest.mark.parametrize("bounds", [[1e-4, math.inf], [math.nan, 1e-2], [-math.inf, 0.1]])
+def test_non_finite_space_bounds_are_refused(tmp_path: Path, bounds: list[float]) -> None:
+    def edit(raw: dict[str, Any]) -> None:
+        raw["space"]["train.weight_decay"] = {"uniform": bounds}
+
+    with pytest.raises(ConfigError, match=r"space\.train\.weight_decay\.uniform bounds must be finite"):
+        search_config(tmp_path, edit)
+
+
+def test_retrain_overrides_below_a_value_is_one_line(tmp_path: Path) -> None:
+    """It leaked a raw TypeError from the second copy of the override function."""
+
+    def edit(raw: dict[str, Any]) -> None:
+        raw["retrain"]["overrides"] = {"train.lr.max": 1}
+
+    with pytest.raises(
+        ConfigError, match=r"retrain\.overrides: 'train\.lr\.max': 'train\.lr' is a value, not a section"
+    ):
+        search_config(tmp_path, edit)
+
+
+def test_there_is_one_override_function() -> None:
+    import search.config
+    import search.pipeline
+    import search.selection
+    import search.trainable
+    from bss_model import config
+
+    for module in (search.config, search.pipeline, search.selection, search.trainable):
+        assert module.with_overrides is config.with_overrides, module
