@@ -505,6 +505,30 @@ def with_overrides(base: dict[str, Any], params: dict[str, Any], where: str = ""
         raise ConfigError(f"{where}{exc}") from None
 
 
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{dotted key: value}`` of a nested config dict's leaves."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_diff(old: Any, new: Any) -> dict[str, tuple[Any, Any]]:
+    """``{dotted key: (old value, new value)}`` for every leaf two configs (or config dicts) disagree on."""
+    a = flatten(old.to_dict() if hasattr(old, "to_dict") else old)
+    b = flatten(new.to_dict() if hasattr(new, "to_dict") else new)
+    keys = list(a) + [k for k in b if k not in a]
+    return {k: (a.get(k), b.get(k)) for k in keys if a.get(k) != b.get(k)}
+
+
+def describe_diff(diff: dict[str, tuple[Any, Any]], old: str = "run", new: str = "asked") -> str:
+    """``model.filters: run 32, asked 8; train.epochs: ...``: the differing keys with both values, never a repr."""
+    return "; ".join(f"{key}: {old} {a!r}, {new} {b!r}" for key, (a, b) in diff.items())
+
+
 def read_text(path: Path, what: str, fix: str) -> str:
     """A UTF-8 text file's contents, or one ConfigError saying why it cannot be read: ``what`` names the
     file's role (``config file``), ``fix`` the remedy when it is missing or not a file."""
