@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bss_model.config import Config, load_config
+from bss_model.config import Config, describe_diff, load_config
 from bss_model.errors import ConfigError
 from bss_model.io import setup_logging
 from search import best_model, figures, report, selection, storage, study, tuners
@@ -116,9 +116,18 @@ def search_retrain_report(
     resolve_data_dir(cfg.base, data_dir)
     check_data(cfg.base, address)
     root = storage.prepare_experiment(cfg, resume)
+    saved = storage.load_saved_config(root) if resume else None
+    if saved is not None and storage.is_finished(root):
+        # Nothing to run: the report, figures and wall time stay as the finished run wrote them.
+        print(f"experiment {root} is already finished: nothing was rerun or rewritten; report: "
+              f"{storage.local_dir(root) / 'report.md'}")  # fmt: skip
+        return {}
     setup_logging(storage.local_dir(root) / "search.log")
+    changes = storage.resume_changes(saved, cfg, root) if saved is not None else {}
+    if changes:
+        log.info("resuming with changed settings: %s", describe_diff(changes, "was", "now"))
     init_ray(address)
-    if not resume or storage.load_saved_config(root) is None:
+    if saved is None or changes:
         storage.save_resolved_config(cfg, root)
     summary = search_step(cfg, root, resume, resume_cmd, t0)
     return retrain_step(cfg, best_config(cfg, summary), root, summary, resume_cmd, t0)
