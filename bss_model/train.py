@@ -386,6 +386,18 @@ def resume_config(
     return asked, allowed
 
 
+def new_run_dir(root: Path, name: str) -> Path:
+    """:func:`next_run_dir`, with an --out that cannot hold run folders refused in one line."""
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"--out {root} is a file, not a folder: pass a folder for the runs (each gets a subfolder)")
+    try:
+        return next_run_dir(root, name)
+    except OSError as exc:
+        raise ConfigError(
+            f"--out {root} cannot hold run folders ({exc.strerror or exc}): pass a writable folder"
+        ) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     @cli_entry
     def _main() -> int:
@@ -408,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             cfg = load_config(args.config, sets)
             resume = None
-            out = next_run_dir(Path(args.out), Path(args.config).stem if args.config else "default")
+            out = new_run_dir(Path(args.out), Path(args.config).stem if args.config else "default")
         setup_logging(out / "train.log")
         if changes:
             log.info("resuming with changes asked for: %s", describe_diff(changes, "was", "now"))

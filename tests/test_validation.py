@@ -307,3 +307,131 @@ def test_there_is_one_override_function() -> None:
 
     for module in (search.config, search.pipeline, search.selection, search.trainable):
         assert module.with_overrides is config.with_overrides, module
+
+
+# --------------------------------------------------------------------------------------
+# A user's mistake is one line and exit status 2, naming the file or the flag typed
+
+
+def cli_error(main: Any, argv: list[str], capsys: pytest.CaptureFixture) -> str:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2, err
+    assert "Traceback" not in err
+    return err.splitlines()[-1] if err.startswith("usage:") else err
+
+
+def bad_configs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    """``{case: (path, what the line must say)}``."""
+    (tmp_path / "latin1.yaml").write_bytes("train:\n  lr: 1.0e-3  # caf\xe9\n".encode("latin-1"))
+    (tmp_path / "folder.yaml").mkdir()
+    (tmp_path / "loop-a.yaml").symlink_to(tmp_path / "loop-b.yaml")
+    (tmp_path / "loop-b.yaml").symlink_to(tmp_path / "loop-a.yaml")
+    (tmp_path / "dangling.yaml").symlink_to(tmp_path / "gone.yaml")
+    return {
+        "non-utf8": (tmp_path / "latin1.yaml", "is not UTF-8 text (byte 0xe9 at line 2): save it as UTF-8"),
+        "directory": (tmp_path / "folder.yaml", "is a directory, not a file"),
+        "symlink-loop": (tmp_path / "loop-a.yaml", "is a symlink loop"),
+        "dangling": (tmp_path / "dangling.yaml", "does not exist (a symlink to"),
+    }
+
+
+@pytest.mark.parametrize("case", ["non-utf8", "directory", "symlink-loop", "dangling"])
+def test_an_unreadable_config_is_one_line_naming_it(case: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from bss_model.train import main as train_main
+    from search.run import main as run_main
+
+    path, says = bad_configs(tmp_path)[case]
+    for main in (train_main, run_main):
+        err = cli_error(main, ["--config", str(path)], capsys)
+        assert str(path) in err and says in err, err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "results").exists()
+
+
+def fake_experiment(tmp_path: Path) -> Path:
+    """A finished search's folder as far as retrain.py reads it before Ray: its config and its summary."""
+    from search import storage
+
+    cfg = load_search_config(SMOKE)
+    cfg.tune.storage_path, cfg.tune.name = str(tmp_path), "exp"
+    root = storage.experiment_root(cfg)
+    storage.save_resolved_config(cfg, root)
+    return Path(root)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "says"),
+    [
+        ("search_summary.json", b'{"trials": [{"trial_id": "a", "par', "search_summary.json is damaged"),
+        ("search_config.yaml", b"base: {train: {lr: \xff}}\n", "search_config.yaml is not UTF-8"),
+        ("search_config.yaml", b"base: [unclosed\n", "search_config.yaml is damaged"),
+    ],
+    ids=["truncated-summary", "non-utf8-config", "broken-yaml-config"],
+)
+def test_a_damaged_experiment_file_is_one_line_naming_it(
+    name: str, content: bytes, says: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from search.retrain import main as retrain_main
+
+    exp = fake_experiment(tmp_path)
+    (exp / name).write_bytes(content)
+    err = cli_error(retrain_main, ["--experiment", str(exp)], capsys)
+    assert says in err, err
+    assert (exp / name).read_bytes() == content, "the damaged file is left for the user to inspect"
+
+
+def test_retrain_experiment_refuses_the_flags_it_cannot_honour(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--set, --name, --storage-path and --resume were ignored without a word."""
+    from search.retrain import main as retrain_main
+
+    exp = fake_experiment(tmp_path)
+    for extra in (["--set", "train.lr=0.1"], ["--name", "other"], ["--storage-path", "elsewhere"], ["--resume"]):
+        err = cli_error(retrain_main, ["--experiment", str(exp), *extra], capsys)
+        assert f"{extra[0]} only apply with --config" in err, err
+    assert sorted(p.name for p in exp.iterdir()) == ["search_config.yaml"]
+
+
+def test_train_out_naming_a_file_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from bss_model.train import main as train_main
+
+    out = tmp_path / "runs"
+    out.write_text("my notes")
+    err = cli_error(train_main, ["--out", str(out)], capsys)
+    assert f"--out {out} is a file" in err, err
+    err = cli_error(train_main, ["--out", str(out / "below")], capsys)
+    assert f"--out {out / 'below'} cannot hold run folders" in err, err
+    assert out.read_text() == "my notes"
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--seed", "-1"], "--seed -1 is out of range"),
+        (["--pairs", "0"], "--pairs 0 is out of range"),
+        (["--device", "gpu"], "--device gpu is not a device"),
+    ],
+)
+def test_evaluate_flags_are_named_as_typed(argv: list[str], says: str, capsys: pytest.CaptureFixture) -> None:
+    from bss_model.evaluate import main as evaluate_main
+
+    err = cli_error(evaluate_main, ["--checkpoint", "nowhere", *argv], capsys)
+    assert says in err and "eval." not in err and "train.device" not in err, err
+
+
+def test_evaluate_device_without_cuda_names_the_flag(capsys: pytest.CaptureFixture) -> None:
+    import torch
+
+    from bss_model.evaluate import main as evaluate_main
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    err = cli_error(evaluate_main, ["--checkpoint", "nowhere", "--device", "cuda"], capsys)
+    assert "--device cuda but no CUDA GPU is available: use --device auto or cpu" in err, err
+
+
+def test_separate_refuses_a_negative_seed(capsys: pytest.CaptureFixture) -> None:
+    from bss_model.separate import main as separate_main
+
+    err = cli_error(separate_main, ["--checkpoint", "nowhere", "--demo", "1", "--seed", "-1"], capsys)
+    assert "--seed" in err and "expected a seed in 0.." in err, err
