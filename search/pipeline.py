@@ -119,6 +119,8 @@ def search_retrain_report(
     saved = storage.load_saved_config(root) if resume else None
     if saved is not None and storage.is_finished(root):
         # Nothing to run: the report, figures and wall time stay as the finished run wrote them.
+        if address or os.environ.get("RAY_ADDRESS"):
+            init_ray(address)  # an address the user gave is still checked, not silently ignored
         print(f"experiment {root} is already finished: nothing was rerun or rewritten; report: "
               f"{storage.local_dir(root) / 'report.md'}")  # fmt: skip
         return {}
