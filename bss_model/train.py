@@ -386,6 +386,14 @@ def resume_config(
     return asked, allowed
 
 
+# The CUDA allocator's, the CUDA runtime's and the CPU allocator's words for an allocation that failed.
+_OOM_TEXTS = ("CUDA out of memory", "CUDA error: out of memory", "can't allocate memory", "not enough memory")
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or any(text in str(exc) for text in _OOM_TEXTS)
+
+
 def new_run_dir(root: Path, name: str) -> Path:
     """:func:`next_run_dir`, with an --out that cannot hold run folders refused in one line."""
     if root.exists() and not root.is_dir():
@@ -425,7 +433,17 @@ def main(argv: list[str] | None = None) -> int:
         if changes:
             log.info("resuming with changes asked for: %s", describe_diff(changes, "was", "now"))
         # The bar only on a terminal: CI logs and redirected output keep just the plain per-epoch lines.
-        result = train(cfg, out_dir=out, resume=resume, progress=sys.stderr.isatty())
+        try:
+            result = train(cfg, out_dir=out, resume=resume, progress=sys.stderr.isatty())
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            if not out_of_memory(exc):
+                raise
+            log.error("out of memory: %s", " ".join(str(exc).split())[:300])  # the allocator's detail, for the log
+            raise ConfigError(
+                f"training {cfg.model.variant} ({cfg.model.filters} filters) with train.batch_size="
+                f"{cfg.train.batch_size} ran out of memory on {cfg.train.device}: lower train.batch_size, "
+                f"eval.batch_size or model.filters (the last epoch's checkpoint in {out} is intact)"
+            ) from None
         print(json.dumps({"status": result.status, "reason": result.reason, "run_dir": str(out), **result.metrics}))
         return 0 if result.status == "completed" else 1
 

@@ -435,3 +435,19 @@ def test_separate_refuses_a_negative_seed(capsys: pytest.CaptureFixture) -> None
 
     err = cli_error(separate_main, ["--checkpoint", "nowhere", "--demo", "1", "--seed", "-1"], capsys)
     assert "--seed" in err and "expected a seed in 0.." in err, err
+
+
+def test_training_out_of_memory_is_one_line_naming_the_sizes(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A size inside the limits can still exceed this machine's memory: one line naming the keys to lower."""
+    import torch
+
+    from bss_model import train as train_module
+
+    def no_memory(*args: Any, **kwargs: Any) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 40.00 GiB")
+
+    monkeypatch.setattr(train_module, "train", no_memory)
+    err = cli_error(train_module.main, ["--out", str(tmp_path / "runs"), "--set", "train.batch_size=65536"], capsys)
+    assert "train.batch_size=65536 ran out of memory" in err and "lower train.batch_size" in err, err
