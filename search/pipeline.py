@@ -124,6 +124,8 @@ def search_retrain_report(
         print(f"experiment {root} is already finished: nothing was rerun or rewritten; report: "
               f"{storage.local_dir(root) / 'report.md'}")  # fmt: skip
         return {}
+    if resume:
+        storage.load_summary(root)  # a damaged summary is one line now, not after Ray has started
     setup_logging(storage.local_dir(root) / "search.log")
     changes = storage.resume_changes(saved, cfg, root) if saved is not None else {}
     if changes:

@@ -373,11 +373,20 @@ def test_a_damaged_experiment_file_is_one_line_naming_it(
     name: str, content: bytes, says: str, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     from search.retrain import main as retrain_main
+    from search.run import main as run_main
 
     exp = fake_experiment(tmp_path)
     (exp / name).write_bytes(content)
     err = cli_error(retrain_main, ["--experiment", str(exp)], capsys)
     assert says in err, err
+    # The same file met by run.py --resume: one line before Ray starts (no Ray is running in this process).
+    err = cli_error(
+        run_main, ["--config", str(SMOKE), "--storage-path", str(tmp_path), "--name", "exp", "--resume"], capsys
+    )
+    assert says in err and "\n" not in err, err
+    import ray
+
+    assert not ray.is_initialized()
     assert (exp / name).read_bytes() == content, "the damaged file is left for the user to inspect"
 
 
