@@ -42,10 +42,11 @@ def main(argv: list[str] | None = None) -> int:
             given = [flag for flag, value in (("--set", args.sets), ("--name", args.name),
                      ("--storage-path", args.storage_path), ("--resume", args.resume)) if value]  # fmt: skip
             if given:
+                flags, verb = ", ".join(given), "applies" if len(given) == 1 else "apply"
                 raise ConfigError(
-                    f"{', '.join(given)} only apply with --config: --experiment retrains the search's best config with "
-                    "the experiment's own settings, in its own folder, continuing whatever retrain it has; drop "
-                    f"{', '.join(given)} (to change settings, use `search/run.py --resume` or a new search)"
+                    f"{flags} {verb} only with --config: --experiment retrains the search's best config with the "
+                    "experiment's own settings, in its own folder, continuing whatever retrain it has; drop "
+                    f"{flags} (to change settings, use `search/run.py --resume` or a new search)"
                 )
             root, cfg, summary = finished_search(args.experiment)
         else:

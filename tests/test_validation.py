@@ -397,7 +397,7 @@ def test_retrain_experiment_refuses_the_flags_it_cannot_honour(tmp_path: Path, c
     exp = fake_experiment(tmp_path)
     for extra in (["--set", "train.lr=0.1"], ["--name", "other"], ["--storage-path", "elsewhere"], ["--resume"]):
         err = cli_error(retrain_main, ["--experiment", str(exp), *extra], capsys)
-        assert f"{extra[0]} only apply with --config" in err, err
+        assert f"{extra[0]} applies only with --config" in err, err
     assert sorted(p.name for p in exp.iterdir()) == ["search_config.yaml"]
 
 
