@@ -4,10 +4,12 @@ without rerunning the search; any other change, or any change to a finished expe
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
 
+from bss_model.config import MAX_SEED
 from tests._searchutil import EPOCHS, REPO, env_with, finished, run_to_end, search_args, sets
 
 pytestmark = pytest.mark.slow
@@ -26,12 +28,27 @@ def faulty(args: list[str]) -> list[str]:
     return [EVAL_FAULT_RUN, "500", *args[1:]]
 
 
+# The search settings' accepted extremes (tests/test_validation.py walks them), run here for real: the largest
+# seeds, "never" for the startup trials, ASHA's grace and the checkpoints kept, no retry on failure.
+EXTREMES = (
+    f"tune.seed={MAX_SEED}",
+    "tune.n_startup_trials=1000000000000",
+    "tune.grace_period=1000000000000",
+    "tune.reduction_factor=1.0e12",
+    "tune.checkpoints_to_keep=1000000000000",
+    "tune.max_concurrent=1000000000000",
+    "retrain.max_concurrent=1000000000000",
+    f"retrain.first_seed={MAX_SEED - 1}",  # seeds MAX_SEED - 1 and MAX_SEED
+    "tune.max_failures=0",
+)
+
+
 def test_an_eval_fix_completes_a_late_failed_retrain_without_rerunning_the_search(
     tmp_path: Path, data_dir: Path
 ) -> None:
     env = env_with(data_dir)
     exp = tmp_path / "results" / "late"
-    first = search_args(tmp_path / "results", "late", *sets("base.eval.batch_size=1000", "tune.max_failures=0"))
+    first = search_args(tmp_path / "results", "late", *sets("base.eval.batch_size=1000", *EXTREMES))
     proc = run_to_end(faulty(first), tmp_path, env, "first", timeout=420)
     assert proc.p.returncode != 0, proc.tail()
     assert (exp / "search_summary.json").exists() and not (exp / "report.json").exists(), proc.tail()
@@ -44,15 +61,16 @@ def test_an_eval_fix_completes_a_late_failed_retrain_without_rerunning_the_searc
     assert proc.p.returncode == 2, proc.tail()
     assert proc.err.strip().count("\n") == 0 and "base.train.lr: experiment 0.001, now 0.002" in proc.err, proc.err
 
-    fixed = search_args(tmp_path / "results", "late", *sets("base.eval.batch_size=500", "tune.max_failures=0"))
+    fixed = search_args(tmp_path / "results", "late", *sets("base.eval.batch_size=500", *EXTREMES))
     proc = run_to_end(faulty([*fixed, "--resume"]), tmp_path, env, "fixed", timeout=420)
     assert proc.p.returncode == 0, proc.tail()
     assert "base.eval.batch_size: was 1000, now 500" in (exp / "search.log").read_text()
     # The search's trials were not rerun: not one of their files changed, no trial was added.
     assert sorted(p.name for p in (exp / "search").glob("train_trial*")) == trials
     assert fingerprint(exp / "search") == search_before
-    report = (exp / "report.json").read_text()
-    assert '"test_mse_mean"' in report and (exp / "best_model.pt").exists()
+    report = json.loads((exp / "report.json").read_text())
+    assert report["seeds"] == [MAX_SEED - 1, MAX_SEED] and len(report["test_mse_per_seed"]) == 2, report["seeds"]
+    assert (exp / "best_model.pt").exists()
 
     # A finished experiment is left as it is: resumed unchanged, or refused when a setting changed.
     done = fingerprint(exp)

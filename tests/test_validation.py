@@ -3,7 +3,9 @@
 Every key of the bss_model config and of the search config's own sections is tried with values
 at and beyond its bounds. Each is either refused with one line naming the key, or accepted; the
 accepted extremes are then run, one smoke-scale run per class (every key at its smallest accepted
-value; every key at its largest), through training, the protocol and ``bss-separate``.
+value; every key at its largest), through training, the protocol and ``bss-separate``. The search
+settings' accepted extremes are built into the libraries' objects here and run in a real (tiny) search
+in ``tests/test_resume_search.py``.
 """
 
 from __future__ import annotations
