@@ -460,7 +460,11 @@ def apply_params(
         paths[key] = [path[0], ".".join(path[1:])] if len(path) > 2 and path[0] in flat_sections else path
     for key, path in paths.items():  # model.variant, or base.model.variant in a search config
         variant = params[key]
-        if path[-2:] == ["model", "variant"] and isinstance(variant, str) and variant in VARIANTS:
+        if (
+            path in (["model", "variant"], ["base", "model", "variant"])
+            and isinstance(variant, str)
+            and variant in VARIANTS
+        ):
             for name, preset in VARIANTS[variant].items():
                 _set_key(data, [*path[:-1], name], preset, where, str(key))
     for key, path in paths.items():

@@ -177,8 +177,9 @@ def has_started(root: str) -> bool:
     return False
 
 
-# Where the data lives: the files are checksummed, so the same data from another folder trains the same.
-DATA_KEYS = ("base.data.dir", "base.data.download")
+# Where the data lives (the files are checksummed, so the same data from another folder trains the same),
+# and how much the console says.
+DATA_KEYS = ("base.data.dir", "base.data.download", "tune.verbose")
 # Never used by the search, only by the retrain's evaluation: changeable until the retrain finishes (a
 # retrain that failed on one of them, e.g. an evaluation batch too large for the card, can be fixed).
 EVAL_KEYS = ("base.eval.",)
@@ -216,7 +217,8 @@ def resume_changes(saved: SearchConfig, cfg: SearchConfig, root: str) -> dict[st
         later = "retrain.* (before the retrain starts), " if not retrain_started else ""
         raise ConfigError(
             f"cannot --resume {root} with other settings ({describe_diff(refused, 'experiment', 'now')}): the run so "
-            f"far used the experiment's; only {later}base.eval.* and base.data.dir may change on --resume. Resume "
+            f"far used the experiment's; only {later}base.eval.*, base.data.dir and tune.verbose may change on "
+            "--resume. Resume "
             f"with its config ({local_dir(root) / CONFIG_FILE}) or start a new experiment with --name NEW"
         )
     return diff

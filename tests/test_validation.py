@@ -462,3 +462,28 @@ def test_training_out_of_memory_is_one_line_naming_the_sizes(
     monkeypatch.setattr(train_module, "train", no_memory)
     err = cli_error(train_module.main, ["--out", str(tmp_path / "runs"), "--set", "train.batch_size=65536"], capsys)
     assert "train.batch_size=65536 ran out of memory" in err and "lower train.batch_size" in err, err
+
+
+def test_search_resume_changes_allowed_before_and_refused_after_they_could_apply(tmp_path: Path) -> None:
+    """Which changes a search --resume takes, decided on the experiment's state (run for real in test_resume_search)."""
+    import dataclasses as dc
+
+    from search import storage
+
+    saved = load_search_config(SMOKE)
+    root = str(fake_experiment(tmp_path))
+    changed = dc.replace(
+        saved,
+        tune=dc.replace(saved.tune, verbose=0),
+        retrain=dc.replace(saved.retrain, seeds=2),
+        base=dc.replace(saved.base, eval=dc.replace(saved.base.eval, pairs=123)),
+    )
+    assert storage.resume_changes(saved, changed, root) == {
+        "base.eval.pairs": (4000, 123), "tune.verbose": (1, 0), "retrain.seeds": (3, 2)
+    }  # fmt: skip
+    (Path(root) / "retrain" / "train_trial_0").mkdir(parents=True)  # the retrain has started: its seeds are set
+    with pytest.raises(ConfigError, match=r"\(retrain\.seeds: experiment 3, now 2\)"):
+        storage.resume_changes(saved, changed, root)
+    (Path(root) / "report.json").write_text("{}")  # finished: nothing may change
+    with pytest.raises(ConfigError, match=r"base\.eval\.pairs: experiment 4000, now 123.* it is finished"):
+        storage.resume_changes(saved, dc.replace(changed, retrain=saved.retrain), root)
