@@ -487,3 +487,12 @@ def test_search_resume_changes_allowed_before_and_refused_after_they_could_apply
     (Path(root) / "report.json").write_text("{}")  # finished: nothing may change
     with pytest.raises(ConfigError, match=r"base\.eval\.pairs: experiment 4000, now 123.* it is finished"):
         storage.resume_changes(saved, dc.replace(changed, retrain=saved.retrain), root)
+
+
+def test_run_name_errors_name_the_flag_typed(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from search.run import main as run_main
+
+    err = cli_error(run_main, ["--config", str(SMOKE), "--storage-path", str(tmp_path), "--name", "a/b"], capsys)
+    assert err == "error: --name 'a/b' must be a plain folder name: drop slashes and leading dots", err
+    err = cli_error(run_main, ["--config", str(SMOKE), "--set", "tune.name=a/b"], capsys)
+    assert err.startswith("error: tune.name='a/b' must be a plain folder name"), err
