@@ -12,9 +12,12 @@ config in ``search/config.py``, which nests a whole :class:`Config` as ``base``.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import errno
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,6 +28,26 @@ import yaml
 
 from bss_model.errors import ConfigError
 from bss_model.variants import VARIANTS
+
+# --------------------------------------------------------------------------------------
+# What the pipeline can run. Validation accepts exactly these ranges, so a value that passes
+# never fails later (in numpy's seeding, in an allocation, or hours into a search).
+
+# np.random.seed, optuna's TPESampler and torch's generators all take seeds in [0, 2**32 - 1].
+MAX_SEED = 2**32 - 1
+TRAIN_IMAGES = 60_000  # each of MNIST's and Fashion-MNIST's training sets
+MAX_PAIRS = 10_000_000  # one validation list or one protocol draw (500x the reference's draw)
+MAX_DRAWS = 10_000
+MAX_PROTOCOL_PAIRS = 100_000_000  # all draws of the protocol together: 1.6 GB of indices
+# A batch of 32x32 images beyond this needs tens of GB of activations even for the tiny U-Net.
+MAX_BATCH = 65_536
+MAX_EPOCHS = 100_000
+MAX_SAMPLES_PER_EPOCH = 1_000_000_000
+MAX_FILTERS = 1024
+MAX_CONVS = 64
+MAX_DECODER_MULT = 64
+MAX_WEIGHTS = 2_000_000_000  # fp32 weights, gradients and two Adam moments: 32 GB
+MAX_THREADS = 4096
 
 # --------------------------------------------------------------------------------------
 # The sections
@@ -47,10 +70,18 @@ class DataConfig:
     val_seed: int = 0
 
     def validate(self) -> None:
+        # Both parts of each 60,000-image training set must keep at least one image (split_indices rounds).
         check_range(
-            0.0 < self.val_fraction < 1.0, "data.val_fraction", self.val_fraction, "a fraction in (0, 1), e.g. 0.1"
+            0.0 < self.val_fraction < 1.0 and 1 <= round(TRAIN_IMAGES * self.val_fraction) < TRAIN_IMAGES,
+            "data.val_fraction",
+            self.val_fraction,
+            f"a fraction that leaves images on both sides of the {TRAIN_IMAGES}-image training sets, e.g. 0.1",
         )
-        check_range(self.val_pairs >= 1, "data.val_pairs", self.val_pairs, "a positive pair count")
+        check_seed("data.split_seed", self.split_seed)
+        check_range(
+            1 <= self.val_pairs <= MAX_PAIRS, "data.val_pairs", self.val_pairs, f"a pair count in 1..{MAX_PAIRS:,}"
+        )
+        check_seed("data.val_seed", self.val_seed)
 
 
 @dataclass
@@ -73,17 +104,30 @@ class ModelConfig:
 
     def validate(self) -> None:
         check_range(self.variant in VARIANTS, "model.variant", self.variant, f"one of {sorted(VARIANTS)}")
-        check_range(self.filters >= 1, "model.filters", self.filters, "a positive filter count, e.g. 32")
+        check_range(
+            1 <= self.filters <= MAX_FILTERS, "model.filters", self.filters, f"a filter count in 1..{MAX_FILTERS}"
+        )
         check_range(
             1 <= self.depth <= 5,
             "model.depth",
             self.depth,
             "1..5 (a 32x32 input halves per level: 2**depth must divide 32)",
         )
-        check_range(self.encoder_convs >= 1, "model.encoder_convs", self.encoder_convs, ">= 1")
-        check_range(self.bottleneck_convs >= 0, "model.bottleneck_convs", self.bottleneck_convs, ">= 0")
-        check_range(self.decoder_convs >= 1, "model.decoder_convs", self.decoder_convs, ">= 1")
-        check_range(self.decoder_mult >= 1, "model.decoder_mult", self.decoder_mult, ">= 1")
+        convs = f"1..{MAX_CONVS}"
+        check_range(1 <= self.encoder_convs <= MAX_CONVS, "model.encoder_convs", self.encoder_convs, convs)
+        check_range(
+            0 <= self.bottleneck_convs <= MAX_CONVS, "model.bottleneck_convs", self.bottleneck_convs, f"0..{MAX_CONVS}"
+        )
+        check_range(1 <= self.decoder_convs <= MAX_CONVS, "model.decoder_convs", self.decoder_convs, convs)
+        mult = f"1..{MAX_DECODER_MULT}"
+        check_range(1 <= self.decoder_mult <= MAX_DECODER_MULT, "model.decoder_mult", self.decoder_mult, mult)
+        weights = approx_weights(self)
+        if weights > MAX_WEIGHTS:
+            raise ConfigError(
+                f"model.filters={self.filters} with model.depth={self.depth} and "
+                f"model.decoder_mult={self.decoder_mult} makes about {weights:.2g} weights, more than one device "
+                f"can train ({MAX_WEIGHTS:.0e}): lower model.filters, model.depth or model.decoder_mult"
+            )
 
 
 @dataclass
@@ -135,27 +179,33 @@ class TrainConfig:
     log_every: int = 0  # steps between console progress lines; 0 = once per epoch
 
     def validate(self) -> None:
-        check_range(self.epochs >= 1, "train.epochs", self.epochs, ">= 1")
-        check_range(self.samples_per_epoch >= 1, "train.samples_per_epoch", self.samples_per_epoch, ">= 1, e.g. 161984")
-        check_range(self.batch_size >= 1, "train.batch_size", self.batch_size, ">= 1")
+        check_seed("train.seed", self.seed)
+        check_range(1 <= self.epochs <= MAX_EPOCHS, "train.epochs", self.epochs, f"1..{MAX_EPOCHS:,}")
+        check_range(
+            1 <= self.samples_per_epoch <= MAX_SAMPLES_PER_EPOCH,
+            "train.samples_per_epoch",
+            self.samples_per_epoch,
+            f"1..{MAX_SAMPLES_PER_EPOCH:,}, e.g. 161984",
+        )
+        check_range(1 <= self.batch_size <= MAX_BATCH, "train.batch_size", self.batch_size, f"1..{MAX_BATCH}")
         check_range(self.lr > 0 and math.isfinite(self.lr), "train.lr", self.lr, "a positive learning rate, e.g. 1e-3")
-        check_range(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, ">= 0")
+        check_finite(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, ">= 0")
         check_range(0 < self.adam_eps < 1, "train.adam_eps", self.adam_eps, "in (0, 1), e.g. 1e-8 or 1e-7 (Keras)")
-        check_range(self.charbonnier_eps > 0, "train.charbonnier_eps", self.charbonnier_eps, "> 0, e.g. 1e-3")
+        check_finite(self.charbonnier_eps > 0, "train.charbonnier_eps", self.charbonnier_eps, "> 0, e.g. 1e-3")
         check_range(
             0 <= self.ema_decay < 1, "train.ema_decay", self.ema_decay, "in [0, 1): 0 = off, e.g. 0.999 or 0.9999"
         )
         check_range(0 < self.plateau_factor < 1, "train.plateau_factor", self.plateau_factor, "in (0, 1), e.g. 0.5")
         check_range(self.plateau_patience >= 0, "train.plateau_patience", self.plateau_patience, ">= 0")
-        check_range(self.plateau_threshold >= 0, "train.plateau_threshold", self.plateau_threshold, ">= 0, e.g. 1e-4")
+        check_finite(self.plateau_threshold >= 0, "train.plateau_threshold", self.plateau_threshold, ">= 0, e.g. 1e-4")
         check_range(0 <= self.min_lr <= self.lr, "train.min_lr", self.min_lr, f"in [0, train.lr={self.lr}]")
-        check_range(self.warmup_epochs >= 0, "train.warmup_epochs", self.warmup_epochs, ">= 0")
-        check_range(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, ">= 0 (0 disables clipping)")
+        check_finite(self.warmup_epochs >= 0, "train.warmup_epochs", self.warmup_epochs, ">= 0")
+        check_finite(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, ">= 0 (0 disables clipping)")
         ok_device = self.device in ("auto", "cpu", "cuda") or (
             self.device.startswith("cuda:") and self.device[5:].isdigit()
         )
         check_range(ok_device, "train.device", self.device, "auto, cpu, cuda or cuda:N")
-        check_range(self.threads >= 0, "train.threads", self.threads, ">= 0")
+        check_range(0 <= self.threads <= MAX_THREADS, "train.threads", self.threads, f"0..{MAX_THREADS} (0 = torch's)")
         check_range(self.image_every >= 0, "train.image_every", self.image_every, ">= 0")
         check_range(self.log_every >= 0, "train.log_every", self.log_every, ">= 0")
 
@@ -180,9 +230,16 @@ class EvalConfig:
     batch_size: int = 1000  # inference batch; never materialise a whole draw on the device
 
     def validate(self) -> None:
-        check_range(self.draws >= 1, "eval.draws", self.draws, ">= 1")
-        check_range(self.pairs >= 1, "eval.pairs", self.pairs, ">= 1")
-        check_range(self.batch_size >= 1, "eval.batch_size", self.batch_size, ">= 1")
+        check_range(1 <= self.draws <= MAX_DRAWS, "eval.draws", self.draws, f"1..{MAX_DRAWS}")
+        check_range(1 <= self.pairs <= MAX_PAIRS, "eval.pairs", self.pairs, f"1..{MAX_PAIRS:,}")
+        # The protocol draws every draw's indices up front (16 bytes a pair).
+        if self.draws * self.pairs > MAX_PROTOCOL_PAIRS:
+            raise ConfigError(
+                f"eval.draws={self.draws} x eval.pairs={self.pairs} = {self.draws * self.pairs:,} pairs is more than "
+                f"the protocol holds in memory ({MAX_PROTOCOL_PAIRS:,}): lower eval.draws or eval.pairs"
+            )
+        check_seed("eval.seed", self.seed)
+        check_range(1 <= self.batch_size <= MAX_BATCH, "eval.batch_size", self.batch_size, f"1..{MAX_BATCH}")
 
 
 @dataclass
@@ -254,6 +311,33 @@ def check_range(ok: bool, key: str, value: Any, expected: str) -> None:
     """Raise the standard one-line out-of-range ConfigError unless ``ok``."""
     if not ok:
         raise ConfigError(f"{key}={value!r} is out of range: expected {expected}")
+
+
+def check_finite(ok: bool, key: str, value: Any, expected: str) -> None:
+    """:func:`check_range` that also refuses inf (nan already fails every comparison)."""
+    check_range(ok and math.isfinite(value), key, value, f"a finite value {expected}")
+
+
+def check_seed(key: str, value: int) -> None:
+    check_range(0 <= value <= MAX_SEED, key, value, f"a seed in 0..{MAX_SEED} (2**32 - 1), e.g. 0")
+
+
+def approx_weights(m: ModelConfig) -> int:
+    """The U-Net's conv weights (biases and norms aside: a fraction of a percent), without building it."""
+    widths = [m.filters * 2**i for i in range(m.depth)]
+    total, c = 0, 1
+    for w in widths:
+        total += 9 * (c * w + (m.encoder_convs - 1) * w * w)
+        c = w
+    if m.bottleneck_convs:
+        bottom = m.filters * 2**m.depth
+        total += 9 * (c * bottom + (m.bottleneck_convs - 1) * bottom * bottom)
+        c = bottom
+    for w in reversed(widths):
+        out = m.decoder_mult * w
+        total += 4 * c * out + 9 * ((out + w) * out + (m.decoder_convs - 1) * out * out)
+        c = out
+    return total
 
 
 def _type_name(tp: Any) -> str:
@@ -357,37 +441,129 @@ def parse_set(item: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def apply_params(
+    data: dict[str, Any], params: dict[str, Any], where: str = "", flat_sections: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """The one override function: dotted ``params`` onto a raw nested config dict, in order, in place.
+
+    ``--set``, the search's trials and starting points, the retrain's best config and
+    ``retrain.overrides`` all go through here, so a key means the same wherever it is set.
+    A ``model.variant`` among the params selects that preset's shape: its keys replace the
+    model keys already there (a trial's base is fully resolved, so "only unset keys" would make
+    the variant a no-op), and the params' own model keys then override the preset, as
+    ``--set model.variant=tiny --set model.filters=12`` does. Sections named in ``flat_sections``
+    hold *dotted* keys themselves (the search space's ``train.lr``). Validation is :func:`build`'s.
+    """
+    paths = {}
+    for key in params:
+        path = str(key).split(".")
+        paths[key] = [path[0], ".".join(path[1:])] if len(path) > 2 and path[0] in flat_sections else path
+    for key, path in paths.items():  # model.variant, or base.model.variant in a search config
+        variant = params[key]
+        if (
+            path in (["model", "variant"], ["base", "model", "variant"])
+            and isinstance(variant, str)
+            and variant in VARIANTS
+        ):
+            for name, preset in VARIANTS[variant].items():
+                _set_key(data, [*path[:-1], name], preset, where, str(key))
+    for key, path in paths.items():
+        _set_key(data, path, params[key], where, str(key))
+    return data
+
+
+def _set_key(data: dict[str, Any], path: list[str], value: Any, where: str, key: str) -> None:
+    if not all(path):
+        raise ConfigError(f"{where}'{key}' is malformed: write section.key, e.g. train.lr")
+    node = data
+    for i, part in enumerate(path[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            above = ".".join(path[: i + 1])
+            raise ConfigError(f"{where}'{key}': '{above}' is a value, not a section: set {above} itself")
+        node = child
+    node[path[-1]] = value
+
+
 def apply_overrides(
     data: dict[str, Any], sets: list[str] | None, flat_sections: tuple[str, ...] = ()
 ) -> dict[str, Any]:
-    """Apply ``--set`` items onto a raw nested dict (validation happens in :func:`build`).
-
-    Sections named in ``flat_sections`` hold *dotted* keys themselves (the search space's
-    ``train.lr``), so ``--set space.train.lr=...`` sets the key ``train.lr`` of ``space``.
-    """
+    """Apply ``--set`` items onto a raw nested dict (see :func:`apply_params`; validation happens in :func:`build`)."""
+    params: dict[str, Any] = {}
     for item in sets or []:
         path, value = parse_set(item)
-        if len(path) > 2 and path[0] in flat_sections:
-            path = [path[0], ".".join(path[1:])]
-        node = data
-        for part in path[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"--set {item!r}: '{part}' is a value, not a section")
-            node = child
-        node[path[-1]] = value
-    return data
+        key = ".".join(path)
+        params.pop(key, None)  # the last --set of a key wins, in its own place in the order
+        params[key] = value
+    return apply_params(data, params, "--set ", flat_sections)
+
+
+def with_overrides(base: dict[str, Any], params: dict[str, Any], where: str = "") -> Config:
+    """A validated Config: ``base`` (a raw or resolved nested dict, not modified) with dotted ``params`` applied."""
+    data = apply_params(copy.deepcopy(base), params, where)
+    try:
+        return config_from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}{exc}") from None
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{dotted key: value}`` of a nested config dict's leaves."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_diff(old: Any, new: Any) -> dict[str, tuple[Any, Any]]:
+    """``{dotted key: (old value, new value)}`` for every leaf two configs (or config dicts) disagree on."""
+    a = flatten(old.to_dict() if hasattr(old, "to_dict") else old)
+    b = flatten(new.to_dict() if hasattr(new, "to_dict") else new)
+    keys = list(a) + [k for k in b if k not in a]
+    return {k: (a.get(k), b.get(k)) for k in keys if a.get(k) != b.get(k)}
+
+
+def describe_diff(diff: dict[str, tuple[Any, Any]], old: str = "run", new: str = "asked") -> str:
+    """``model.filters: run 32, asked 8; train.epochs: ...``: the differing keys with both values, never a repr."""
+    return "; ".join(f"{key}: {old} {a!r}, {new} {b!r}" for key, (a, b) in diff.items())
+
+
+def read_text(path: Path, what: str, fix: str) -> str:
+    """A UTF-8 text file's contents, or one ConfigError saying why it cannot be read: ``what`` names the
+    file's role (``config file``), ``fix`` the remedy when it is missing or not a file."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        dangling = f" (a symlink to {os.readlink(path)}, which does not exist)" if path.is_symlink() else ""
+        raise ConfigError(f"{what} {path} does not exist{dangling}: {fix}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{what} {path} is a directory, not a file: {fix}") from None
+    except PermissionError:
+        raise ConfigError(f"{what} {path} cannot be read (permission denied): make it readable") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ConfigError(f"{what} {path} is a symlink loop: point the link at a real file, or {fix}") from None
+        raise ConfigError(f"{what} {path} cannot be read ({exc.strerror or exc}): {fix}") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{what} {path} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at line {line}): save it as UTF-8"
+        ) from None
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping safely; every failure is a one-line ConfigError."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist: pass an existing YAML file to --config")
+    text = read_text(path, "config file", "pass an existing YAML file to --config")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(text)
     except yaml.constructor.ConstructorError as exc:
         # e.g. !!python/object: safe_load refuses to build arbitrary objects.
         mark = f" at line {exc.problem_mark.line + 1}" if exc.problem_mark else ""
@@ -396,9 +572,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise ConfigError(f"config file {path} is not valid YAML ({problem} at{where}): fix the syntax there") from None
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or getattr(exc, "reason", None) or "invalid YAML"
+        raise ConfigError(f"config file {path} is not valid YAML ({problem}{where}): fix the syntax there") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

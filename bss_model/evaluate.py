@@ -27,7 +27,7 @@ import torch
 from bss_model.checkpoint import load_model
 from bss_model.config import Config, EvalConfig
 from bss_model.data import mix
-from bss_model.runtime import Runtime, apply_torch_settings, resolve_runtime
+from bss_model.runtime import Runtime, apply_torch_settings, resolve_device, resolve_runtime
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
 
@@ -236,6 +236,19 @@ def evaluate_checkpoint(
     return evaluate_model(model, test_digit, test_fashion, cfg.eval, runtime)
 
 
+def check_flags(overrides: dict[str, Any]) -> None:
+    """The protocol flags' ranges, in the words the user typed (``--seed -1``, not ``eval.seed=-1``)."""
+    from bss_model.errors import ConfigError
+
+    try:
+        EvalConfig(**overrides).validate()
+    except ConfigError as exc:
+        message = str(exc)
+        for key in overrides:
+            message = message.replace(f"eval.{key}=", f"--{key} ")
+        raise ConfigError(message) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     from bss_model.errors import cli_entry
 
@@ -250,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--device", default="auto")
         args = p.parse_args(argv)
         overrides = {k: v for k in ("draws", "pairs", "seed") if (v := getattr(args, k)) is not None}
+        check_flags(overrides)
+        resolve_device(args.device, "--device")
         result = evaluate_checkpoint(args.checkpoint, args.data_dir, overrides, args.device)
         json.dump(result, sys.stdout, indent=2)
         print()

@@ -66,11 +66,19 @@ class Runtime:
         )
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, flag: str | None = None) -> torch.device:
+    """The torch device ``name`` means here. Errors name ``flag`` (e.g. ``--device``) when the user typed
+    one, else the config key ``train.device``."""
+    said, fix = (f"{flag} {name}", f"use {flag} auto or cpu") if flag else (
+        f"train.device={name}", "use train.device=auto or cpu")  # fmt: skip
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not (name in ("cpu", "cuda") or (name.startswith("cuda:") and name[5:].isdigit())):
+        raise ConfigError(f"{said} is not a device: use auto, cpu, cuda or cuda:N")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name} but no CUDA GPU is available: use train.device=auto or cpu")
+        raise ConfigError(f"{said} but no CUDA GPU is available: {fix}")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise ConfigError(f"{said} but this machine has {torch.cuda.device_count()} CUDA GPU(s): {fix}, or cuda:0")
     return torch.device(name)
 
 

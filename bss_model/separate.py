@@ -410,11 +410,10 @@ def _plan_outputs(items: list[Item], out: Path) -> dict[str, dict[str, Path]]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Everything after argument parsing; returns the ``--json`` document."""
-    import torch
 
     from bss_model.checkpoint import load_model
     from bss_model.io import atomic_write_bytes
-    from bss_model.runtime import apply_torch_settings, resolve_runtime
+    from bss_model.runtime import apply_torch_settings, resolve_device, resolve_runtime
 
     notices: list[str] = []
     items = [read_input(p) for p in args.images]  # every input checked before the model is even loaded
@@ -439,8 +438,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # The checkpoint's own runtime (precision, memory format), but on this machine's device and threads,
     # and never compiled: a one-off inference is over before torch.compile's warm-up would pay off.
     cfg.train.device, cfg.train.cuda_graphs = args.device, "off"  # graphs are a training-step matter
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise BssError(f"--device {args.device} but no CUDA GPU is available: use --device auto or cpu")
+    resolve_device(args.device, "--device")  # errors in the flag's words, not train.device's
     runtime = resolve_runtime(cfg.train)
     apply_torch_settings(runtime, args.threads)
     model = runtime.prepare_model(model).eval()
@@ -515,6 +513,18 @@ def _positive_count(text: str) -> int:
     return n
 
 
+def _seed(text: str) -> int:
+    from bss_model.config import MAX_SEED
+
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 0 <= n <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"expected a seed in 0..{MAX_SEED}, got {n}")
+    return n
+
+
 def main(argv: list[str] | None = None) -> int:
     from bss_model.errors import cli_entry
 
@@ -531,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--json", action="store_true", help="print per-image figures as JSON on stdout")
         p.add_argument("--demo", type=_positive_count, default=0, metavar="N",
                        help="also separate N seeded test-set mixtures, written with their true components")  # fmt: skip
-        p.add_argument("--seed", type=int, default=0, help="seed of the --demo draw (default 0)")
+        p.add_argument("--seed", type=_seed, default=0, help="seed of the --demo draw (default 0)")
         p.add_argument("--data-dir", default=None, help="for --demo: folder with mnist/ and fashion-mnist/")
         p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
         p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default")

@@ -12,8 +12,10 @@ the *training* sets, an atomic checkpoint, TensorBoard scalars, and a call to
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
+import math
 import random
 import sys
 import time
@@ -27,10 +29,19 @@ import torch
 
 from bss_model import checkpoint as ckpt
 from bss_model import losses
-from bss_model.config import Config, load_config, save_config
+from bss_model.config import (
+    Config,
+    apply_overrides,
+    config_diff,
+    config_from_dict,
+    describe_diff,
+    load_config,
+    parse_set,
+    save_config,
+)
 from bss_model.data import PairSampler, Splits, draw_pairs, load_splits, mix
 from bss_model.ema import EMA
-from bss_model.errors import CheckpointError, cli_entry
+from bss_model.errors import CheckpointError, ConfigError, cli_entry
 from bss_model.evaluate import batched_mse, model_predictor
 from bss_model.io import atomic_write_json, next_run_dir, setup_logging
 from bss_model.model import build_model, count_parameters
@@ -144,9 +155,12 @@ class _Trainer:
         state = ckpt.load(path, map_location=self.rt.device)
         saved = ckpt.config_of(state, path)
         if saved.model != self.cfg.model:
+            diff = config_diff(
+                {"model": dataclasses.asdict(saved.model)}, {"model": dataclasses.asdict(self.cfg.model)}
+            )
             raise CheckpointError(
-                f"checkpoint {path} was trained with model config {saved.model} but this run asks for "
-                f"{self.cfg.model}: resume with the checkpoint's config or start a new run"
+                f"checkpoint {path} was trained as another model ({describe_diff(diff, 'checkpoint', 'asked')}): "
+                "resume with the checkpoint's config or start a new run"
             )
         ckpt.load_weights(self.model, state.get("train_model", state["model"]), path)
         if self.ema and "ema" in state:
@@ -265,6 +279,12 @@ def train(
                 break
             train_time = time.perf_counter() - t0
             val = tr.validate()
+            if not math.isfinite(val["mse"]):
+                # The loss checks run every few steps; weights can go non-finite after the last one.
+                # A NaN score must not pass for a finished run (nor be checkpointed as one).
+                status, reason = "diverged", f"non-finite validation MSE at epoch {tr.epoch + 1} (lr={t.lr:g})"
+                log.warning("run diverged: %s", reason)
+                break
             if tr.plateau:
                 tr.plateau.step(val["mse"])
             tr.epoch += 1
@@ -316,6 +336,76 @@ def train(
     return result
 
 
+# What a resumed run may change, each only when asked for by name (--set, --data-dir): where the data
+# lives, how the hardware runs it, what it logs, how it is evaluated, and (checked below) its length.
+# Everything else is what the checkpoint was trained as: changing it mid-run trains a model nobody asked for.
+RESUMABLE = (
+    "data.dir", "data.download", "train.device", "train.precision", "train.channels_last", "train.compile",
+    "train.cuda_graphs", "train.threads", "train.tensorboard", "train.image_every", "train.log_every",
+    "train.epochs", "eval.",
+)  # fmt: skip
+
+
+def resume_config(
+    resume: Path, run: Path, config: str | None, sets: list[str]
+) -> tuple[Config, dict[str, tuple[Any, Any]]]:
+    """The config to resume ``run`` with: its checkpoint's own, plus the changes asked for by name
+    (``--set``, and ``--data-dir``, which arrives as a ``--set data.dir=``).
+
+    Returns it with those changes (``{key: (run's, new)}``, for the log). Anything else a ``--config``
+    or ``--set`` would change is refused in one line naming each key with both values, before the run
+    folder is touched.
+    """
+    state = ckpt.load(resume)
+    saved = ckpt.config_of(state, resume)
+    asked = load_config(config, sets) if config else config_from_dict(apply_overrides(saved.to_dict(), sets))
+    named = {".".join(parse_set(item)[0]) for item in sets}
+    diff = config_diff(saved, asked)
+    allowed = {k: v for k, v in diff.items() if k in named and k.startswith(RESUMABLE)}
+    refused = {k: v for k, v in diff.items() if k not in allowed}
+    source = f"--config {config}" if config else "--set"
+    if refused:
+        raise ConfigError(
+            f"cannot resume {run}: {source} differs from the run's config ({describe_diff(refused)}); drop "
+            f"{'--config' if config else 'those --set'} to resume with the run's own config (config.yaml), or start "
+            "a new run without --resume (nothing was written)"
+        )
+    if "train.epochs" in allowed:
+        done, epochs = state.get("epoch", 0), asked.train.epochs
+        if epochs < done:
+            raise ConfigError(
+                f"cannot resume {run} with train.epochs={epochs}: it has already trained {done} epochs; "
+                f"set train.epochs to {done} or more"
+            )
+        if saved.train.schedule == "cosine":
+            raise ConfigError(
+                f"cannot resume {run} with train.epochs={epochs} (was {saved.train.epochs}): its cosine schedule "
+                "decays over train.epochs, so a new length changes the learning rate of every step to come; "
+                "start a new run instead"
+            )
+    return asked, allowed
+
+
+# The CUDA allocator's, the CUDA runtime's and the CPU allocator's words for an allocation that failed.
+_OOM_TEXTS = ("CUDA out of memory", "CUDA error: out of memory", "can't allocate memory", "not enough memory")
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or any(text in str(exc) for text in _OOM_TEXTS)
+
+
+def new_run_dir(root: Path, name: str) -> Path:
+    """:func:`next_run_dir`, with an --out that cannot hold run folders refused in one line."""
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"--out {root} is a file, not a folder: pass a folder for the runs (each gets a subfolder)")
+    try:
+        return next_run_dir(root, name)
+    except OSError as exc:
+        raise ConfigError(
+            f"--out {root} cannot hold run folders ({exc.strerror or exc}): pass a writable folder"
+        ) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     @cli_entry
     def _main() -> int:
@@ -325,19 +415,35 @@ def main(argv: list[str] | None = None) -> int:
                        help="override a config key, e.g. --set train.lr=3e-4 (repeatable)")  # fmt: skip
         p.add_argument("--out", default="runs", help="root folder; each run gets an auto-numbered subfolder")
         p.add_argument("--data-dir", default=None, help="folder with mnist/ and fashion-mnist/ (sets data.dir)")
-        p.add_argument("--resume", default=None, help="checkpoint.pt or run folder to continue from")
+        p.add_argument("--resume", default=None,
+                       help="checkpoint.pt or run folder to continue from, with the run's own config; "
+                       "--set may change its epochs, hardware, logging and eval settings")  # fmt: skip
         args = p.parse_args(argv)
         sets = list(args.sets) + ([f"data.dir={Path(args.data_dir).resolve()}"] if args.data_dir else [])
-        cfg = load_config(args.config, sets)
+        changes: dict[str, tuple[Any, Any]] = {}
         if args.resume:
             resume = ckpt.resolve_path(args.resume)
             out = resume.parent.parent if resume.parent.name == "checkpoint" else resume.parent
+            cfg, changes = resume_config(resume, out, args.config, sets)
         else:
+            cfg = load_config(args.config, sets)
             resume = None
-            out = next_run_dir(Path(args.out), Path(args.config).stem if args.config else "default")
+            out = new_run_dir(Path(args.out), Path(args.config).stem if args.config else "default")
         setup_logging(out / "train.log")
+        if changes:
+            log.info("resuming with changes asked for: %s", describe_diff(changes, "was", "now"))
         # The bar only on a terminal: CI logs and redirected output keep just the plain per-epoch lines.
-        result = train(cfg, out_dir=out, resume=resume, progress=sys.stderr.isatty())
+        try:
+            result = train(cfg, out_dir=out, resume=resume, progress=sys.stderr.isatty())
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            if not out_of_memory(exc):
+                raise
+            log.error("out of memory: %s", " ".join(str(exc).split())[:300])  # the allocator's detail, for the log
+            raise ConfigError(
+                f"training {cfg.model.variant} ({cfg.model.filters} filters) with train.batch_size="
+                f"{cfg.train.batch_size} ran out of memory on {cfg.train.device}: lower train.batch_size, "
+                f"eval.batch_size or model.filters (the last epoch's checkpoint in {out} is intact)"
+            ) from None
         print(json.dumps({"status": result.status, "reason": result.reason, "run_dir": str(out), **result.metrics}))
         return 0 if result.status == "completed" else 1
 

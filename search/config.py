@@ -22,24 +22,32 @@ trial sees the same samples per epoch, hence per ASHA rung, whatever batch size 
 
 from __future__ import annotations
 
-import copy
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bss_model.config import (
+    MAX_EPOCHS,
+    MAX_SAMPLES_PER_EPOCH,
+    MAX_SEED,
     Config,
     apply_overrides,
     build,
     check_fair_budget,
     check_range,
-    config_from_dict,
+    check_seed,
     read_yaml,
     resolve_variant,
+    with_overrides,
 )
 from bss_model.errors import ConfigError
 from search.space import Dimension, parse_space
+
+MAX_TRIALS = 100_000
+MAX_SEEDS = 1000
+MAX_IMAGES = 64  # test mixtures in one separation picture
 
 
 @dataclass
@@ -67,13 +75,20 @@ class TuneSection:
         def check(ok: bool, key: str, value: Any, expected: str) -> None:
             check_range(ok, f"tune.{key}", value, expected)
 
-        check(self.num_samples >= 1, "num_samples", self.num_samples, ">= 1 trial")
+        check(1 <= self.num_samples <= MAX_TRIALS, "num_samples", self.num_samples, f"1..{MAX_TRIALS:,} trials")
         check(self.max_concurrent >= 1, "max_concurrent", self.max_concurrent, ">= 1")
-        check(self.cpus_per_trial > 0, "cpus_per_trial", self.cpus_per_trial, "> 0")
-        check(self.gpus_per_trial >= 0, "gpus_per_trial", self.gpus_per_trial, ">= 0")
+        cpus, gpus = self.cpus_per_trial, self.gpus_per_trial
+        check(0 < cpus < math.inf, "cpus_per_trial", cpus, "a finite number > 0")
+        check(0 <= gpus < math.inf, "gpus_per_trial", gpus, "a finite number >= 0")
+        check_seed("tune.seed", self.seed)
         check(self.n_startup_trials >= 0, "n_startup_trials", self.n_startup_trials, ">= 0")
         check(self.grace_period >= 1, "grace_period", self.grace_period, ">= 1 epoch")
-        check(self.reduction_factor > 1, "reduction_factor", self.reduction_factor, "> 1")
+        check(
+            1 < self.reduction_factor < math.inf,
+            "reduction_factor",
+            self.reduction_factor,
+            "a finite number > 1, e.g. 2",
+        )
         check(self.max_failures >= 0, "max_failures", self.max_failures, ">= 0")
         check(self.checkpoints_to_keep >= 1, "checkpoints_to_keep", self.checkpoints_to_keep, ">= 1")
         check(self.verbose in (0, 1, 2, 3), "verbose", self.verbose, "0..3")
@@ -99,13 +114,24 @@ class RetrainSection:
     images: int = 8  # test mixtures in the separation picture
 
     def validate(self) -> None:
-        check_range(self.seeds >= 1, "retrain.seeds", self.seeds, ">= 1")
-        check_range(self.max_concurrent >= 0, "retrain.max_concurrent", self.max_concurrent, ">= 0 (0 = tune's)")
-        check_range(self.epochs >= 1, "retrain.epochs", self.epochs, ">= 1")
+        check_range(1 <= self.seeds <= MAX_SEEDS, "retrain.seeds", self.seeds, f"1..{MAX_SEEDS}")
+        # Every retrain seed is a train.seed: the last one must be a valid seed too.
+        last = MAX_SEED - self.seeds + 1
         check_range(
-            self.samples_per_epoch >= 1, "retrain.samples_per_epoch", self.samples_per_epoch, ">= 1, e.g. 161984"
+            0 <= self.first_seed <= last, "retrain.first_seed", self.first_seed, f"0..{last} (seeds up to {MAX_SEED})"
         )
-        check_range(self.images >= 1, "retrain.images", self.images, ">= 1")
+        check_range(self.max_concurrent >= 0, "retrain.max_concurrent", self.max_concurrent, ">= 0 (0 = tune's)")
+        check_range(1 <= self.epochs <= MAX_EPOCHS, "retrain.epochs", self.epochs, f"1..{MAX_EPOCHS:,}")
+        check_range(
+            1 <= self.samples_per_epoch <= MAX_SAMPLES_PER_EPOCH,
+            "retrain.samples_per_epoch",
+            self.samples_per_epoch,
+            f"1..{MAX_SAMPLES_PER_EPOCH:,}, e.g. 161984",
+        )
+        check_range(1 <= self.images <= MAX_IMAGES, "retrain.images", self.images, f"1..{MAX_IMAGES}")
+        for key in self.overrides:
+            if not isinstance(key, str):
+                raise ConfigError(f"retrain.overrides key {key!r} must be a dotted config key, e.g. train.epochs")
 
     @property
     def seed_list(self) -> list[int]:
@@ -132,21 +158,6 @@ class SearchConfig:
 
 
 # --------------------------------------------------------------------------------------
-
-
-def with_overrides(base: dict[str, Any], params: dict[str, Any], where: str = "") -> Config:
-    """A validated Config: ``base`` (a raw nested dict) with dotted ``params`` applied."""
-    data = copy.deepcopy(base)
-    for key, value in params.items():
-        node = data
-        *parents, last = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
-    try:
-        return config_from_dict(data)
-    except ConfigError as exc:
-        raise ConfigError(f"{where}{exc}") from None
 
 
 def validate_space(base: dict[str, Any], space: dict[str, Any]) -> dict[str, Dimension]:
@@ -241,6 +252,8 @@ def load_search_config(path: str | Path | None, sets: list[str] | None = None) -
                 f"tune.points_to_evaluate[{i}] sets {sorted(unknown)} which are not space dimensions: "
                 f"use keys from {sorted(parsed)}"
             )
+        for key, value in point.items():
+            parsed[key].check_value(value, f"tune.points_to_evaluate[{i}].{key}")
         with_overrides(base, point, where=f"tune.points_to_evaluate[{i}]: ")
     check_budget(cfg.base, parsed, cfg.tune.points_to_evaluate)
     with_overrides(base, cfg.retrain.params(), where="retrain.overrides: ")

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bss_model.config import Config, load_config
+from bss_model.config import Config, describe_diff, load_config
 from bss_model.errors import ConfigError
 from bss_model.io import setup_logging
 from search import best_model, figures, report, selection, storage, study, tuners
@@ -123,11 +123,24 @@ def search_retrain_report(
     resolve_data_dir(cfg.base, data_dir, on_cluster(address))
     check_data(cfg.base, address)
     root = storage.prepare_experiment(cfg, resume)
-    if resume:  # a driver on another machine (an empty mirror) goes on with the study in storage
+    saved = storage.load_saved_config(root) if resume else None
+    if saved is not None and storage.is_finished(root):
+        # Nothing to run: the report, figures and wall time stay as the finished run wrote them.
+        if address or os.environ.get("RAY_ADDRESS"):
+            init_ray(address)  # an address the user gave is still checked, not silently ignored
+        print(f"experiment {root} is already finished: nothing was rerun or rewritten; report: "
+              f"{storage.local_dir(root) / 'report.md'}")  # fmt: skip
+        return {}
+    if resume:
+        storage.load_summary(root)  # a damaged summary is one line now, not after Ray has started
+        # A driver on another machine (an empty mirror) goes on with the study in storage.
         storage.download(root, storage.local_dir(root), [study.STUDY_FILE], missing_only=True)
     setup_logging(storage.local_dir(root) / "search.log")
+    changes = storage.resume_changes(saved, cfg, root) if saved is not None else {}
+    if changes:
+        log.info("resuming with changed settings: %s", describe_diff(changes, "was", "now"))
     init_ray(address)
-    if not resume or storage.load_saved_config(root) is None:
+    if saved is None or changes:
         storage.save_resolved_config(cfg, root)
     summary = search_step(cfg, root, resume, resume_cmd, t0)
     return retrain_step(cfg, best_config(cfg, summary), root, summary, resume_cmd, t0)

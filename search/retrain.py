@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bss_model.errors import cli_entry
+from bss_model.errors import ConfigError, cli_entry
 from search.pipeline import finished_search, named_config, retrain_report
 
 
@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
                        help="with --config: override a config key (repeatable)")  # fmt: skip
         p.add_argument("--seeds", type=int, default=None, help="number of seeds (default: the config's, else 5)")
         p.add_argument("--name", default=None, help="with --config: experiment name (default: the config's stem)")
-        p.add_argument("--storage-path", default="results", help="with --config: where the experiment folder goes")
+        p.add_argument("--storage-path", default=None,
+                       help="with --config: where the experiment folder goes (default: results)")  # fmt: skip
         p.add_argument("--max-concurrent", type=int, default=None, help="seeds trained at once")
         p.add_argument("--cpus-per-trial", type=float, default=None)
         p.add_argument("--gpus-per-trial", type=float, default=None)
@@ -37,9 +38,20 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--data-dir", default=None, help="folder with mnist/ and fashion-mnist/")
         args = p.parse_args(argv)
         if args.experiment:
+            # These shape a new experiment from --config; a finished search's retrain has its own (never ignore them).
+            given = [flag for flag, value in (("--set", args.sets), ("--name", args.name),
+                     ("--storage-path", args.storage_path), ("--resume", args.resume)) if value]  # fmt: skip
+            if given:
+                flags, verb = ", ".join(given), "applies" if len(given) == 1 else "apply"
+                raise ConfigError(
+                    f"{flags} {verb} only with --config: --experiment retrains the search's best config with the "
+                    "experiment's own settings, in its own folder, continuing whatever retrain it has; drop "
+                    f"{flags} (to change settings, use `search/run.py --resume` or a new search)"
+                )
             root, cfg, summary = finished_search(args.experiment)
         else:
-            root, cfg, summary = None, named_config(args.config, args.sets, args.name, args.storage_path), None
+            storage_path = args.storage_path or "results"
+            root, cfg, summary = None, named_config(args.config, args.sets, args.name, storage_path), None
         for flag, section, key in (("seeds", cfg.retrain, "seeds"),
                                    ("max_concurrent", cfg.retrain, "max_concurrent"),
                                    ("cpus_per_trial", cfg.tune, "cpus_per_trial"),

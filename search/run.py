@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bss_model.errors import cli_entry
+from bss_model.errors import ConfigError, cli_entry
 from search.config import load_search_config
 from search.pipeline import search_retrain_report
 
@@ -38,7 +38,13 @@ def main(argv: list[str] | None = None) -> int:
             sets.append(f"tune.name={args.name}")
         if args.storage_path:
             sets.append(f"tune.storage_path={args.storage_path}")
-        cfg = load_search_config(args.config, sets)
+        try:
+            cfg = load_search_config(args.config, sets)
+        except ConfigError as exc:
+            # In the words the user typed: --name x/y, not tune.name='x/y'.
+            if args.name and str(exc).startswith("tune.name="):
+                raise ConfigError(f"--name {args.name!r} " + str(exc).split(" ", 1)[1]) from None
+            raise
         raw = argv if argv is not None else sys.argv[1:]
         resume_cmd = " ".join(["python search/run.py", *raw] + ([] if args.resume else ["--resume"]))
         search_retrain_report(cfg, args.resume, args.address, args.data_dir, resume_cmd)

@@ -16,6 +16,7 @@ kind is one row in ``KINDS``, not a branch in three modules.
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +66,37 @@ class Dimension:
             return CategoricalDistribution(self.args)
         return (IntDistribution if k.integer else FloatDistribution)(self.args[0], self.args[1], log=k.log)
 
+    def check_value(self, value: Any, where: str) -> None:
+        """Refuse a value the searcher could not have drawn (a starting point outside the space).
+
+        Outside a choice, Optuna fails after Ray started; outside a range, the trial trains and the
+        study drops the parameter, so optuna.db and report.json disagree.
+        """
+        k = KINDS[self.kind]
+        if k.categorical:
+            if not any(value == c and type(value) is type(c) or _same_number(value, c) for c in self.args):
+                raise ConfigError(f"{where}={value!r} is not one of space.{self.key}'s choices {self.args}")
+            return
+        low, high = self.args
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or not (low <= value <= high) or (k.integer and not float(value).is_integer()):
+            what = "an integer" if k.integer else "a number"
+            raise ConfigError(
+                f"{where}={value!r} is outside space.{self.key} ({self.kind} [{low}, {high}]): use {what} in that range"
+            )
+
+
+def _same_number(a: Any, b: Any) -> bool:
+    """8 and 8.0 are the same choice; True and 1 are not."""
+    numbers = (int, float)
+    return (
+        isinstance(a, numbers)
+        and isinstance(b, numbers)
+        and not isinstance(a, bool)
+        and not isinstance(b, bool)
+        and a == b
+    )
+
 
 def parse_dimension(key: str, spec: Any) -> Dimension:
     """Check one space entry's shape and bounds (not yet whether its values make valid configs)."""
@@ -92,6 +124,8 @@ def parse_dimension(key: str, spec: Any) -> Dimension:
         low, high = (float(a) for a in args)
     except (TypeError, ValueError):
         raise ConfigError(f"{where}.{name} bounds must be numbers, got {args!r}") from None
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ConfigError(f"{where}.{name} bounds must be finite numbers, got {args!r}: give the range's real ends")
     if low > high:
         raise ConfigError(f"{where}.{name} has low > high ({args[0]} > {args[1]}): swap the bounds")
     if kind.log and low <= 0:

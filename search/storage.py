@@ -27,9 +27,11 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import yaml
 
+from bss_model.config import config_diff, describe_diff, read_text
 from bss_model.errors import BssError, ConfigError
 from bss_model.io import atomic_write_json, atomic_write_text
 from search.config import SearchConfig, search_config_from_dict
@@ -230,7 +232,15 @@ def load_saved_config(root: str) -> SearchConfig | None:
     path = local_dir(root) / CONFIG_FILE
     if CONFIG_FILE not in download(root, path.parent, [CONFIG_FILE]):
         return None
-    return search_config_from_dict(yaml.safe_load(path.read_text()))
+    fix = f"restore it from a copy, or start a new experiment with --name NEW (the experiment is at {root})"
+    try:
+        data = yaml.safe_load(read_text(path, "experiment file", fix))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"experiment file {path} is damaged (not valid YAML: {type(exc).__name__}): {fix}") from None
+    try:
+        return search_config_from_dict(data if isinstance(data, dict) else {})
+    except ConfigError as exc:
+        raise ConfigError(f"experiment file {path} does not hold a valid search config ({exc}): {fix}") from None
 
 
 def save_summary(root: str, summary: SearchSummary) -> None:
@@ -244,7 +254,14 @@ def load_summary(root: str) -> SearchSummary | None:
     path = local_dir(root) / SUMMARY_FILE
     if SUMMARY_FILE not in download(root, path.parent, [SUMMARY_FILE]):  # storage, not the mirror, decides
         return None
-    return SearchSummary.from_dict(json.loads(path.read_text()))
+    try:
+        return SearchSummary.from_dict(json.loads(read_text(path, "experiment file", "restore it from a copy")))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        # Damaged (a truncated copy, an edit): the trials are still in search/, so rerunning the summary is safe.
+        raise ConfigError(
+            f"experiment file {path} is damaged ({type(exc).__name__}: {exc}): delete it and rerun with --resume "
+            "to rebuild it from the search's trials, or restore it from a copy"
+        ) from None
 
 
 # What a run leaves once it has started a trial: any of these means the name is taken.
@@ -278,12 +295,52 @@ def has_started(root: str) -> bool:
     return False
 
 
-def _portable(base: object) -> dict:
-    """A base config as --resume compares it: without ``data.dir``, which names a machine's own disk (a run
-    on a Ray cluster leaves it to each node's $BSS_DATA_DIR), not what the experiment trains."""
-    d = base.to_dict()  # type: ignore[attr-defined]
-    d.get("data", {}).pop("dir", None)
-    return d
+# Where the data lives (the files are checksummed, so the same data from another folder trains the same),
+# and how much the console says.
+DATA_KEYS = ("base.data.dir", "base.data.download", "tune.verbose")
+# Never used by the search, only by the retrain's evaluation: changeable until the retrain finishes (a
+# retrain that failed on one of them, e.g. an evaluation batch too large for the card, can be fixed).
+EVAL_KEYS = ("base.eval.",)
+
+
+def is_finished(root: str) -> bool:
+    """The report is written last: storage (not the local mirror, empty on another machine) says if it exists."""
+    return "report.json" in download(root, local_dir(root), ["report.json"])
+
+
+def resume_changes(saved: SearchConfig, cfg: SearchConfig, root: str) -> dict[str, tuple[Any, Any]]:
+    """The changes a ``--resume`` may make to the experiment's saved config (``{key: (saved, now)}``).
+
+    Anything else is refused in one line naming each key with both values: the search (and a retrain
+    under way) ran with it, and Tune restores its own experiment state, so a changed setting would be
+    half applied or silently ignored. A finished experiment takes no change at all.
+    """
+    diff = config_diff(saved.to_dict(), cfg.to_dict())
+    for key in ("tune.name", "tune.storage_path"):  # they name the experiment: equal by construction
+        diff.pop(key, None)
+    if not diff:
+        return {}
+    if is_finished(root):
+        raise ConfigError(
+            f"cannot --resume {root} with other settings ({describe_diff(diff, 'experiment', 'now')}): it is "
+            "finished (report.json), so they would not apply; resume it with its own config, or start a new "
+            "experiment with --name NEW"
+        )
+    retrain_started = bool(_tune_entries(tune_path(root, "retrain")))
+
+    def allowed(key: str) -> bool:
+        return key.startswith(DATA_KEYS + EVAL_KEYS) or (key.startswith("retrain.") and not retrain_started)
+
+    refused = {k: v for k, v in diff.items() if not allowed(k)}
+    if refused:
+        later = "retrain.* (before the retrain starts), " if not retrain_started else ""
+        raise ConfigError(
+            f"cannot --resume {root} with other settings ({describe_diff(refused, 'experiment', 'now')}): the run so "
+            f"far used the experiment's; only {later}base.eval.*, base.data.dir and tune.verbose may change on "
+            "--resume. Resume "
+            f"with its config ({local_dir(root) / CONFIG_FILE}) or start a new experiment with --name NEW"
+        )
+    return diff
 
 
 def prepare_experiment(cfg: SearchConfig, resume: bool) -> str:
@@ -297,12 +354,8 @@ def prepare_experiment(cfg: SearchConfig, resume: bool) -> str:
             raise ConfigError(
                 f"cannot --resume: no experiment at {root}: drop --resume to start it, or fix tune.name/storage_path"
             )
-        if saved is not None and (saved.space != cfg.space or _portable(saved.base) != _portable(cfg.base)):
-            what = "search space" if saved.space != cfg.space else "base config"
-            raise ConfigError(
-                f"cannot --resume {root}: it was created with a different {what}; resume with the experiment's own "
-                f"config ({local_dir(root) / CONFIG_FILE}) or start a new experiment with another tune.name"
-            )
+        if saved is not None:
+            resume_changes(saved, cfg, root)
     elif has_started(root):
         raise ConfigError(
             f"experiment {root} already exists: pass --resume to continue it, or choose another name with "

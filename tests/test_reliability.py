@@ -463,7 +463,10 @@ BAD_SEARCH_INPUTS: dict[str, tuple[Any, str]] = {
     "data-dir-missing": (["--data-dir", "/nonexistent/bss-data"], "does not exist"),
     "data-truncated-gz": (lambda t, d: ["--data-dir", str(_data_copy(t, d, "truncated"))], "truncated or corrupt gzip"),
     "data-wrong-checksum": (lambda t, d: ["--data-dir", str(_data_copy(t, d, "checksum"))], "checksum mismatch"),
-    "resume-other-space": (_space(**{"model.filters": {"choice": [4, 8]}}), "different search space"),
+    "resume-other-space": (
+        _space(**{"model.filters": {"choice": [4, 8]}}),
+        "(space.model.filters.choice: experiment [4, 8, 12], now [4, 8])",
+    ),
     "resume-missing": (["--name", "no-such-experiment"], "no experiment at"),
     "storage-under-proc": (["--storage-path", "/proc/bss-search", "--no-resume"], "cannot be written"),
     "storage-under-a-file": (
@@ -525,7 +528,7 @@ def test_resume_with_an_incompatible_config_is_refused_and_leaves_the_run_alone(
     save_config(cfg, tmp_path / "tiny.yaml")
     before = snapshot(run)
     argv = ["--config", str(tmp_path / "tiny.yaml"), "--resume", str(run), "--set", "model.filters=16"]
-    assert "was trained with model config" in cli_error(main, argv, capsys)
+    assert "(model.filters: run 8, asked 16)" in cli_error(main, argv, capsys)
     after = snapshot(run)
     assert {k: after.get(k) for k in before} == before, "the run's files were changed by a refused resume"
     assert set(after) - set(before) <= {"train.log"}
