@@ -64,9 +64,12 @@ def seed_everything(seed: int) -> None:
 class _Trainer:
     """The state of one run; ``train()`` below is the public entry point."""
 
-    def __init__(self, cfg: Config, out_dir: Path, splits: Splits | None, ckpt_dir: Path) -> None:
+    def __init__(
+        self, cfg: Config, out_dir: Path, splits: Splits | None, ckpt_dir: Path, tb_dir: Path | None = None
+    ) -> None:
         self.cfg = cfg
         self.out_dir = out_dir
+        self.tb_dir = tb_dir if tb_dir is not None else out_dir / "tb"
         self.ckpt_dir = ckpt_dir
         t = cfg.train
         seed_everything(t.seed)
@@ -103,7 +106,7 @@ class _Trainer:
         if self.cfg.train.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(self.out_dir / "tb"))
+            self.writer = SummaryWriter(log_dir=str(self.tb_dir))
 
     # -- checkpoint --------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -231,17 +234,20 @@ def train(
     splits: Splits | None = None,
     checkpoint_dir: str | Path | None = None,
     progress: bool = False,
+    tensorboard_dir: str | Path | None = None,
 ) -> TrainResult:
     """Train ``cfg`` into ``out_dir`` (checkpoint/, tb/, metrics.json), resuming if asked.
 
     The checkpoint goes to ``checkpoint_dir`` (default ``out_dir/checkpoint``), rewritten
-    atomically after every epoch. ``progress`` shows a per-epoch bar on stderr (for terminals).
+    atomically after every epoch; the TensorBoard events go to ``tensorboard_dir`` (default
+    ``out_dir/tb``). ``progress`` shows a per-epoch bar on stderr (for terminals).
 
     A non-finite loss does not raise: it ends the run with ``status="diverged"`` and the
     reason, leaving the last good checkpoint in place.
     """
     out_dir = Path(out_dir)
-    tr = _Trainer(cfg, out_dir, splits, Path(checkpoint_dir) if checkpoint_dir else out_dir / "checkpoint")
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else out_dir / "checkpoint"
+    tr = _Trainer(cfg, out_dir, splits, ckpt_dir, Path(tensorboard_dir) if tensorboard_dir else None)
     tr.progress = progress
     if resume is not None:
         tr.restore(resume)  # before writing anything: a refused resume must leave the run folder as it was

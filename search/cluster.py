@@ -10,6 +10,10 @@ import ray
 
 from bss_model.errors import ConfigError
 
+# Every Ray worker of the job runs this first (search/trainable.py): the worker process's own settings,
+# made once where the process starts rather than by each trial function.
+WORKER_SETUP = {"worker_process_setup_hook": "search.trainable.setup_worker"}
+
 
 def check_reachable(address: str) -> None:
     """Fail in seconds, not minutes, when a ``host:port`` address has nobody listening."""
@@ -41,7 +45,7 @@ def init_ray(address: str | None) -> None:
             # Ship our two packages to the cluster so nodes need only the dependencies.
             ray.init(
                 address=address,
-                runtime_env={"py_modules": [bss_model, search]},
+                runtime_env={"py_modules": [bss_model, search], **WORKER_SETUP},
                 logging_level=logging.WARNING,
             )
         except (ConnectionError, RuntimeError) as exc:
@@ -58,6 +62,7 @@ def init_ray(address: str | None) -> None:
         include_dashboard=False,
         dashboard_host="127.0.0.1",  # never expose the dashboard beyond this machine by default
         logging_level=logging.WARNING,
+        runtime_env=WORKER_SETUP,
     )
 
 

@@ -21,6 +21,7 @@ from bss_model.io import setup_logging
 from search import best_model, figures, report, selection, storage, study, tuners
 from search.cluster import init_ray, trial_gpus
 from search.config import SearchConfig, TuneSection, with_overrides
+from search.console import where_lines
 from search.results import SearchSummary
 
 log = logging.getLogger("bss")
@@ -117,6 +118,7 @@ def search_retrain_report(
     check_data(cfg.base, address)
     root = storage.prepare_experiment(cfg, resume)
     setup_logging(storage.local_dir(root) / "search.log")
+    print("\n".join(where_lines(root, cfg.tune.name)), flush=True)
     init_ray(address)
     if not resume or storage.load_saved_config(root) is None:
         storage.save_resolved_config(cfg, root)
@@ -167,5 +169,6 @@ def retrain_report(
         root = storage.prepare_experiment(cfg, resume)
         storage.save_resolved_config(cfg, root)
     setup_logging(storage.local_dir(root) / "retrain.log")
+    print("\n".join(where_lines(root, cfg.tune.name)), flush=True)
     init_ray(address)
     return retrain_step(cfg, best_cfg, root, summary, resume_cmd, t0)

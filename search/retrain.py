@@ -14,6 +14,7 @@ import argparse
 import sys
 
 from bss_model.errors import cli_entry
+from search.console import setup_console
 from search.pipeline import finished_search, named_config, retrain_report
 
 
@@ -33,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--cpus-per-trial", type=float, default=None)
         p.add_argument("--gpus-per-trial", type=float, default=None)
         p.add_argument("--resume", action="store_true", help="with --config: continue an existing retrain")
+        p.add_argument("--verbose", action="store_true", help="Ray Tune's own trial tables too (tune.verbose=2)")
         p.add_argument("--address", default=None, help="Ray cluster address (else $RAY_ADDRESS, else local Ray)")
         p.add_argument("--data-dir", default=None, help="folder with mnist/ and fashion-mnist/")
         args = p.parse_args(argv)
@@ -46,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
                                    ("gpus_per_trial", cfg.tune, "gpus_per_trial")):  # fmt: skip
             if getattr(args, flag) is not None:
                 setattr(section, key, getattr(args, flag))
+        if args.verbose:
+            cfg.tune.verbose = 2
+        setup_console(cfg.tune.verbose)
         cmd = " ".join(["python search/retrain.py", *(argv if argv is not None else sys.argv[1:])])
         resume_cmd = cmd if "--resume" in cmd or args.experiment else cmd + " --resume"
         retrain_report(cfg, summary, root, args.resume, args.address, args.data_dir, resume_cmd)

@@ -17,6 +17,7 @@ import sys
 
 from bss_model.errors import cli_entry
 from search.config import load_search_config
+from search.console import setup_console
 from search.pipeline import search_retrain_report
 
 
@@ -30,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--name", default=None, help="experiment name (sets tune.name)")
         p.add_argument("--storage-path", default=None, help="local folder, NFS path or s3:// / gs:// URI")
         p.add_argument("--resume", action="store_true", help="continue the named experiment (losing no trial)")
+        p.add_argument("--verbose", action="store_true", help="Ray Tune's own trial tables too (tune.verbose=2)")
         p.add_argument("--address", default=None, help="Ray cluster address (else $RAY_ADDRESS, else local Ray)")
         p.add_argument("--data-dir", default=None, help="folder with mnist/ and fashion-mnist/ (sets base.data.dir)")
         args = p.parse_args(argv)
@@ -38,7 +40,10 @@ def main(argv: list[str] | None = None) -> int:
             sets.append(f"tune.name={args.name}")
         if args.storage_path:
             sets.append(f"tune.storage_path={args.storage_path}")
+        if args.verbose:
+            sets.append("tune.verbose=2")
         cfg = load_search_config(args.config, sets)
+        setup_console(cfg.tune.verbose)
         raw = argv if argv is not None else sys.argv[1:]
         resume_cmd = " ".join(["python search/run.py", *raw] + ([] if args.resume else ["--resume"]))
         search_retrain_report(cfg, args.resume, args.address, args.data_dir, resume_cmd)

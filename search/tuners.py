@@ -24,11 +24,12 @@ from bss_model.config import Config
 from bss_model.errors import BssError
 from search.cluster import trial_gpus
 from search.config import SearchConfig
-from search.results import STOPPED
-from search.selection import METRIC, MODE, trial_status
+from search.console import SearchProgress, seed_label, trial_label
+from search.selection import METRIC, MODE
 from search.space import param_space
 from search.storage import is_uri, tune_path
 from search.study import StudyRecorder
+from search.tb_logger import TensorBoardLogger
 from search.trainable import train_trial
 
 log = logging.getLogger("bss")
@@ -58,7 +59,8 @@ def _run_config(cfg: SearchConfig, root: str, name: str, callbacks: list[Callbac
         # to storage_path as artifacts so `tensorboard --logdir <experiment>` sees them.
         sync_config=tune.SyncConfig(sync_artifacts=True),
         verbose=cfg.tune.verbose,
-        callbacks=callbacks,
+        # The search's trials are the HPARAMS tab's rows; the retrain's seeds differ by seed alone.
+        callbacks=[*callbacks, TensorBoardLogger(hparams=name == "search")],
     )
 
 
@@ -75,28 +77,6 @@ def _finish(results: tune.ResultGrid, expected: int, what: str, resume_cmd: str)
             f"the state is saved: resume with `{resume_cmd}`"
         )
     return results
-
-
-class SearchProgress(Callback):
-    """One console line per trial that ASHA stopped early, naming the epoch and its validation MSE.
-
-    Tune's own trial table says only TERMINATED for such a trial, the same as for one that ran its
-    budget; this says which it was, in the words of the report (selection.trial_status decides).
-    """
-
-    def __init__(self, budget: int) -> None:
-        self.budget = budget
-
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        m = trial.last_result or {}
-        if trial_status(m, None, self.budget) != STOPPED:
-            return
-        val = m.get(METRIC, math.nan)
-        print(
-            f"trial {m.get('trial_id', trial.trial_id)} stopped early by ASHA after epoch {m.get('epoch', 0)}/"
-            f"{self.budget}: val MSE {val:.3e} is not among the best at its rung",
-            flush=True,
-        )
 
 
 def run_search(cfg: SearchConfig, root: str, resume: bool, resume_cmd: str) -> tune.ResultGrid:
@@ -127,6 +107,7 @@ def run_search(cfg: SearchConfig, root: str, resume: bool, resume_cmd: str) -> t
                 scheduler=scheduler,
                 num_samples=cfg.tune.num_samples,
                 max_concurrent_trials=cfg.tune.max_concurrent,
+                trial_dirname_creator=trial_label,  # also its TensorBoard run: search/007-f785168e
             ),
             # Tune pickles these into the experiment (tuner.pkl), so a --resume restores them, the
             # study recorder with the epochs it had seen.
@@ -134,7 +115,10 @@ def run_search(cfg: SearchConfig, root: str, resume: bool, resume_cmd: str) -> t
                 cfg,
                 root,
                 "search",
-                [SearchProgress(budget), StudyRecorder(root, cfg.tune.name, cfg.dimensions(), budget)],
+                [
+                    SearchProgress(budget, cfg.tune.num_samples),
+                    StudyRecorder(root, cfg.tune.name, cfg.dimensions(), budget),
+                ],
             ),
         )
     results = tuner.fit()
@@ -177,6 +161,7 @@ def run_retrain(cfg: SearchConfig, best_cfg: Config, root: str, resume_cmd: str)
                 mode=MODE,
                 num_samples=1,
                 max_concurrent_trials=cfg.retrain.max_concurrent or cfg.tune.max_concurrent,
+                trial_dirname_creator=seed_label,  # retrain/seed-1000
             ),
             run_config=_run_config(cfg, root, "retrain", [RetrainProgress(len(seeds), best_cfg.train.epochs)]),
         )
