@@ -93,7 +93,7 @@ def retrain_step(
     gpus = trial_gpus(cfg.tune.gpus_per_trial)
     retrain.ensemble = best_model.seed_ensemble(retrain.seeds, best_cfg.train.device, cfg.tune.cpus_per_trial, gpus)
     best_model.export_best_model(retrain.best, out / best_model.FILENAME)
-    separations = best_model.predict_separations(out / best_model.FILENAME, cfg.retrain.images)
+    separations = best_model.predict_separations(out / best_model.FILENAME, cfg.retrain.images, best_cfg.data.dir)
     result = report.write_report(
         out, summary, retrain, best_cfg.to_dict(), cfg.dimensions(), separations, time.time() - t0
     )
