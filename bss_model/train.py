@@ -32,7 +32,7 @@ from bss_model.data import PairSampler, Splits, draw_pairs, load_splits, mix
 from bss_model.ema import EMA
 from bss_model.errors import CheckpointError, cli_entry
 from bss_model.evaluate import batched_mse, model_predictor
-from bss_model.io import atomic_write_json, next_run_dir, setup_logging
+from bss_model.io import atomic_write_json, logging_to, next_run_dir
 from bss_model.model import build_model, count_parameters
 from bss_model.progress import EpochProgress
 from bss_model.runtime import Runtime, apply_torch_settings, resolve_runtime
@@ -341,9 +341,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             resume = None
             out = next_run_dir(Path(args.out), Path(args.config).stem if args.config else "default")
-        setup_logging(out / "train.log")
-        # The bar only on a terminal: CI logs and redirected output keep just the plain per-epoch lines.
-        result = train(cfg, out_dir=out, resume=resume, progress=sys.stderr.isatty())
+        with logging_to(out / "train.log"):
+            # The bar only on a terminal: CI logs and redirected output keep just the plain per-epoch lines.
+            result = train(cfg, out_dir=out, resume=resume, progress=sys.stderr.isatty())
         print(json.dumps({"status": result.status, "reason": result.reason, "run_dir": str(out), **result.metrics}))
         return 0 if result.status == "completed" else 1
 

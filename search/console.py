@@ -11,14 +11,18 @@ the order Tune created it in and its id; a retrain trial is ``seed-1000``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
 
+from bss_model.io import logging_to
 from search.results import STOPPED
 from search.selection import METRIC, trial_status
 
@@ -156,6 +160,12 @@ class SearchProgress(Callback):
         return line
 
 
+def command_name(script: str, by_path: str) -> str:
+    """How the user ran the command, for its usage line and the ``--resume`` command it prints: the console
+    script (``bss-search``) or the file run by path (``python search/run.py``)."""
+    return script if Path(sys.argv[0]).name == script else by_path
+
+
 def shown_path(path: str | Path) -> str:
     """A local path as the user would type it: relative to the working directory when inside it."""
     text = str(path)
@@ -183,16 +193,35 @@ def where_lines(root: str, name: str) -> list[str]:
     ]
 
 
-def setup_console(verbose: int) -> None:
-    """The search's console settings, process-wide: for the entry points only (search/run.py, search/retrain.py).
+@contextlib.contextmanager
+def entry_point(verbose: int) -> Iterator[None]:
+    """The process-wide settings of search/run.py and search/retrain.py, for the length of the command, then
+    restored (a command called in-process leaves the process as it found it):
 
-    At ``tune.verbose: 0`` Ray's legacy output engine prints nothing, where its new engine still prints
-    an experiment box and a TensorBoard hint that points into /tmp/ray, not at the experiment. Above 0,
-    Ray's own tables come back as Ray prints them. Optuna's INFO line "A new study created in memory"
-    is about OptunaSearch's in-memory copy, not the experiment's optuna.db: only warnings remain.
+    - the ``bss`` logger to the console (``bss_model.io.logging_to``; the pipeline adds the experiment's log file);
+    - at ``tune.verbose: 0``, Ray's legacy output engine (``RAY_AIR_NEW_OUTPUT=0``), which prints nothing at 0,
+      where the new one still prints an experiment box and a TensorBoard hint into /tmp/ray; above 0 Ray's own
+      tables come back as Ray prints them;
+    - Optuna at WARNING: its INFO "A new study created in memory" is OptunaSearch's in-memory copy, not the
+      experiment's optuna.db;
+    - $BSS_DATA_DIR made absolute: a local Ray's workers inherit it and run in their trial folders.
     """
     import optuna
 
-    if verbose == 0:
-        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    env_before = {k: os.environ.get(k) for k in ("RAY_AIR_NEW_OUTPUT", "BSS_DATA_DIR")}
+    optuna_before = optuna.logging.get_verbosity()
+    try:
+        if verbose == 0:
+            os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+        if os.environ.get("BSS_DATA_DIR"):
+            os.environ["BSS_DATA_DIR"] = str(Path(os.environ["BSS_DATA_DIR"]).expanduser().resolve())
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        with logging_to():
+            yield
+    finally:
+        optuna.logging.set_verbosity(optuna_before)
+        for key, value in env_before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -17,7 +17,7 @@ from typing import Any
 
 from bss_model.config import Config, load_config
 from bss_model.errors import ConfigError
-from bss_model.io import setup_logging
+from bss_model.io import log_file
 from search import best_model, figures, report, selection, storage, study, tuners
 from search.cluster import init_ray, trial_gpus
 from search.config import SearchConfig, TuneSection, with_overrides
@@ -28,19 +28,14 @@ log = logging.getLogger("bss")
 
 
 def resolve_data_dir(cfg: Config, flag: str | None) -> None:
-    """Make the data dir absolute before trials chdir into their own folders.
-
-    $BSS_DATA_DIR itself is made absolute too: a local Ray's workers inherit this
-    process's environment, and a relative value would point elsewhere from a trial folder.
-    """
-    if os.environ.get("BSS_DATA_DIR"):
-        os.environ["BSS_DATA_DIR"] = str(Path(os.environ["BSS_DATA_DIR"]).expanduser().resolve())
+    """Make the data dir absolute before trials chdir into their own folders. (The entry points make
+    $BSS_DATA_DIR itself absolute, for a local Ray's workers: search.console.entry_point.)"""
     if flag:
         cfg.data.dir = str(Path(flag).expanduser().resolve())
     elif cfg.data.dir:
         cfg.data.dir = str(Path(cfg.data.dir).expanduser().resolve())
     elif os.environ.get("BSS_DATA_DIR"):
-        cfg.data.dir = os.environ["BSS_DATA_DIR"]
+        cfg.data.dir = str(Path(os.environ["BSS_DATA_DIR"]).expanduser().resolve())
 
 
 def check_data(cfg: Config, address: str | None) -> None:
@@ -117,13 +112,13 @@ def search_retrain_report(
     resolve_data_dir(cfg.base, data_dir)
     check_data(cfg.base, address)
     root = storage.prepare_experiment(cfg, resume)
-    setup_logging(storage.local_dir(root) / "search.log")
-    print("\n".join(where_lines(root, cfg.tune.name)), flush=True)
-    init_ray(address)
-    if not resume or storage.load_saved_config(root) is None:
-        storage.save_resolved_config(cfg, root)
-    summary = search_step(cfg, root, resume, resume_cmd, t0)
-    return retrain_step(cfg, best_config(cfg, summary), root, summary, resume_cmd, t0)
+    with log_file(storage.local_dir(root) / "search.log"):
+        print("\n".join(where_lines(root, cfg.tune.name)), flush=True)
+        init_ray(address)
+        if not resume or storage.load_saved_config(root) is None:
+            storage.save_resolved_config(cfg, root)
+        summary = search_step(cfg, root, resume, resume_cmd, t0)
+        return retrain_step(cfg, best_config(cfg, summary), root, summary, resume_cmd, t0)
 
 
 def finished_search(folder: str) -> tuple[str, SearchConfig, SearchSummary]:
@@ -168,7 +163,7 @@ def retrain_report(
     if root is None:
         root = storage.prepare_experiment(cfg, resume)
         storage.save_resolved_config(cfg, root)
-    setup_logging(storage.local_dir(root) / "retrain.log")
-    print("\n".join(where_lines(root, cfg.tune.name)), flush=True)
-    init_ray(address)
-    return retrain_step(cfg, best_cfg, root, summary, resume_cmd, t0)
+    with log_file(storage.local_dir(root) / "retrain.log"):
+        print("\n".join(where_lines(root, cfg.tune.name)), flush=True)
+        init_ray(address)
+        return retrain_step(cfg, best_cfg, root, summary, resume_cmd, t0)

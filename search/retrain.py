@@ -2,6 +2,7 @@
 
     python search/retrain.py --experiment results/smoke          # the best config of a finished search
     python search/retrain.py --config configs/seed.yaml --seeds 5  # a configuration named directly
+    bss-retrain --experiment results/smoke                         # the installed console script
 
 The seeds run as parallel Ray trials (a grid over ``train.seed``), checkpointed and
 resumable like the search: rerunning on the same experiment continues the retrain
@@ -14,14 +15,15 @@ import argparse
 import sys
 
 from bss_model.errors import cli_entry
-from search.console import setup_console
+from search.console import command_name, entry_point
 from search.pipeline import finished_search, named_config, retrain_report
 
 
 def main(argv: list[str] | None = None) -> int:
     @cli_entry
     def _main() -> int:
-        p = argparse.ArgumentParser(prog="python search/retrain.py", description=__doc__.split("\n")[0])
+        prog = command_name("bss-retrain", "python search/retrain.py")
+        p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
         src = p.add_mutually_exclusive_group(required=True)
         src.add_argument("--experiment", help="a finished search's folder (results/<name>)")
         src.add_argument("--config", help="a bss_model config (e.g. configs/seed.yaml) to retrain directly")
@@ -50,10 +52,10 @@ def main(argv: list[str] | None = None) -> int:
                 setattr(section, key, getattr(args, flag))
         if args.verbose:
             cfg.tune.verbose = 2
-        setup_console(cfg.tune.verbose)
-        cmd = " ".join(["python search/retrain.py", *(argv if argv is not None else sys.argv[1:])])
+        cmd = " ".join([prog, *(argv if argv is not None else sys.argv[1:])])
         resume_cmd = cmd if "--resume" in cmd or args.experiment else cmd + " --resume"
-        retrain_report(cfg, summary, root, args.resume, args.address, args.data_dir, resume_cmd)
+        with entry_point(cfg.tune.verbose):
+            retrain_report(cfg, summary, root, args.resume, args.address, args.data_dir, resume_cmd)
         return 0
 
     return _main()
