@@ -475,6 +475,8 @@ def test_tensorboard_has_one_short_run_per_trial_and_the_searchs_hparams(
         assert params == pytest.approx(by_id[run.split("-", 1)[1]]["params"], rel=1e-12), run
     # Every search run declares the same experiment: whichever TensorBoard reads first, the tab is the same.
     assert len(experiments) == 1
-    # Tune's curves and the trial's own are one run.
-    accumulator = mux.GetAccumulator(sorted(search)[0])
-    assert {"ray/tune/val_mse", "mse/val", "mse/train"} <= set(accumulator.Tags()["scalars"])
+    # Tune's curves and the trial's own (scalars and images) are one run.
+    scalars, images = mux.PluginRunToTagToContent("scalars"), mux.PluginRunToTagToContent("images")
+    for run in runs:
+        assert {"ray/tune/val_mse", "mse/val", "mse/train"} <= set(scalars[run]), run
+        assert "val/separation" in images[run], run
