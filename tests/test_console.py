@@ -93,3 +93,31 @@ def test_where_lines_name_the_experiment_as_typed(tmp_path: Path, monkeypatch: p
     elsewhere = where_lines("/mnt/nfs/bss/smoke", "smoke")
     assert elsewhere[0] == "experiment: /mnt/nfs/bss/smoke"
     assert elsewhere[2].endswith("optuna-dashboard sqlite:////mnt/nfs/bss/smoke/optuna.db --host 127.0.0.1")
+
+
+def test_rays_own_output_only_with_verbose(monkeypatch: pytest.MonkeyPatch) -> None:
+    """tune.verbose 0 (the default): Ray's legacy engine, silent at 0; --verbose (2): Ray's own tables."""
+    import os
+
+    from search.config import TuneSection
+    from search.console import entry_point
+
+    assert TuneSection().verbose == 0
+    monkeypatch.delenv("RAY_AIR_NEW_OUTPUT", raising=False)
+    with entry_point(0):
+        assert os.environ["RAY_AIR_NEW_OUTPUT"] == "0"
+    assert "RAY_AIR_NEW_OUTPUT" not in os.environ
+    with entry_point(2):
+        assert "RAY_AIR_NEW_OUTPUT" not in os.environ
+
+
+def test_verbose_flag_sets_tune_verbose(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import search.run
+
+    seen = {}
+    monkeypatch.setattr(
+        search.run, "search_retrain_report", lambda cfg, *a: seen.setdefault("verbose", cfg.tune.verbose)
+    )
+    config = str(Path(search.run.__file__).parent.parent / "configs" / "smoke.yaml")
+    assert search.run.main(["--config", config, "--verbose"]) == 0
+    assert seen == {"verbose": 2}
