@@ -155,8 +155,14 @@ class SearchProgress(Callback):
         )
         if self.best is not None:
             line += f"; best val MSE {self.best[0]:.3e} ({self.best[1]})"
-        if 0 < done < total:
-            line += f"; ETA {duration(elapsed / done * (total - done))}"
+        # The work in epochs: a trial that ended (ASHA stop or error included) needs no more, a running one has
+        # its last epoch done. An upper bound on what is left, as ASHA will stop some trials early.
+        work = sum(
+            self.budget if t.status in ("TERMINATED", "ERROR") else (t.last_result or {}).get("epoch", 0)
+            for t in trials
+        )
+        if 0 < work and done < total:
+            line += f"; ETA {duration(elapsed * (total * self.budget - work) / work)}"
         return line
 
 

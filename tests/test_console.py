@@ -121,3 +121,10 @@ def test_verbose_flag_sets_tune_verbose(monkeypatch: pytest.MonkeyPatch, capsys:
     config = str(Path(search.run.__file__).parent.parent / "configs" / "smoke.yaml")
     assert search.run.main(["--config", config, "--verbose"]) == 0
     assert seen == {"verbose": 2}
+
+
+def test_the_eta_counts_the_epochs_of_running_trials() -> None:
+    progress = SearchProgress(budget=4, total=8)
+    trials = [trial(1, "a", status="TERMINATED", epoch=1), trial(2, "b", epoch=2), trial(3, "c", epoch=2)]
+    # 4 (an ended trial needs no more) + 2 + 2 of 8 x 4 epochs in 60 s: 24 epochs left, 3 minutes.
+    assert progress.status_line(trials, progress.t0 + 60).endswith("; ETA 3:00")
