@@ -12,12 +12,13 @@ the *training* sets, an atomic checkpoint, TensorBoard scalars, and a call to
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import random
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -245,6 +246,36 @@ def train(
     A non-finite loss does not raise: it ends the run with ``status="diverged"`` and the
     reason, leaving the last good checkpoint in place.
     """
+    # The run seeds Python's, numpy's and torch's global generators (seed_everything) and a resume sets them
+    # from its checkpoint; the caller gets them back as they were: seeding is the run's, not the process's.
+    with _global_rng_restored():
+        return _train(cfg, on_epoch, out_dir, resume, splits, checkpoint_dir, progress, tensorboard_dir)
+
+
+@contextlib.contextmanager
+def _global_rng_restored() -> Iterator[None]:
+    state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        random.setstate(state[0])
+        np.random.set_state(state[1])
+        torch.set_rng_state(state[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def _train(
+    cfg: Config,
+    on_epoch: OnEpoch | None,
+    out_dir: str | Path,
+    resume: str | Path | None,
+    splits: Splits | None,
+    checkpoint_dir: str | Path | None,
+    progress: bool,
+    tensorboard_dir: str | Path | None,
+) -> TrainResult:
     out_dir = Path(out_dir)
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else out_dir / "checkpoint"
     tr = _Trainer(cfg, out_dir, splits, ckpt_dir, Path(tensorboard_dir) if tensorboard_dir else None)

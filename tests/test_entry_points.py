@@ -121,3 +121,27 @@ def test_library_functions_leave_optuna_and_matplotlib_as_they_were(tmp_path: Pa
     finally:
         matplotlib.use(backend)
         optuna.logging.set_verbosity(verbosity)
+
+
+def test_train_leaves_the_global_random_generators_as_it_found_them(tmp_path: Path, data_dir: Path) -> None:
+    """train() seeds Python's, numpy's and torch's generators for its run; the caller's draws go on unchanged."""
+    import random
+
+    import numpy as np
+    import torch
+
+    from bss_model.config import load_config
+    from bss_model.train import train
+
+    sets = [f"data.dir={data_dir}", "data.download=false", "data.val_pairs=100", "model.variant=tiny",
+            "train.device=cpu", "train.threads=1", "train.tensorboard=false", "train.batch_size=16",
+            "train.epochs=1", "train.samples_per_epoch=32", "train.seed=7"]  # fmt: skip
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    expected = random.random(), np.random.rand(), torch.rand(1).item()
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    threads = torch.get_num_threads()
+    try:
+        assert train(load_config(None, sets), out_dir=tmp_path).status == "completed"
+    finally:
+        torch.set_num_threads(threads)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
