@@ -24,7 +24,7 @@ from bss_model.config import Config
 from bss_model.errors import BssError
 from search.cluster import trial_gpus
 from search.config import SearchConfig
-from search.console import SearchProgress, seed_label, trial_label
+from search.console import STATUS_EVERY_S, SearchProgress, seed_label, trial_label
 from search.selection import METRIC, MODE
 from search.space import param_space
 from search.storage import is_uri, tune_path
@@ -126,14 +126,24 @@ def run_search(cfg: SearchConfig, root: str, resume: bool, resume_cmd: str) -> t
 
 
 class RetrainProgress(Callback):
-    """One console line per retrain epoch and per finished seed."""
+    """A console line per seed's epoch, at most one per seed every ``STATUS_EVERY_S`` (always its last: its
+    test MSE), and one per finished seed: a retrain of 5 seeds x 120 epochs stays a screen, not 600 lines."""
 
     def __init__(self, seeds: int, epochs: int) -> None:
         self.seeds, self.epochs = seeds, epochs
         self.done: set[str] = set()
 
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "shown"}  # clock readings of this process only
+
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         seed = trial.config.get("train.seed")
+        shown = self.__dict__.setdefault("shown", {})  # (absent from a callback pickled before it existed)
+        now = time.monotonic()
+        final = "test_mse_mean" in result or result.get("epoch") == self.epochs
+        if not final and now - shown.get(seed, -math.inf) < STATUS_EVERY_S:
+            return
+        shown[seed] = now
         line = f"retrain seed {seed}: epoch {result.get('epoch')}/{self.epochs} val {result.get(METRIC, math.nan):.3e}"
         if "test_mse_mean" in result:
             line += f" test {result['test_mse_mean']:.3e}"

@@ -128,3 +128,24 @@ def test_the_eta_counts_the_epochs_of_running_trials() -> None:
     trials = [trial(1, "a", status="TERMINATED", epoch=1), trial(2, "b", epoch=2), trial(3, "c", epoch=2)]
     # 4 (an ended trial needs no more) + 2 + 2 of 8 x 4 epochs in 60 s: 24 epochs left, 3 minutes.
     assert progress.status_line(trials, progress.t0 + 60).endswith("; ETA 3:00")
+
+
+def test_retrain_lines_are_throttled_per_seed_but_the_last_epoch_always_shows(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import pickle
+
+    from search.tuners import RetrainProgress
+
+    progress = RetrainProgress(seeds=2, epochs=3)
+    seed = SimpleNamespace(trial_id="s0", config={"train.seed": 1000})
+    for epoch in (1, 2):
+        progress.on_trial_result(0, [], seed, {"epoch": epoch, "val_mse": 0.02})
+    progress.on_trial_result(0, [], seed, {"epoch": 3, "val_mse": 0.01, "test_mse_mean": 0.011})
+    progress.on_trial_complete(0, [], seed)
+    assert capsys.readouterr().out.splitlines() == [
+        "retrain seed 1000: epoch 1/3 val 2.000e-02  [0/2 seeds done]",
+        "retrain seed 1000: epoch 3/3 val 1.000e-02 test 1.100e-02  [0/2 seeds done]",
+        "retrain seed 1000 finished [1/2 seeds done]",
+    ]
+    assert "shown" not in pickle.loads(pickle.dumps(progress)).__dict__
