@@ -38,8 +38,11 @@ bench: setup  ## training throughput: eager fp32 vs the default path, side by si
 train-seed: setup  ## the reference run (hours on a GPU)
 	$(BIN)/python -m bss_model.train --config configs/seed.yaml $(ARGS)
 
-tensorboard: setup  ## bound to localhost; pass ARGS="--host 0.0.0.0" to expose it
-	$(BIN)/tensorboard --logdir results --host 127.0.0.1 $(ARGS)
+# One experiment per TensorBoard (make tensorboard NAME=<experiment>): TensorBoard keeps one HPARAMS table per
+# logdir, so several experiments' searches in one would show only one of them. Without NAME: all of results/.
+TB_LOGDIR = $(if $(filter command line environment,$(origin NAME)),results/$(NAME),results)
+tensorboard: setup  ## make tensorboard NAME=<experiment>; bound to localhost; ARGS="--host 0.0.0.0" exposes it
+	$(BIN)/tensorboard --logdir $(TB_LOGDIR) --host 127.0.0.1 $(ARGS)
 
 # The search's Optuna study (results/<NAME>/optuna.db), in optuna-dashboard. NAME must name an experiment:
 # the default NAME above is a fresh timestamp, which never has a study.

@@ -371,15 +371,21 @@ def load_test(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
 # Mixing and sampling
 
 
-def draw_pairs(n_digit: int, n_fashion: int, n_pairs: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded uniform pairs with replacement: ``idx_digit`` then ``idx_fashion``, each ``rng.integers(0, n, n_pairs)``.
+def draw_from(rng: np.random.Generator, n_digit: int, n_fashion: int, n_pairs: int) -> tuple[np.ndarray, np.ndarray]:
+    """The one way pairs are drawn: uniform with replacement, ``idx_digit`` then ``idx_fashion``, each
+    ``rng.integers(0, n, n_pairs)``. Validation pairs, the protocol's draws (``bss_model.evaluate``) and the
+    demo pairs of ``bss-separate`` all come from here.
 
     The draw order is part of the evaluation protocol: changing it changes every reported score.
     """
-    rng = np.random.default_rng(seed)
     idx_digit = rng.integers(0, n_digit, n_pairs)
     idx_fashion = rng.integers(0, n_fashion, n_pairs)
     return idx_digit, idx_fashion
+
+
+def draw_pairs(n_digit: int, n_fashion: int, n_pairs: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n_pairs`` seeded pairs from a generator of their own (:func:`draw_from`)."""
+    return draw_from(np.random.default_rng(seed), n_digit, n_fashion, n_pairs)
 
 
 def to_unit(images: torch.Tensor) -> torch.Tensor:

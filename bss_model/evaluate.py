@@ -35,14 +35,11 @@ Predictor = Callable[[torch.Tensor], torch.Tensor]
 def protocol_indices(
     n_digit: int, n_fashion: int, draws: int, pairs: int, seed: int
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The protocol's draws: one generator, ``draws`` x (idx_digit, idx_fashion), uniform with replacement."""
+    """The protocol's draws: one generator, ``draws`` x (idx_digit, idx_fashion) (``bss_model.data.draw_from``)."""
+    from bss_model.data import draw_from
+
     rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(draws):
-        idx_digit = rng.integers(0, n_digit, pairs)
-        idx_fashion = rng.integers(0, n_fashion, pairs)
-        out.append((idx_digit, idx_fashion))
-    return out
+    return [draw_from(rng, n_digit, n_fashion, pairs) for _ in range(draws)]
 
 
 @torch.no_grad()
@@ -200,10 +197,18 @@ def load_for_evaluation(
     for key, value in (eval_overrides or {}).items():
         setattr(cfg.eval, key, value)
     cfg.eval.validate()
-    cfg.train.device, cfg.train.cuda_graphs = device, "off"  # graphs are a training-step matter
-    runtime = resolve_runtime(cfg.train)
-    apply_torch_settings(runtime)
+    runtime = inference_runtime(cfg, device)
     return [runtime.prepare_model(model) for model, _ in loaded], cfg, runtime
+
+
+def inference_runtime(cfg: Config, device: str, threads: int = 0) -> Runtime:
+    """The runtime a trained model is applied with (the protocol, ``bss-separate``): the checkpoint's own
+    precision and memory format, on ``device`` and with ``threads``, never with CUDA graphs (a training-step
+    matter). ``cfg.train`` is updated to match."""
+    cfg.train.device, cfg.train.cuda_graphs = device, "off"
+    runtime = resolve_runtime(cfg.train)
+    apply_torch_settings(runtime, threads)
+    return runtime
 
 
 def evaluate_ensemble_checkpoints(

@@ -7,13 +7,14 @@ mid-write never leaves a truncated file where a good one is expected.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -95,3 +96,40 @@ def setup_logging(log_file: Path | None = None, level: int = logging.INFO) -> lo
             fh.setFormatter(fmt)
             logger.addHandler(fh)
     return logger
+
+
+@contextlib.contextmanager
+def logging_to(log_file: Path | None = None, level: int = logging.INFO) -> Iterator[logging.Logger]:
+    """:func:`setup_logging` for the length of a command, then the ``bss`` logger as it was (its level,
+    handlers and propagation): for the CLI entry points, so that calling one in-process (a test, a
+    notebook) leaves the process's logging as it found it."""
+    logger = logging.getLogger("bss")
+    level_before, propagate_before, handlers_before = logger.level, logger.propagate, list(logger.handlers)
+    try:
+        yield setup_logging(log_file, level)
+    finally:
+        for h in [h for h in logger.handlers if h not in handlers_before]:
+            logger.removeHandler(h)
+            h.close()
+        logger.setLevel(level_before)
+        logger.propagate = propagate_before
+
+
+@contextlib.contextmanager
+def log_file(path: Path) -> Iterator[None]:
+    """The ``bss`` logger also to the file ``path`` while the block runs (what reaches it is the logger's
+    level: an entry point's :func:`logging_to` sets it)."""
+    logger = logging.getLogger("bss")
+    path = Path(path).resolve()
+    if any(getattr(h, "baseFilename", None) == str(path) for h in logger.handlers):
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        handler.close()

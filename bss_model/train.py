@@ -12,6 +12,7 @@ the *training* sets, an atomic checkpoint, TensorBoard scalars, and a call to
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -19,7 +20,7 @@ import math
 import random
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,7 @@ from bss_model.data import PairSampler, Splits, draw_pairs, load_splits, mix
 from bss_model.ema import EMA
 from bss_model.errors import CheckpointError, ConfigError, cli_entry
 from bss_model.evaluate import batched_mse, model_predictor
-from bss_model.io import atomic_write_json, next_run_dir, setup_logging
+from bss_model.io import atomic_write_json, logging_to, next_run_dir
 from bss_model.model import build_model, count_parameters
 from bss_model.progress import EpochProgress
 from bss_model.runtime import Runtime, apply_torch_settings, resolve_runtime
@@ -75,9 +76,12 @@ def seed_everything(seed: int) -> None:
 class _Trainer:
     """The state of one run; ``train()`` below is the public entry point."""
 
-    def __init__(self, cfg: Config, out_dir: Path, splits: Splits | None, ckpt_dir: Path) -> None:
+    def __init__(
+        self, cfg: Config, out_dir: Path, splits: Splits | None, ckpt_dir: Path, tb_dir: Path | None = None
+    ) -> None:
         self.cfg = cfg
         self.out_dir = out_dir
+        self.tb_dir = tb_dir if tb_dir is not None else out_dir / "tb"
         self.ckpt_dir = ckpt_dir
         t = cfg.train
         seed_everything(t.seed)
@@ -114,7 +118,7 @@ class _Trainer:
         if self.cfg.train.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(self.out_dir / "tb"))
+            self.writer = SummaryWriter(log_dir=str(self.tb_dir))
 
     # -- checkpoint --------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -245,17 +249,50 @@ def train(
     splits: Splits | None = None,
     checkpoint_dir: str | Path | None = None,
     progress: bool = False,
+    tensorboard_dir: str | Path | None = None,
 ) -> TrainResult:
     """Train ``cfg`` into ``out_dir`` (checkpoint/, tb/, metrics.json), resuming if asked.
 
     The checkpoint goes to ``checkpoint_dir`` (default ``out_dir/checkpoint``), rewritten
-    atomically after every epoch. ``progress`` shows a per-epoch bar on stderr (for terminals).
+    atomically after every epoch; the TensorBoard events go to ``tensorboard_dir`` (default
+    ``out_dir/tb``). ``progress`` shows a per-epoch bar on stderr (for terminals).
 
     A non-finite loss does not raise: it ends the run with ``status="diverged"`` and the
     reason, leaving the last good checkpoint in place.
     """
+    # The run seeds Python's, numpy's and torch's global generators (seed_everything) and a resume sets them
+    # from its checkpoint; the caller gets them back as they were: seeding is the run's, not the process's.
+    with _global_rng_restored():
+        return _train(cfg, on_epoch, out_dir, resume, splits, checkpoint_dir, progress, tensorboard_dir)
+
+
+@contextlib.contextmanager
+def _global_rng_restored() -> Iterator[None]:
+    state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        random.setstate(state[0])
+        np.random.set_state(state[1])
+        torch.set_rng_state(state[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def _train(
+    cfg: Config,
+    on_epoch: OnEpoch | None,
+    out_dir: str | Path,
+    resume: str | Path | None,
+    splits: Splits | None,
+    checkpoint_dir: str | Path | None,
+    progress: bool,
+    tensorboard_dir: str | Path | None,
+) -> TrainResult:
     out_dir = Path(out_dir)
-    tr = _Trainer(cfg, out_dir, splits, Path(checkpoint_dir) if checkpoint_dir else out_dir / "checkpoint")
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else out_dir / "checkpoint"
+    tr = _Trainer(cfg, out_dir, splits, ckpt_dir, Path(tensorboard_dir) if tensorboard_dir else None)
     tr.progress = progress
     if resume is not None:
         tr.restore(resume)  # before writing anything: a refused resume must leave the run folder as it was
@@ -429,21 +466,21 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(args.config, sets)
             resume = None
             out = new_run_dir(Path(args.out), Path(args.config).stem if args.config else "default")
-        setup_logging(out / "train.log")
-        if changes:
-            log.info("resuming with changes asked for: %s", describe_diff(changes, "was", "now"))
-        # The bar only on a terminal: CI logs and redirected output keep just the plain per-epoch lines.
-        try:
-            result = train(cfg, out_dir=out, resume=resume, progress=sys.stderr.isatty())
-        except (torch.OutOfMemoryError, RuntimeError) as exc:
-            if not out_of_memory(exc):
-                raise
-            log.error("out of memory: %s", " ".join(str(exc).split())[:300])  # the allocator's detail, for the log
-            raise ConfigError(
-                f"training {cfg.model.variant} ({cfg.model.filters} filters) with train.batch_size="
-                f"{cfg.train.batch_size} ran out of memory on {cfg.train.device}: lower train.batch_size, "
-                f"eval.batch_size or model.filters (the last epoch's checkpoint in {out} is intact)"
-            ) from None
+        with logging_to(out / "train.log"):
+            if changes:
+                log.info("resuming with changes asked for: %s", describe_diff(changes, "was", "now"))
+            # The bar only on a terminal: CI logs and redirected output keep just the plain per-epoch lines.
+            try:
+                result = train(cfg, out_dir=out, resume=resume, progress=sys.stderr.isatty())
+            except (torch.OutOfMemoryError, RuntimeError) as exc:
+                if not out_of_memory(exc):
+                    raise
+                log.error("out of memory: %s", " ".join(str(exc).split())[:300])  # the allocator's detail
+                raise ConfigError(
+                    f"training {cfg.model.variant} ({cfg.model.filters} filters) with train.batch_size="
+                    f"{cfg.train.batch_size} ran out of memory on {cfg.train.device}: lower train.batch_size, "
+                    f"eval.batch_size or model.filters (the last epoch's checkpoint in {out} is intact)"
+                ) from None
         print(json.dumps({"status": result.status, "reason": result.reason, "run_dir": str(out), **result.metrics}))
         return 0 if result.status == "completed" else 1
 

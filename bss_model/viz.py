@@ -28,15 +28,14 @@ def save_separation_png(x: np.ndarray, target: np.ndarray, pred: np.ndarray, pat
     """A labelled figure of the grid, written atomically as PNG."""
     import io
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     from bss_model.io import atomic_write_bytes
 
     n = len(x)
-    fig, axes = plt.subplots(n, len(COLUMNS), figsize=(len(COLUMNS) * 1.4, n * 1.4 + 0.4), squeeze=False)
+    # A Figure without pyplot: no backend to choose (process-wide) and no global figure list; PNG renders with Agg.
+    fig = Figure(figsize=(len(COLUMNS) * 1.4, n * 1.4 + 0.4))
+    axes = fig.subplots(n, len(COLUMNS), squeeze=False)
     tiles = np.concatenate([x, target, np.clip(pred, 0, 1)], axis=1)
     for i in range(n):
         for j, name in enumerate(COLUMNS):
@@ -51,5 +50,4 @@ def save_separation_png(x: np.ndarray, target: np.ndarray, pred: np.ndarray, pat
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
     atomic_write_bytes(Path(path), buf.getvalue())

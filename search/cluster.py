@@ -11,6 +11,10 @@ import ray
 
 from bss_model.errors import ConfigError
 
+# Every Ray worker of the job runs this first (search/trainable.py): the worker process's own settings,
+# made once where the process starts rather than by each trial function.
+WORKER_SETUP = {"worker_process_setup_hook": "search.trainable.setup_worker"}
+
 
 def check_reachable(address: str) -> None:
     """Fail in seconds, not minutes, when a ``host:port`` address has nobody listening."""
@@ -45,7 +49,7 @@ def init_ray(address: str | None) -> None:
         try:
             ray.init(
                 address=address,
-                runtime_env={"py_modules": modules},
+                runtime_env={"py_modules": modules, **WORKER_SETUP},
                 logging_level=logging.WARNING,
             )
         except (ConnectionError, RuntimeError) as exc:
@@ -62,6 +66,7 @@ def init_ray(address: str | None) -> None:
         include_dashboard=False,
         dashboard_host="127.0.0.1",  # never expose the dashboard beyond this machine by default
         logging_level=logging.WARNING,
+        runtime_env=WORKER_SETUP,
     )
 
 

@@ -69,7 +69,7 @@ class TuneSection:
     # Known-good starting points: mappings of space keys to values (e.g. the reference).
     points_to_evaluate: list = field(default_factory=list)
     checkpoints_to_keep: int = 2
-    verbose: int = 1  # Tune console verbosity: 0 silent, 1 trial table, 2 + results
+    verbose: int = 0  # 0: the project's lines (search/console.py); 1: + Ray Tune's trial table; 2-3: + its results
 
     def validate(self) -> None:
         def check(ok: bool, key: str, value: Any, expected: str) -> None:

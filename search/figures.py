@@ -21,6 +21,7 @@ from bss_model.io import atomic_write_bytes
 from bss_model.viz import save_separation_png
 from search.results import COMPLETED, STOPPED, Separations, TrialRow
 from search.space import Dimension, optuna_distributions
+from search.study import quiet_optuna
 
 # File names in the experiment folder (report.md links them).
 PICTURES = {
@@ -31,28 +32,24 @@ PICTURES = {
 
 
 def _fig_bytes(fig: Any) -> bytes:
-    import matplotlib.pyplot as plt
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
     return buf.getvalue()
 
 
-def _plt() -> Any:
-    import matplotlib
+def _figure(figsize: tuple[float, float]) -> Any:
+    """A figure and its axes, without pyplot: no backend to choose (a process-wide setting) and no global
+    figure list to close; savefig renders PNG with Agg."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots()
 
 
 def plot_history(trials: list[TrialRow], path: Path) -> None:
     """Each trial's last validation MSE in trial order, and the best full-budget value so far."""
-    plt = _plt()
     order = sorted(trials, key=lambda t: (t.number, t.trial_id))  # the order they ran in
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig, ax = _figure((6, 3.6))
     best, best_curve = math.inf, []
     for i, t in enumerate(order):
         if t.status == COMPLETED:
@@ -87,9 +84,9 @@ def optuna_study(trials: list[TrialRow], dims: dict[str, Dimension]) -> Any:
     """An in-memory Optuna study of the trials that ran their full budget (their last validation MSE)."""
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     dists = optuna_distributions(dims)
-    study = optuna.create_study(direction="minimize")
+    with quiet_optuna():
+        study = optuna.create_study(direction="minimize")
     for t in trials:
         if t.status != COMPLETED or not math.isfinite(t.val_mse):
             continue
@@ -121,9 +118,8 @@ def param_importances(trials: list[TrialRow], dims: dict[str, Dimension]) -> Imp
 
 
 def plot_importances(importances: Importances, path: Path) -> None:
-    plt = _plt()
     values = importances.values
-    fig, ax = plt.subplots(figsize=(6, 0.5 + 0.45 * max(1, len(values))))
+    fig, ax = _figure((6, 0.5 + 0.45 * max(1, len(values))))
     if values:
         names = list(values)[::-1]
         ax.barh(names, [values[n] for n in names], color="C0")

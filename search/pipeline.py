@@ -17,31 +17,29 @@ from typing import Any
 
 from bss_model.config import Config, describe_diff, load_config
 from bss_model.errors import ConfigError
-from bss_model.io import setup_logging
+from bss_model.io import log_file
 from search import best_model, figures, report, selection, storage, study, tuners
 from search.cluster import init_ray, trial_gpus
 from search.config import SearchConfig, TuneSection, with_overrides
+from search.console import where_lines
 from search.results import SearchSummary
 
 log = logging.getLogger("bss")
 
 
 def resolve_data_dir(cfg: Config, flag: str | None, cluster: bool = False) -> None:
-    """Make the data dir absolute before trials chdir into their own folders.
+    """Make the data dir absolute before trials chdir into their own folders. (The entry points make
+    $BSS_DATA_DIR itself absolute, for a local Ray's workers: search.console.entry_point.)
 
-    $BSS_DATA_DIR itself is made absolute too: a local Ray's workers inherit this
-    process's environment, and a relative value would point elsewhere from a trial folder.
-    On a ``cluster`` the driver's $BSS_DATA_DIR is its own machine's: it stays out of the
-    config, so that each node's trials read their own $BSS_DATA_DIR (nodes share no disk).
+    On a ``cluster`` the driver's $BSS_DATA_DIR is its own machine's: it stays out of the config, so
+    that each node's trials read their own $BSS_DATA_DIR (nodes share no disk).
     """
-    if os.environ.get("BSS_DATA_DIR"):
-        os.environ["BSS_DATA_DIR"] = str(Path(os.environ["BSS_DATA_DIR"]).expanduser().resolve())
     if flag:
         cfg.data.dir = str(Path(flag).expanduser().resolve())
     elif cfg.data.dir:
         cfg.data.dir = str(Path(cfg.data.dir).expanduser().resolve())
     elif os.environ.get("BSS_DATA_DIR") and not cluster:
-        cfg.data.dir = os.environ["BSS_DATA_DIR"]
+        cfg.data.dir = str(Path(os.environ["BSS_DATA_DIR"]).expanduser().resolve())
 
 
 def on_cluster(address: str | None) -> bool:
@@ -99,7 +97,7 @@ def retrain_step(
     gpus = trial_gpus(cfg.tune.gpus_per_trial)
     retrain.ensemble = best_model.seed_ensemble(retrain.seeds, best_cfg.train.device, cfg.tune.cpus_per_trial, gpus)
     best_model.export_best_model(retrain.best, out / best_model.FILENAME)
-    separations = best_model.predict_separations(out / best_model.FILENAME, cfg.retrain.images)
+    separations = best_model.predict_separations(out / best_model.FILENAME, cfg.retrain.images, best_cfg.data.dir)
     result = report.write_report(
         out, summary, retrain, best_cfg.to_dict(), cfg.dimensions(), separations, time.time() - t0
     )
@@ -135,15 +133,16 @@ def search_retrain_report(
         storage.load_summary(root)  # a damaged summary is one line now, not after Ray has started
         # A driver on another machine (an empty mirror) goes on with the study in storage.
         storage.download(root, storage.local_dir(root), [study.STUDY_FILE], missing_only=True)
-    setup_logging(storage.local_dir(root) / "search.log")
-    changes = storage.resume_changes(saved, cfg, root) if saved is not None else {}
-    if changes:
-        log.info("resuming with changed settings: %s", describe_diff(changes, "was", "now"))
-    init_ray(address)
-    if saved is None or changes:
-        storage.save_resolved_config(cfg, root)
-    summary = search_step(cfg, root, resume, resume_cmd, t0)
-    return retrain_step(cfg, best_config(cfg, summary), root, summary, resume_cmd, t0)
+    with log_file(storage.local_dir(root) / "search.log"):
+        changes = storage.resume_changes(saved, cfg, root) if saved is not None else {}
+        if changes:
+            log.info("resuming with changed settings: %s", describe_diff(changes, "was", "now"))
+        print("\n".join(where_lines(root, cfg.tune.name)), flush=True)
+        init_ray(address)
+        if saved is None or changes:
+            storage.save_resolved_config(cfg, root)
+        summary = search_step(cfg, root, resume, resume_cmd, t0)
+        return retrain_step(cfg, best_config(cfg, summary), root, summary, resume_cmd, t0)
 
 
 def finished_search(folder: str) -> tuple[str, SearchConfig, SearchSummary]:
@@ -190,6 +189,7 @@ def retrain_report(
     if root is None:
         root = storage.prepare_experiment(cfg, resume)
         storage.save_resolved_config(cfg, root)
-    setup_logging(storage.local_dir(root) / "retrain.log")
-    init_ray(address)
-    return retrain_step(cfg, best_cfg, root, summary, resume_cmd, t0)
+    with log_file(storage.local_dir(root) / "retrain.log"):
+        print("\n".join(where_lines(root, cfg.tune.name)), flush=True)
+        init_ray(address)
+        return retrain_step(cfg, best_cfg, root, summary, resume_cmd, t0)

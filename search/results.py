@@ -20,7 +20,7 @@ COMPLETED, STOPPED, DIVERGED, ERRORED = "completed", "stopped", "diverged", "err
 @dataclass
 class TrialRow:
     trial_id: str
-    number: int  # the order Tune created the trial in (its folder's train_trial_<id>_<number>_...)
+    number: int  # the order Tune created the trial in (its folder's <number>-<id>)
     params: dict[str, Any]  # the sampled dotted keys
     epochs: int  # epochs it ran (ASHA may stop it early)
     val_mse: float  # last reported validation MSE; NaN if none

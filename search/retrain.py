@@ -2,6 +2,7 @@
 
     python search/retrain.py --experiment results/smoke          # the best config of a finished search
     python search/retrain.py --config configs/seed.yaml --seeds 5  # a configuration named directly
+    bss-retrain --experiment results/smoke                         # the installed console script
 
 The seeds run as parallel Ray trials (a grid over ``train.seed``), checkpointed and
 resumable like the search: rerunning on the same experiment continues the retrain
@@ -14,13 +15,15 @@ import argparse
 import sys
 
 from bss_model.errors import ConfigError, cli_entry
+from search.console import command_name, entry_point
 from search.pipeline import finished_search, named_config, retrain_report
 
 
 def main(argv: list[str] | None = None) -> int:
     @cli_entry
     def _main() -> int:
-        p = argparse.ArgumentParser(prog="python search/retrain.py", description=__doc__.split("\n")[0])
+        prog = command_name("bss-retrain", "python search/retrain.py")
+        p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
         src = p.add_mutually_exclusive_group(required=True)
         src.add_argument("--experiment", help="a finished search's folder (results/<name>)")
         src.add_argument("--config", help="a bss_model config (e.g. configs/seed.yaml) to retrain directly")
@@ -34,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--cpus-per-trial", type=float, default=None)
         p.add_argument("--gpus-per-trial", type=float, default=None)
         p.add_argument("--resume", action="store_true", help="with --config: continue an existing retrain")
+        p.add_argument("--verbose", action="store_true", help="Ray Tune's own trial tables too (tune.verbose=2)")
         p.add_argument("--address", default=None, help="Ray cluster address (else $RAY_ADDRESS, else local Ray)")
         p.add_argument("--data-dir", default=None, help="folder with mnist/ and fashion-mnist/")
         args = p.parse_args(argv)
@@ -58,9 +62,12 @@ def main(argv: list[str] | None = None) -> int:
                                    ("gpus_per_trial", cfg.tune, "gpus_per_trial")):  # fmt: skip
             if getattr(args, flag) is not None:
                 setattr(section, key, getattr(args, flag))
-        cmd = " ".join(["python search/retrain.py", *(argv if argv is not None else sys.argv[1:])])
+        if args.verbose:
+            cfg.tune.verbose = 2
+        cmd = " ".join([prog, *(argv if argv is not None else sys.argv[1:])])
         resume_cmd = cmd if "--resume" in cmd or args.experiment else cmd + " --resume"
-        retrain_report(cfg, summary, root, args.resume, args.address, args.data_dir, resume_cmd)
+        with entry_point(cfg.tune.verbose):
+            retrain_report(cfg, summary, root, args.resume, args.address, args.data_dir, resume_cmd)
         return 0
 
     return _main()

@@ -23,8 +23,10 @@ METRIC, MODE = "val_mse", "min"  # what every trial reports and the search minim
 
 
 def trial_number(path: str) -> int:
-    """Tune names trial folders ``<trainable>_<id>_<number>_<params>_<date>``; -1 if not."""
-    match = re.match(r"^.+?_[0-9a-f]{5,}_(\d+)(_|$)", Path(path).name)
+    """The number in a trial folder's name: ``<number>-<id>`` (search.console.trial_label), or Tune's default
+    ``<trainable>_<id>_<number>_<params>_<date>`` (experiments from before); -1 if neither."""
+    name = Path(path).name
+    match = re.match(r"^(\d+)-[0-9a-f]{5,}$", name) or re.match(r"^.+?_[0-9a-f]{5,}_(\d+)(_|$)", name)
     return int(match.group(1)) if match else -1
 
 

@@ -39,7 +39,7 @@ import datetime
 import logging
 import math
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -159,18 +159,32 @@ def frozen_trial(row: TrialRow, results: list[dict[str, Any]], dims: dict[str, D
     return trial
 
 
+@contextlib.contextmanager
+def quiet_optuna() -> Iterator[None]:
+    """Optuna at WARNING while it creates a study ("A new study created ..." is INFO), then as it was:
+    its verbosity is the process's, set by the user or an entry point, not by a library function."""
+    import optuna
+
+    before = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(before)
+
+
 def open_study(path: Path, name: str) -> Any:
     """The study ``name`` in the SQLite file ``path``, created on first use."""
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     path.parent.mkdir(parents=True, exist_ok=True)
-    study = optuna.create_study(
-        storage=optuna.storages.RDBStorage(storage_url(path)),
-        study_name=name,
-        direction="minimize",
-        load_if_exists=True,
-    )
+    with quiet_optuna():
+        study = optuna.create_study(
+            storage=optuna.storages.RDBStorage(storage_url(path)),
+            study_name=name,
+            direction="minimize",
+            load_if_exists=True,
+        )
     if study.metric_names is None:
         with warnings.catch_warnings():  # set_metric_names is marked experimental
             warnings.simplefilter("ignore")

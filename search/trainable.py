@@ -22,6 +22,7 @@ import shutil
 import socket
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,14 @@ log = logging.getLogger("bss")
 # once with the same reason instead of re-training into the same NaN.
 DIVERGED_MARKER = "diverged.json"
 TEST_METRICS = "test_metrics.json"
+
+# A trial hands Tune a checkpoint at its first and its last epoch, and in between at most once per
+# CHECKPOINT_EVERY_S (it reports its metrics every epoch, for ASHA). Tune forces an experiment-state
+# snapshot whenever one trial has reported CheckpointConfig(num_to_keep) checkpoints since the last
+# snapshot; with an epoch of a few seconds (a smoke search) that was a forced snapshot every few
+# seconds, and Ray's warning "Experiment state snapshotting has been triggered multiple times". A
+# retry after a failure repeats at most this much training.
+CHECKPOINT_EVERY_S = 30.0
 
 
 class TrialDiverged(RuntimeError):
@@ -106,12 +115,22 @@ def quiet_termination(unraisable: Any) -> None:
     sys.__unraisablehook__(unraisable)
 
 
+def setup_worker() -> None:
+    """Ray's ``worker_process_setup_hook`` (search/cluster.py): process-wide settings of every trial worker.
+
+    Drops the SystemExit of Ray's SIGTERM handler (``quiet_termination``), and Ray Train's INFO line
+    for every checkpoint a trial reports ("Checkpoint successfully created at: ..."), which every
+    worker would otherwise forward to the driver's console once per epoch.
+    """
+    sys.unraisablehook = quiet_termination
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+
+
 def train_trial(
     params: dict[str, Any], base: dict[str, Any], evaluate_test: bool = False, gpu_share: float = 0.0
 ) -> None:
     """Ray Tune function trainable. ``params``: sampled dotted keys; ``base``: a resolved config dict;
     ``gpu_share``: the GPUs Ray gave the trial (``tune.gpus_per_trial``, 0 on a cluster without GPUs)."""
-    sys.unraisablehook = quiet_termination
     cfg = with_overrides(base, params)
     device = resolve_device(cfg.train.device)
     if 0 < gpu_share < 1:
@@ -130,9 +149,17 @@ def train_trial(
             shutil.copytree(d, stage / "restored")
         resume = stage / "restored"
 
+    last_checkpoint = [time.monotonic()]
+
     def on_epoch(metrics: dict[str, Any], checkpoint_dir: Path) -> None:
         out = {**metrics, **info, "diverged": False, "budget_epochs": cfg.train.epochs}
-        if evaluate_test and metrics["epoch"] == cfg.train.epochs:
+        now = time.monotonic()
+        final = metrics["epoch"] >= cfg.train.epochs
+        if not (final or metrics["epoch"] == 1 or now - last_checkpoint[0] >= CHECKPOINT_EVERY_S):
+            tune.report(out)
+            return
+        last_checkpoint[0] = now
+        if evaluate_test and final:
             # The final evaluation: the reference protocol on the test sets (retrain trials only).
             test = evaluate_checkpoint(checkpoint_dir, device=cfg.train.device)
             (checkpoint_dir / TEST_METRICS).write_text(json.dumps(test, indent=2))
@@ -146,7 +173,9 @@ def train_trial(
 
     try:
         try:
-            result = train(cfg, on_epoch=on_epoch, out_dir=Path.cwd(), resume=resume, checkpoint_dir=stage / "current")
+            # TensorBoard events into the trial folder itself, beside Tune's: one run per trial.
+            result = train(cfg, on_epoch=on_epoch, out_dir=Path.cwd(), resume=resume, checkpoint_dir=stage / "current",
+                           tensorboard_dir=Path.cwd())  # fmt: skip
         except SystemExit as exc:
             # Tune stops a trial (ASHA, or the end of the experiment) by raising SystemExit(0) inside
             # tune.report, in the trial's training thread (ray/train/_internal/session.py). That is an

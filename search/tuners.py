@@ -24,11 +24,12 @@ from bss_model.config import Config
 from bss_model.errors import BssError
 from search.cluster import trial_gpus
 from search.config import SearchConfig
-from search.results import STOPPED
-from search.selection import METRIC, MODE, trial_status
+from search.console import STATUS_EVERY_S, SearchProgress, seed_label, trial_label
+from search.selection import METRIC, MODE
 from search.space import param_space
 from search.storage import check_writable, is_uri, storage_failure, storage_lost, tune_path
 from search.study import StudyRecorder
+from search.tb_logger import TensorBoardLogger
 from search.trainable import train_trial
 
 log = logging.getLogger("bss")
@@ -108,7 +109,8 @@ def _run_config(cfg: SearchConfig, root: str, name: str, callbacks: list[Callbac
         # to storage_path as artifacts so `tensorboard --logdir <experiment>` sees them.
         sync_config=tune.SyncConfig(sync_artifacts=True),
         verbose=cfg.tune.verbose,
-        callbacks=callbacks,
+        # The search's trials are the HPARAMS tab's rows; the retrain's seeds differ by seed alone.
+        callbacks=[*callbacks, TensorBoardLogger(hparams=name == "search")],
     )
 
 
@@ -153,28 +155,6 @@ def _finish(results: tune.ResultGrid, expected: int, what: str, resume_cmd: str)
     return results
 
 
-class SearchProgress(Callback):
-    """One console line per trial that ASHA stopped early, naming the epoch and its validation MSE.
-
-    Tune's own trial table says only TERMINATED for such a trial, the same as for one that ran its
-    budget; this says which it was, in the words of the report (selection.trial_status decides).
-    """
-
-    def __init__(self, budget: int) -> None:
-        self.budget = budget
-
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        m = trial.last_result or {}
-        if trial_status(m, None, self.budget) != STOPPED:
-            return
-        val = m.get(METRIC, math.nan)
-        print(
-            f"trial {m.get('trial_id', trial.trial_id)} stopped early by ASHA after epoch {m.get('epoch', 0)}/"
-            f"{self.budget}: val MSE {val:.3e} is not among the best at its rung",
-            flush=True,
-        )
-
-
 def run_search(cfg: SearchConfig, root: str, resume: bool, resume_cmd: str) -> tune.ResultGrid:
     trainable = _trainable(cfg, cfg.base, evaluate_test=False)
     path = tune_path(root, "search")
@@ -196,6 +176,7 @@ def run_search(cfg: SearchConfig, root: str, resume: bool, resume_cmd: str) -> t
                 scheduler=scheduler,
                 num_samples=cfg.tune.num_samples,
                 max_concurrent_trials=cfg.tune.max_concurrent,
+                trial_dirname_creator=trial_label,  # also its TensorBoard run: search/007-f785168e
             ),
             # Tune pickles these into the experiment (tuner.pkl), so a --resume restores them, the
             # study recorder with the epochs it had seen.
@@ -203,7 +184,10 @@ def run_search(cfg: SearchConfig, root: str, resume: bool, resume_cmd: str) -> t
                 cfg,
                 root,
                 "search",
-                [SearchProgress(budget), StudyRecorder(root, cfg.tune.name, cfg.dimensions(), budget)],
+                [
+                    SearchProgress(budget, cfg.tune.num_samples),
+                    StudyRecorder(root, cfg.tune.name, cfg.dimensions(), budget),
+                ],
             ),
         )
     results = _fit(tuner, root, "search", cfg.tune.num_samples, resume_cmd)
@@ -212,14 +196,24 @@ def run_search(cfg: SearchConfig, root: str, resume: bool, resume_cmd: str) -> t
 
 
 class RetrainProgress(Callback):
-    """One console line per retrain epoch and per finished seed."""
+    """A console line per seed's epoch, at most one per seed every ``STATUS_EVERY_S`` (always its last: its
+    test MSE), and one per finished seed: a retrain of 5 seeds x 120 epochs stays a screen, not 600 lines."""
 
     def __init__(self, seeds: int, epochs: int) -> None:
         self.seeds, self.epochs = seeds, epochs
         self.done: set[str] = set()
 
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "shown"}  # clock readings of this process only
+
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         seed = trial.config.get("train.seed")
+        shown = self.__dict__.setdefault("shown", {})  # (absent from a callback pickled before it existed)
+        now = time.monotonic()
+        final = "test_mse_mean" in result or result.get("epoch") == self.epochs
+        if not final and now - shown.get(seed, -math.inf) < STATUS_EVERY_S:
+            return
+        shown[seed] = now
         line = f"retrain seed {seed}: epoch {result.get('epoch')}/{self.epochs} val {result.get(METRIC, math.nan):.3e}"
         if "test_mse_mean" in result:
             line += f" test {result['test_mse_mean']:.3e}"
@@ -247,6 +241,7 @@ def run_retrain(cfg: SearchConfig, best_cfg: Config, root: str, resume_cmd: str)
                 mode=MODE,
                 num_samples=1,
                 max_concurrent_trials=cfg.retrain.max_concurrent or cfg.tune.max_concurrent,
+                trial_dirname_creator=seed_label,  # retrain/seed-1000
             ),
             run_config=_run_config(cfg, root, "retrain", [RetrainProgress(len(seeds), best_cfg.train.epochs)]),
         )

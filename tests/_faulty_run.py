@@ -20,8 +20,7 @@ from search.run import main
 AT, MARKER = int(sys.argv[1]), Path(sys.argv[2])
 
 
-# The same name as search.trainable.train_trial: Tune names trial folders after the trainable
-# (train_trial_<id>_<number>_...), and the tests read those names. Defined in __main__, it
+# The same name as search.trainable.train_trial, as Tune reports it. Defined in __main__, it
 # reaches the Ray workers by value, with AT and MARKER.
 def train_trial(params: dict[str, Any], base: dict[str, Any], evaluate_test: bool = False, **kwargs: Any) -> None:
     """search.trainable.train_trial, its bss_model ``train`` wrapped so one epoch ends in a fault."""

@@ -214,6 +214,19 @@ def read_json(path: Path) -> Any:
     return json.loads(path.read_text())
 
 
+def trial_dirs(exp: Path, phase: str) -> list[Path]:
+    """A phase's trial folders, named as search.console names them: ``007-f785168e`` (search), ``seed-1000``."""
+    pattern = "[0-9][0-9][0-9]*-*" if phase == "search" else "seed-*"
+    return sorted(p for p in (exp / phase).glob(pattern) if p.is_dir())
+
+
+def trainer_event_files(folder: Path) -> list[Path]:
+    """The trial's own event files in its folder (torch's SummaryWriter names them ``...<host>.<pid>.<n>``),
+    not Tune's (tensorboardX names those ``...<host>``), which the driver writes beside them."""
+    host = socket.gethostname()
+    return sorted(p for p in folder.glob("events.out.tfevents.*") if p.name.split(f".{host}", 1)[-1])
+
+
 # Optuna's state for each trial status of the report (search/study.py's table, restated here on purpose).
 OPTUNA_STATE = {"completed": "COMPLETE", "stopped": "PRUNED", "diverged": "FAIL", "errored": "FAIL"}
 
@@ -330,7 +343,9 @@ def faulty_search(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> d
         def victim() -> tuple[str, int] | None:
             for name, pid in trial_pids(proc, exp, "search").items():
                 ckpts = {p.name for p in (exp / "search" / name).glob("checkpoint_*")}
-                if "train_lr=1000" not in name and ckpts == {"checkpoint_000000"}:
+                params = exp / "search" / name / "params.json"
+                healthy = params.exists() and json.loads(params.read_text())["train.lr"] != FAULT_LRS["diverges"]
+                if healthy and ckpts == {"checkpoint_000000"}:
                     return name, pid
             return None
 

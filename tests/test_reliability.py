@@ -43,6 +43,7 @@ from _searchutil import (
     search_args,
     sets,
     study_trials,
+    trainer_event_files,
     write_config,
 )
 
@@ -251,9 +252,9 @@ def test_divergent_trial_is_reported_and_never_chosen(faulty_search: dict[str, A
     assert len(report["test_mse_per_seed"]) == len(SEEDS), "the retrain must still run"
     # Tune retried it (max_failures); each retry failed at once on the checkpoint's divergence marker
     # instead of training again: one TensorBoard event file (one training run) and one checkpoint.
-    (folder,) = [p for p in (exp / "search").iterdir() if p.name.startswith(f"train_trial_{diverged[0]['trial_id']}")]
+    (folder,) = [p for p in (exp / "search").iterdir() if p.name.endswith(f"-{diverged[0]['trial_id']}")]
     assert (folder / "error.txt").read_text().count("TrialDiverged") >= 2
-    assert len(list((folder / "tb").glob("events*"))) == 1
+    assert len(trainer_event_files(folder)) == 1
     assert [p.name for p in folder.glob("checkpoint_*")] == ["checkpoint_000000"]
 
 

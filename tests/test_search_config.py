@@ -94,6 +94,9 @@ def test_trial_number_is_parsed_from_tune_folder_names() -> None:
     assert trial_number("/r/search/train_trial_bf4dedd4_6_model_filters=12_2026-11-23_22-37-20") == 6
     assert trial_number("/r/retrain/train_trial_df909_00000_0_train_seed=1000_2026-11-23") == 0
     assert trial_number("/r/search/not-a-trial") == -1
+    # The folders search.console names: <number>-<id>; a retrain seed's has no number.
+    assert trial_number("/r/search/007-f785168e") == 7
+    assert trial_number("/r/retrain/seed-1000") == -1
 
 
 # --------------------------------------------------------------------------------------

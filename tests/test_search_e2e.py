@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _searchutil import trial_dirs
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = [
@@ -28,7 +29,6 @@ TINY = [
     "--set", "base.eval.pairs=1000",
     "--set", "tune.num_samples=4",
     "--set", "retrain.seeds=2",
-    "--set", "tune.verbose=1",
 ]  # fmt: skip
 REPORT_KEYS = {
     "best_config", "best_val_mse", "num_trials", "num_completed", "num_errored", "seeds", "test_mse_per_seed",
@@ -60,7 +60,7 @@ def experiment(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> tupl
 def test_search_completes_without_errors(experiment: tuple[Path, subprocess.CompletedProcess]) -> None:
     exp, proc = experiment
     report = json.loads((exp / "report.json").read_text())
-    trials = [d for d in (exp / "search").iterdir() if d.is_dir() and d.name.startswith("train_trial")]
+    trials = trial_dirs(exp, "search")
     assert len(trials) == report["num_trials"] == 4
     assert report["num_errored"] == 0
     assert not [d for d in trials if (d / "error.txt").exists()], "a trial errored"
@@ -157,11 +157,11 @@ def test_report_ensemble_equals_numpy_averaged_predictions_of_the_final_seeds(
 
 def test_search_trials_never_touch_the_test_set(experiment: tuple[Path, subprocess.CompletedProcess]) -> None:
     exp, _ = experiment
-    for trial in (exp / "search").glob("train_trial*"):
+    for trial in trial_dirs(exp, "search"):
         for line in result_lines(trial):
             assert not [k for k in line if k.startswith(("test_", "baseline_"))], trial.name
     # ... while every retrain seed carries its protocol result.
-    for trial in (exp / "retrain").glob("train_trial*"):
+    for trial in trial_dirs(exp, "retrain"):
         assert "test_mse_mean" in result_lines(trial)[-1]
 
 
@@ -186,10 +186,11 @@ def test_tensorboard_event_files(experiment: tuple[Path, subprocess.CompletedPro
 
     exp, _ = experiment
     for phase in ("search", "retrain"):
-        trials = sorted((exp / phase).glob("train_trial*"))
+        trials = trial_dirs(exp, phase)
         assert trials
         for trial in trials:
-            ours = EventAccumulator(str(trial / "tb"))
+            # One folder, one run: the trial's own events and Tune's.
+            ours = EventAccumulator(str(trial))
             ours.Reload()
             tags = set(ours.Tags()["scalars"])
             assert {"mse/train", "mse/val", "lr", "perf/samples_per_s"} <= tags, trial.name
@@ -201,7 +202,7 @@ def test_tensorboard_event_files(experiment: tuple[Path, subprocess.CompletedPro
     # Tune's events carry each trial's hyperparameters (the HPARAMS tab), keyed by space dimension.
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
-    trial = sorted((exp / "search").glob("train_trial*"))[0]
+    trial = trial_dirs(exp, "search")[0]
     hparams = [
         v
         for f in trial.glob("events.out.tfevents*")
@@ -212,8 +213,8 @@ def test_tensorboard_event_files(experiment: tuple[Path, subprocess.CompletedPro
     assert hparams, "no hparams summary in Tune's event file"
     blob = b"".join(v.metadata.plugin_data.content for v in hparams)
     assert b"model.filters" in blob and b"train.lr" in blob
-    first = sorted((exp / "retrain").glob("train_trial*"))[0]
-    ours = EventAccumulator(str(first / "tb"))
+    first = trial_dirs(exp, "retrain")[0]
+    ours = EventAccumulator(str(first))
     ours.Reload()
     assert "val/separation" in ours.Tags()["images"]
 
@@ -235,13 +236,13 @@ def test_resume_of_finished_experiment_loses_nothing(
 ) -> None:
     exp, _ = experiment
     before = json.loads((exp / "report.json").read_text())
-    lines_before = {t.name: (t / "result.json").read_text() for t in (exp / "search").glob("train_trial*")}
-    seeds_before = {t.name: (t / "result.json").read_text() for t in (exp / "retrain").glob("train_trial*")}
+    lines_before = {t.name: (t / "result.json").read_text() for t in trial_dirs(exp, "search")}
+    seeds_before = {t.name: (t / "result.json").read_text() for t in trial_dirs(exp, "retrain")}
     proc = run_search(exp.parent.parent, data_dir, "--resume")
     assert proc.returncode == 0, proc.stderr[-3000:]
     after = json.loads((exp / "report.json").read_text())
-    assert {t.name: (t / "result.json").read_text() for t in (exp / "search").glob("train_trial*")} == lines_before
-    assert {t.name: (t / "result.json").read_text() for t in (exp / "retrain").glob("train_trial*")} == seeds_before
+    assert {t.name: (t / "result.json").read_text() for t in trial_dirs(exp, "search")} == lines_before
+    assert {t.name: (t / "result.json").read_text() for t in trial_dirs(exp, "retrain")} == seeds_before
     assert after["num_trials"] == before["num_trials"]
     assert after["test_mse_per_seed"] == before["test_mse_per_seed"]
     assert after["test_mse_ensemble"] == before["test_mse_ensemble"]  # the same checkpoints, the same draws
@@ -268,10 +269,10 @@ def test_retrain_step_alone_on_a_finished_search(
     """`retrain.py --experiment` continues the (finished) retrain: no seed is retrained."""
     exp, _ = experiment
     before = json.loads((exp / "report.json").read_text())
-    seeds_before = {t.name: (t / "result.json").read_text() for t in (exp / "retrain").glob("train_trial*")}
+    seeds_before = {t.name: (t / "result.json").read_text() for t in trial_dirs(exp, "retrain")}
     proc = run_retrain(exp.parent.parent, data_dir, "--experiment", str(exp))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert {t.name: (t / "result.json").read_text() for t in (exp / "retrain").glob("train_trial*")} == seeds_before
+    assert {t.name: (t / "result.json").read_text() for t in trial_dirs(exp, "retrain")} == seeds_before
     after = json.loads((exp / "report.json").read_text())
     assert after["test_mse_per_seed"] == before["test_mse_per_seed"]
     assert after["best_config"] == before["best_config"]
@@ -331,7 +332,7 @@ def test_asha_stops_are_one_console_line_each_without_a_traceback(
     stopped = {t["trial_id"]: t for t in report["trials"] if t["status"] == "stopped"}
     assert len(lines) == len(stopped) == report["num_stopped_early"], lines
     for trial_id, t in stopped.items():
-        (line,) = [line for line in lines if line.startswith(f"trial {trial_id} ")]
+        (line,) = [line for line in lines if line.startswith("trial ") and f"-{trial_id} stopped early" in line]
         assert f"after epoch {t['epochs']}/2" in line and f"{t['val_mse']:.3e}" in line
 
 
@@ -389,3 +390,93 @@ def test_optuna_dashboard_serves_every_trial(dashboard: dict) -> None:
         }
     # One distribution per parameter across trials, or the dashboard drops the parameter from its plots.
     assert {p["name"] for p in detail["intersection_search_space"]} == set(report["best_params"])
+
+
+# --------------------------------------------------------------------------------------
+# What the user sees: the console and TensorBoard
+
+# Ray's defaults that the console must not show: box tables, a TensorBoard hint into /tmp/ray, the
+# snapshot warning, Optuna's in-memory study, one "Checkpoint successfully created" line per epoch.
+NOT_IN_CONSOLE = ("╭", "│", "╰", "/tmp/ray", "snapshotting has been triggered", "A new study created",
+                  "To visualize your results", "Checkpoint successfully created", "Trial status:")  # fmt: skip
+
+
+def console_bound(trials: int, seeds: int, epochs: int) -> int:
+    """Lines a default search may print, besides its status lines: the paths and Ray's one startup warning,
+    two per trial (start; finish, ASHA stop or error), one per retrain epoch and seed and per finished seed,
+    the summary and report lines, and a few to spare for a warning. 8 trials, 3 seeds x 4 epochs: 51."""
+    return 20 + 2 * trials + seeds * (epochs + 1)
+
+
+def test_console_is_the_projects_lines(experiment: tuple[Path, subprocess.CompletedProcess]) -> None:
+    exp, proc = experiment
+    report = json.loads((exp / "report.json").read_text())
+    console = proc.stdout + proc.stderr
+    for text in NOT_IN_CONSOLE:
+        assert text not in console, (text, console[-3000:])
+    lines = console.splitlines()
+    status = [line for line in lines if line.startswith("[search ")]
+    others = [line for line in lines if not line.startswith("[search ")]
+    assert len(others) <= console_bound(4, 2, 2), f"{len(others)} lines:\n" + "\n".join(others)
+    # Status lines at a steady interval (30 s apart at least, by their own elapsed time), plain lines.
+    elapsed = [int(m) * 60 + int(s) for line in status for m, s in [line.split()[1].rstrip("]").split(":")[-2:]]]
+    assert all(b - a >= 30 for a, b in zip(elapsed, elapsed[1:], strict=False)), status
+    assert "\r" not in console and "\x1b[" not in proc.stdout
+    # Every trial: its start with its params, and how it ended, named as its folder and TensorBoard run.
+    folders = {d.name.split("-", 1)[1]: d.name for d in trial_dirs(exp, "search")}
+    for t in report["trials"]:
+        label = folders[t["trial_id"]]
+        (start,) = [line for line in lines if line.startswith(f"trial {label} started: ")]
+        assert f"filters={t['params']['model.filters']} " in start
+        ends = [line for line in lines if line.startswith(f"trial {label} ") and line != start]
+        assert len(ends) == 1, ends
+        word = {"completed": "finished", "stopped": "stopped early by ASHA"}[t["status"]]
+        assert word in ends[0] and f"{t['val_mse']:.3e}" in ends[0] and "samples/s" in ends[0]
+    # Where everything is, before any trial, as typed from the folder it ran in (results/e2e there).
+    first = proc.stdout.splitlines()[:3]
+    assert first == [
+        "experiment: results/e2e",
+        "TensorBoard: tensorboard --logdir results/e2e --host 127.0.0.1",
+        "Optuna dashboard (once the first trial ends): make dashboard NAME=e2e",
+    ]
+    # The final result lines are last (test_search_completes_without_errors reads them).
+    assert proc.stdout.strip().splitlines()[-3].startswith("report: ")
+
+
+def test_tensorboard_has_one_short_run_per_trial_and_the_searchs_hparams(
+    experiment: tuple[Path, subprocess.CompletedProcess],
+) -> None:
+    """Read as TensorBoard reads ``--logdir results/<name>``: its EventMultiplexer and the hparams plugin's data."""
+    from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
+    from tensorboard.plugins.hparams import metadata
+
+    exp, _ = experiment
+    report = json.loads((exp / "report.json").read_text())
+    mux = EventMultiplexer().AddRunsFromDirectory(str(exp))
+    mux.Reload()
+    runs = set(mux.Runs())
+    search = {f"search/{d.name}" for d in trial_dirs(exp, "search")}
+    retrain = {f"retrain/seed-{s}" for s in report["seeds"]}
+    assert runs == search | retrain, "one run per trial and per seed, and nothing else"
+    assert len(search) == report["num_trials"] == 4
+    assert max(len(run) for run in runs) <= 40, sorted(runs)
+    hparams = mux.PluginRunToTagToContent(metadata.PLUGIN_NAME)
+    assert set(hparams) == search, "the search's trials, and only they, carry hparams"
+    dimensions = set(report["best_params"])
+    by_id = {t["trial_id"]: t for t in report["trials"]}
+    experiments = set()
+    for run, content in hparams.items():
+        experiment = metadata.parse_experiment_plugin_data(content[metadata.EXPERIMENT_TAG])
+        experiments.add(experiment.SerializeToString(deterministic=True))
+        assert {h.name for h in experiment.hparam_infos} == dimensions
+        assert {m.name.tag for m in experiment.metric_infos} >= {"mse/val", "mse/train"}
+        start = metadata.parse_session_start_info_plugin_data(content[metadata.SESSION_START_INFO_TAG])
+        params = {k: v.number_value if v.HasField("number_value") else v.string_value for k, v in start.hparams.items()}
+        assert params == pytest.approx(by_id[run.split("-", 1)[1]]["params"], rel=1e-12), run
+    # Every search run declares the same experiment: whichever TensorBoard reads first, the tab is the same.
+    assert len(experiments) == 1
+    # Tune's curves and the trial's own (scalars and images) are one run.
+    scalars, images = mux.PluginRunToTagToContent("scalars"), mux.PluginRunToTagToContent("images")
+    for run in runs:
+        assert {"ray/tune/val_mse", "mse/val", "mse/train"} <= set(scalars[run]), run
+        assert "val/separation" in images[run], run

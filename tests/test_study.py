@@ -196,6 +196,9 @@ def test_the_console_gets_one_line_per_asha_stopped_trial(tmp_path: Path, capsys
     for number, history in enumerate([reports([0.03, 0.02, 0.01]), reports([0.05, 0.04])]):
         progress.on_trial_complete(0, [], fake_trial(number, history, tmp_path))
     lines = capsys.readouterr().out.splitlines()
+    # Each trial's end is one line (a full-budget one too), named as search.console.trial_label names it
+    # (these stand-in trials have no experiment tag, so no number: 000).
     assert lines == [
-        "trial t1 stopped early by ASHA after epoch 2/3: val MSE 4.000e-02 is not among the best at its rung"
+        "trial 000-t0 finished: val MSE 1.000e-02 after 3/3 epochs",
+        "trial 000-t1 stopped early by ASHA after epoch 2/3: val MSE 4.000e-02 is not among the best at its rung",
     ]

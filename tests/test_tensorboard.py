@@ -45,9 +45,7 @@ def tb(faulty_search: dict[str, Any], data_dir: Path, tmp_path_factory: pytest.T
     """A real TensorBoard server on the experiment; yields the base URL and the run names it must list."""
     exp = faulty_search["exp"]
     trials = {p.parent.name: p.parent for p in exp.glob("*/*/params.json")}  # search/ and retrain/ trials
-    expected = {str(d.relative_to(exp)) for d in trials.values()} | {
-        str(d.relative_to(exp) / "tb") for d in trials.values()
-    }
+    expected = {str(d.relative_to(exp)) for d in trials.values()}  # one run per trial: Tune's events and ours
     port = free_port()
     cwd = tmp_path_factory.mktemp("tb")
     args = [TENSORBOARD, "--logdir", str(exp), "--host", "127.0.0.1", "--port", str(port), "--reload_interval", "2"]
@@ -84,15 +82,15 @@ def test_tensorboard_lists_every_trial_and_seed_with_their_curves(tb: dict[str, 
     checked = 0
     for name, folder in tb["trials"].items():
         run, phase = str(folder.relative_to(exp)), folder.parent.name
-        last = results(exp, phase)[name][-1] if phase == "retrain" else report[name.split("_")[2]]
+        last = results(exp, phase)[name][-1] if phase == "retrain" else report[name.split("-", 1)[1]]
         if last.get("status") == "diverged":
-            assert "mse/val" not in scalar_tags.get(f"{run}/tb", {}), "a diverged epoch must log no curve point"
+            assert "mse/val" not in scalar_tags.get(run, {}), "a diverged epoch must log no curve point"
             continue
-        # Tune's own logger and ours both wrote the validation MSE.
+        # Tune's own logger and ours both wrote the validation MSE, into the same run.
         assert "ray/tune/val_mse" in scalar_tags[run]
-        assert {"mse/train", "mse/val"} <= set(scalar_tags[f"{run}/tb"])
-        assert "val/separation" in image_tags[f"{run}/tb"]
-        points = scalars(url, f"{run}/tb", "mse/val")
+        assert {"mse/train", "mse/val"} <= set(scalar_tags[run])
+        assert "val/separation" in image_tags[run]
+        points = scalars(url, run, "mse/val")
         assert [int(step) for _, step, _ in points] == list(range(1, EPOCHS + 1)), points
         assert math.isclose(points[-1][2], last["val_mse"], rel_tol=1e-5), (run, points, last["val_mse"])
         checked += 1
