@@ -283,5 +283,5 @@ def test_resume_accepts_another_data_dir_but_not_another_base(tmp_path: Path) ->
     root = storage.prepare_experiment(first, resume=False)
     storage.save_resolved_config(first, root)
     assert storage.prepare_experiment(cfg(), resume=True) == root
-    with pytest.raises(ConfigError, match="different base config"):
+    with pytest.raises(ConfigError, match=r"base\.train\.lr: experiment 0\.001, now 0\.002"):
         storage.prepare_experiment(cfg("base.train.lr=0.002"), resume=True)

@@ -474,12 +474,12 @@ def test_search_resume_changes_allowed_before_and_refused_after_they_could_apply
     root = str(fake_experiment(tmp_path))
     changed = dc.replace(
         saved,
-        tune=dc.replace(saved.tune, verbose=0),
+        tune=dc.replace(saved.tune, verbose=2),
         retrain=dc.replace(saved.retrain, seeds=2),
         base=dc.replace(saved.base, eval=dc.replace(saved.base.eval, pairs=123)),
     )
     assert storage.resume_changes(saved, changed, root) == {
-        "base.eval.pairs": (4000, 123), "tune.verbose": (1, 0), "retrain.seeds": (3, 2)
+        "base.eval.pairs": (4000, 123), "tune.verbose": (0, 2), "retrain.seeds": (3, 2)
     }  # fmt: skip
     (Path(root) / "retrain" / "train_trial_0").mkdir(parents=True)  # the retrain has started: its seeds are set
     with pytest.raises(ConfigError, match=r"\(retrain\.seeds: experiment 3, now 2\)"):
