@@ -148,7 +148,7 @@ class Method:
     budget_factor: float = 1.0  # x num_samples (random search with twice the budget: 2)
     stopped_as_pruned: bool = False  # tell TPE an ASHA-stopped trial as PRUNED rather than COMPLETE
     points: bool = False  # start from the job's points_to_evaluate (scaled), as the real job does
-    multivariate: bool | None = None  # None: tuners.py's choice
+    multivariate: bool | None = None  # None: search/tuners.py's pinned choice
     constant_liar: bool | None = None
 
 
@@ -156,10 +156,10 @@ METHODS = [
     Method("random", sampler="random", asha=False),
     Method("random+asha", sampler="random", asha=True),
     Method("tpe", sampler="tpe", asha=False),
-    Method("tpe+asha", sampler="tpe", asha=True),
+    Method("tpe+asha", sampler="tpe", asha=True),  # the job's default (search/tuners.py)
     Method("random-2x", sampler="random", asha=False, budget_factor=2.0),
     Method("tpe+asha-pruned", sampler="tpe", asha=True, stopped_as_pruned=True),
-    Method("tpe+asha-independent", sampler="tpe", asha=True, multivariate=False),
+    Method("tpe+asha-multivariate", sampler="tpe", asha=True, multivariate=True),  # Optuna 5's default
     Method("tpe+asha-no-liar", sampler="tpe", asha=True, constant_liar=False),
     Method("tpe+asha+points", sampler="tpe", asha=True, points=True),
 ]
@@ -195,7 +195,8 @@ def make_searcher(method: Method, table: Table, settings: Settings, seed: int, p
         sampler = optuna.samplers.RandomSampler(seed=seed)
         searcher = OptunaSearch(sampler=sampler, points_to_evaluate=points or None)
     else:
-        sampler = make_sampler(seed, settings.n_startup_trials, method.multivariate, method.constant_liar)
+        options = {"multivariate": method.multivariate, "constant_liar": method.constant_liar}
+        sampler = make_sampler(seed, settings.n_startup_trials, **{k: v for k, v in options.items() if v is not None})
         searcher = job_searcher(sampler, points, method.stopped_as_pruned)
     # What Tune's SearchGenerator does with the Tuner's param_space, metric and mode.
     searcher.set_search_properties(METRIC, MODE, param_space(table.space))

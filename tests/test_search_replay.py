@@ -171,3 +171,12 @@ def test_a_killed_table_build_resumes_without_retraining(tmp_path, data_dir):
     for key, run in done.items():  # the finished runs are kept as they were, not retrained
         assert next(r for r in after["runs"] if (r["config"], r["seed"]) == key) == run
     assert after["summary"]["noise_configs_measured"] == 1
+
+
+def test_the_jobs_tpe_options_are_pinned():
+    """search/tuners.py pins what the replay chose, whatever Optuna's defaults become."""
+    from search.tuners import make_sampler
+
+    sampler = make_sampler(0, 5)
+    assert sampler._multivariate is False and sampler._constant_liar is True
+    assert sampler._n_startup_trials == 5
