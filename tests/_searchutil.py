@@ -381,3 +381,15 @@ def _cluster_main(port: int) -> None:
 
 if __name__ == "__main__" and sys.argv[1:2] == ["cluster"]:
     _cluster_main(int(sys.argv[2]))
+
+
+def cli_error(main: Any, argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """Run a CLI main that must fail on user input; returns its one error line."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert info.value.code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]

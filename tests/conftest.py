@@ -66,3 +66,24 @@ def data_dir() -> Path:
             f"BSS_DATA_DIR={value} lacks {', '.join(missing)}: point it at the offline dataset copy", pytrace=False
         )
     return path
+
+
+@pytest.fixture
+def no_ray(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Bad input must be refused before Ray starts: ray.init fails the test if it is reached. The ``bss``
+    logger's handlers are restored afterwards (the commands open their log files in tmp folders)."""
+    import logging
+
+    import ray
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("bad input got as far as ray.init")
+
+    monkeypatch.setattr(ray, "init", refuse)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    logger = logging.getLogger("bss")
+    handlers = list(logger.handlers)
+    yield
+    for h in set(logger.handlers) - set(handlers):
+        logger.removeHandler(h)
+        h.close()

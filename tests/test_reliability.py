@@ -32,6 +32,7 @@ from _searchutil import (
     check_study_matches_report,
     checkpoints,
     children_of,
+    cli_error,
     env_with,
     faulty_search_once,
     finished,
@@ -363,37 +364,6 @@ def test_a_process_killed_mid_write_leaves_the_previous_file(tmp_path: Path) -> 
 # --------------------------------------------------------------------------------------
 # Bad input: one line "error: ...", exit 2, no traceback, Ray never started, nothing overwritten.
 # The real CLI mains run in-process (seconds, not a Python start each) with ray.init booby-trapped.
-
-
-@pytest.fixture
-def no_ray(monkeypatch: pytest.MonkeyPatch) -> None:
-    import logging
-
-    import ray
-
-    def refuse(*args: Any, **kwargs: Any) -> None:
-        raise AssertionError("bad input got as far as ray.init")
-
-    monkeypatch.setattr(ray, "init", refuse)
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    logger = logging.getLogger("bss")
-    handlers = list(logger.handlers)
-    yield
-    for h in set(logger.handlers) - set(handlers):  # the log files setup_logging opened in tmp folders
-        logger.removeHandler(h)
-        h.close()
-
-
-def cli_error(main: Any, argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
-    """Run a CLI main that must fail on user input; returns its one error line."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as info:
-        main(argv)
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert info.value.code == 2, err
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
-    return lines[0]
 
 
 def snapshot(root: Path) -> dict[str, tuple[bytes, int]]:

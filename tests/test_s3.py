@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 from _s3util import BUCKET, WeedServer, s3_tree, weed_server
-from _searchutil import EPOCHS, PY, SMOKE, TINY, Proc, env_with, free_port, run_to_end, search_args, sets
+from _searchutil import EPOCHS, PY, SMOKE, TINY, Proc, cli_error, env_with, free_port, run_to_end, search_args, sets
 
 NUM_SAMPLES = 3
 
@@ -40,36 +40,6 @@ def aws_env(s3: WeedServer, monkeypatch: pytest.MonkeyPatch) -> WeedServer:
     for key, value in s3.env().items():
         monkeypatch.setenv(key, value)
     return s3
-
-
-@pytest.fixture
-def no_ray(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    import logging
-
-    import ray
-
-    def refuse(*args: Any, **kwargs: Any) -> None:
-        raise AssertionError("bad input got as far as ray.init")
-
-    monkeypatch.setattr(ray, "init", refuse)
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    logger = logging.getLogger("bss")
-    handlers = list(logger.handlers)
-    yield
-    for h in set(logger.handlers) - set(handlers):
-        logger.removeHandler(h)
-        h.close()
-
-
-def one_line_error(main: Any, argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as info:
-        main(argv)
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert info.value.code == 2, err
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
-    return lines[0]
 
 
 # --------------------------------------------------------------------------------------
@@ -130,7 +100,7 @@ def test_best_model_is_exported_from_a_checkpoint_on_s3(aws_env: WeedServer, tmp
 def test_separate_with_an_s3_checkpoint_says_to_download_it(capsys: pytest.CaptureFixture[str]) -> None:
     from bss_model.separate import main
 
-    line = one_line_error(main, ["--checkpoint", f"s3://{BUCKET}/exp/best_model.pt", "--demo", "2"], capsys)
+    line = cli_error(main, ["--checkpoint", f"s3://{BUCKET}/exp/best_model.pt", "--demo", "2"], capsys)
     assert f"s3://{BUCKET}/exp/best_model.pt is a URI" in line and "download it first" in line
 
 
@@ -213,7 +183,7 @@ def test_bad_storage_is_one_line_before_ray(
     monkeypatch.chdir(tmp_path)
     before = s3_tree(aws_env, BUCKET)
     argv = ["--config", SMOKE, "--storage-path", f"s3://{bucket}/bad", "--name", case, *sets(*TINY)]
-    line = one_line_error(main, argv, capsys)
+    line = cli_error(main, argv, capsys)
     assert fix in line and f"s3://{bucket}/bad/{case}" in line, line
     if case == "unreachable-endpoint":
         assert "AWS_ENDPOINT_URL" in line
