@@ -26,6 +26,7 @@ import numpy as np
 
 from bss_model.errors import BssError, one_line
 from bss_model.inputs import InputError, Item, read_input
+from bss_model.viz import titled_grid, to_uint8
 
 # Forward passes are batched by pixel count (not image count), so a batch of large images stays as small
 # in memory as one of many 32x32 ones: 2**22 px = 4096 images of 32x32.
@@ -119,11 +120,6 @@ def separate_images(model: Any, runtime: Any, images: list[np.ndarray], depth: i
 # Pictures
 
 
-def to_uint8(image: np.ndarray) -> np.ndarray:
-    """[0, 1] floats to 8-bit pixels, rounded to nearest."""
-    return np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)
-
-
 def png_bytes(pixels: np.ndarray) -> bytes:
     """A uint8 [H, W] array as 8-bit grayscale PNG bytes."""
     from PIL import Image
@@ -137,34 +133,11 @@ def panel_pixels(rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]], gap: int
     """One uint8 image: a row per input of ``mixture | digit | fashion`` with column titles on top.
 
     Tiles are upscaled by a whole factor (nearest neighbour, so pixels stay crisp) to about PANEL_TILE pixels;
-    rows of different sizes are left-aligned in columns as wide as the widest tile. Gutters are mid-gray so
-    black image borders stay visible.
+    rows of different sizes are left-aligned in columns as wide as the widest tile (bss_model.viz draws it).
     """
-    from PIL import Image, ImageDraw, ImageFont
-
     largest = max(max(r[0].shape) for r in rows)
     scale = max(1, min(8, PANEL_TILE // largest))
-    col_w = scale * max(r[0].shape[1] for r in rows)
-    heights = [scale * r[0].shape[0] for r in rows]
-    width = 3 * col_w + 4 * gap
-    height = header + sum(heights) + (len(rows) + 1) * gap
-    canvas = np.full((height, width), 128, dtype=np.uint8)
-    top = header + gap
-    for row, h in zip(rows, heights, strict=True):
-        for j, tile in enumerate(row):
-            big = np.kron(to_uint8(tile), np.ones((scale, scale), dtype=np.uint8))
-            left = gap + j * (col_w + gap)
-            canvas[top : top + h, left : left + big.shape[1]] = big
-        top += h + gap
-    im = Image.fromarray(canvas, mode="L")
-    draw = ImageDraw.Draw(im)
-    try:
-        font = ImageFont.load_default(size=11)  # FreeType's; without FreeType, Pillow's fixed bitmap font
-    except (ImportError, OSError):
-        font = ImageFont.load_default()
-    for j, title in enumerate(("mixture", "digit", "fashion")):
-        draw.text((gap + j * (col_w + gap), 2), title, fill=255, font=font)
-    return np.asarray(im)
+    return titled_grid(rows, ("mixture", "digit", "fashion"), gap=gap, header=header, scale=scale)
 
 
 # --------------------------------------------------------------------------------------
