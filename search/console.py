@@ -36,6 +36,15 @@ def trial_number(trial: Any) -> int:
     return int(head) if head.isdigit() else 0
 
 
+def _error_line(trial: Any) -> str:
+    """The last line of a trial's error. Tune reads it from storage: when storage itself is what failed (an
+    S3 outage), the console says so rather than raising inside Tune's callback and losing the clear exit."""
+    try:
+        return _last_line(trial.get_error() if hasattr(trial, "get_error") else None)
+    except OSError as exc:
+        return f"(its error could not be read from storage: {' '.join(str(exc).split())[:160]})"
+
+
 def trial_label(trial: Any) -> str:
     """``007-f785168e``: a search trial's number and Tune's id. Its folder and TensorBoard run are named so."""
     return f"{trial_number(trial):03d}-{trial.trial_id}"
@@ -130,7 +139,7 @@ class SearchProgress(Callback):
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         m = trial.last_result or {}
         self.ended[trial.trial_id] = "errored"
-        reason = m.get("reason") or _last_line(trial.get_error() if hasattr(trial, "get_error") else None)
+        reason = m.get("reason") or _error_line(trial)
         word = "diverged" if m.get("diverged") else "errored"
         print(f"trial {trial_label(trial)} {word} after epoch {m.get('epoch', 0)}/{self.budget}: {reason}", flush=True)
 

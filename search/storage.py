@@ -313,18 +313,18 @@ def resume_changes(saved: SearchConfig, cfg: SearchConfig, root: str) -> dict[st
 
     Anything else is refused in one line naming each key with both values: the search (and a retrain
     under way) ran with it, and Tune restores its own experiment state, so a changed setting would be
-    half applied or silently ignored. A finished experiment takes no change but where its data lives and
-    how much the console says (neither changes what it made).
+    half applied or silently ignored. A finished experiment takes no change at all.
     """
     diff = config_diff(saved.to_dict(), cfg.to_dict())
     for key in ("tune.name", "tune.storage_path"):  # they name the experiment: equal by construction
         diff.pop(key, None)
+    if diff.get("base.data.dir", (None, None))[1] == "":
+        # No data dir now: a driver on a Ray cluster leaves it to each node's $BSS_DATA_DIR
+        # (pipeline.resolve_data_dir). That says nothing about the data, so it is no change.
+        del diff["base.data.dir"]
     if not diff:
         return {}
-    # Where the data lives and how much the console says change nothing a finished run made (a finished
-    # local experiment looked at again from a cluster has another data.dir): only the rest is refused.
-    if is_finished(root) and any(not k.startswith(DATA_KEYS) for k in diff):
-        diff = {k: v for k, v in diff.items() if not k.startswith(DATA_KEYS)}
+    if is_finished(root):
         raise ConfigError(
             f"cannot --resume {root} with other settings ({describe_diff(diff, 'experiment', 'now')}): it is "
             "finished (report.json), so they would not apply; resume it with its own config, or start a new "

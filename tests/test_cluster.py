@@ -183,7 +183,7 @@ def test_job_submit_on_nodes_that_share_only_s3_survives_losing_the_worker(tmp_p
                     for pid in children_of(worker.proc.pid):
                         with contextlib.suppress(OSError):
                             trial = Path(os.readlink(f"/proc/{pid}/cwd")).name
-                            tid = "_".join(trial.split("_")[:3])  # train_trial_<id>
+                            tid = "train_trial_" + trial.split("-", 1)[-1]  # folder NNN-<id>: Tune's name
                             told = f"Trial {tid} finished iteration 1 " in out
                             left = f"Trial {tid} finished iteration 3 " not in out
                             keys = s3_tree(s3, f"{prefix}/search") if told and left else {}
@@ -226,7 +226,8 @@ def test_job_submit_on_nodes_that_share_only_s3_survives_losing_the_worker(tmp_p
                 assert resume.finish(300) == 0, resume.tail()
             finally:
                 resume.cleanup()
-            assert "search already finished (3 trials)" in resume.out and "report:" in resume.out, resume.tail()
+            assert "is already finished: nothing was rerun or rewritten" in resume.out, resume.tail()
+            assert "report:" in resume.out, resume.tail()
             assert "epoch 1/" not in resume.out
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from bss_model.config import MAX_SEED
-from tests._searchutil import EPOCHS, REPO, env_with, finished, run_to_end, search_args, sets
+from tests._searchutil import EPOCHS, REPO, env_with, finished, results, run_to_end, search_args, sets
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +53,7 @@ def test_an_eval_fix_completes_a_late_failed_retrain_without_rerunning_the_searc
     assert proc.p.returncode != 0, proc.tail()
     assert (exp / "search_summary.json").exists() and not (exp / "report.json").exists(), proc.tail()
     search_before = fingerprint(exp / "search")
-    trials = sorted(p.name for p in (exp / "search").glob("train_trial*"))
+    trials = sorted(results(exp, "search"))
     assert len(finished(exp, "search", EPOCHS)) == len(trials) == 3
 
     # Any change but an evaluation setting is refused by name, before Ray starts.
@@ -66,7 +66,7 @@ def test_an_eval_fix_completes_a_late_failed_retrain_without_rerunning_the_searc
     assert proc.p.returncode == 0, proc.tail()
     assert "base.eval.batch_size: was 1000, now 500" in (exp / "search.log").read_text()
     # The search's trials were not rerun: not one of their files changed, no trial was added.
-    assert sorted(p.name for p in (exp / "search").glob("train_trial*")) == trials
+    assert sorted(results(exp, "search")) == trials
     assert fingerprint(exp / "search") == search_before
     report = json.loads((exp / "report.json").read_text())
     assert report["seeds"] == [MAX_SEED - 1, MAX_SEED] and len(report["test_mse_per_seed"]) == 2, report["seeds"]
