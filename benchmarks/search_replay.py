@@ -85,10 +85,8 @@ class Table:
         samples = int(data["meta"]["base"]["train"]["samples_per_epoch"])
         runs = {r["config"]: r for r in data["runs"] if r["seed"] == 0}
         configs = [c for c in data["configs"] if c["id"] in runs and c.get("samples_per_s")]
+        # A run that diverged or failed reported fewer epochs than the budget: its curve is shorter.
         curves = [[v for v in runs[c["id"]]["val_mse"] if math.isfinite(v)] for c in configs]
-        for c, curve in zip(configs, curves, strict=True):
-            if runs[c["id"]]["status"] != "completed":
-                del curve[len(curve) :]  # what it reported before it diverged or failed
         ref = next((i for i, c in enumerate(configs) if c.get("role") == "reference"), 0)
         return cls(
             space=parse_space(data["space"]),
