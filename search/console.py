@@ -208,6 +208,10 @@ def where_lines(root: str, name: str) -> list[str]:
     ]
 
 
+# Ray's threshold (seconds) under which consecutive experiment-state snapshots draw a warning; 0 turns it off.
+EXCESSIVE_SNAPSHOTS = "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S"
+
+
 @contextlib.contextmanager
 def entry_point(verbose: int) -> Iterator[None]:
     """The process-wide settings of search/run.py and search/retrain.py, for the length of the command, then
@@ -217,17 +221,22 @@ def entry_point(verbose: int) -> Iterator[None]:
     - at ``tune.verbose: 0``, Ray's legacy output engine (``RAY_AIR_NEW_OUTPUT=0``), which prints nothing at 0,
       where the new one still prints an experiment box and a TensorBoard hint into /tmp/ray; above 0 Ray's own
       tables come back as Ray prints them;
+    - at ``tune.verbose: 0``, no Ray warning that experiment-state snapshots came less than 5 s apart: a trial
+      checkpoints at its first and last epoch (and every 30 s between, ``trainable.CHECKPOINT_EVERY_S``), so
+      Tune forces a snapshot as each short trial ends, and two trials ending together tripped it on every smoke
+      search. Ray's warning that a snapshot was *slow* (storage trouble) stays;
     - Optuna at WARNING: its INFO "A new study created in memory" is OptunaSearch's in-memory copy, not the
       experiment's optuna.db;
     - $BSS_DATA_DIR made absolute: a local Ray's workers inherit it and run in their trial folders.
     """
     import optuna
 
-    env_before = {k: os.environ.get(k) for k in ("RAY_AIR_NEW_OUTPUT", "BSS_DATA_DIR")}
+    env_before = {k: os.environ.get(k) for k in ("RAY_AIR_NEW_OUTPUT", EXCESSIVE_SNAPSHOTS, "BSS_DATA_DIR")}
     optuna_before = optuna.logging.get_verbosity()
     try:
         if verbose == 0:
             os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+            os.environ.setdefault(EXCESSIVE_SNAPSHOTS, "0")
         if os.environ.get("BSS_DATA_DIR"):
             os.environ["BSS_DATA_DIR"] = str(Path(os.environ["BSS_DATA_DIR"]).expanduser().resolve())
         optuna.logging.set_verbosity(optuna.logging.WARNING)

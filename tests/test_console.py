@@ -111,6 +111,34 @@ def test_rays_own_output_only_with_verbose(monkeypatch: pytest.MonkeyPatch) -> N
         assert "RAY_AIR_NEW_OUTPUT" not in os.environ
 
 
+def test_no_excessive_snapshot_warning_at_verbose_0(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CI caught Ray's "Experiment state snapshotting has been triggered multiple times" in a smoke search's
+    console: short trials checkpoint at their first and last epoch, and two ending within 5 s force two
+    snapshots. At verbose 0 the experiment-state manager Tune builds inside the command has that warning off,
+    and keeps the one for a slow snapshot; --verbose gives Ray's thresholds back, and the command leaves the
+    environment as it found it."""
+    import os
+
+    from ray.tune.execution.experiment_state import _ExperimentCheckpointManager
+
+    from search.console import EXCESSIVE_SNAPSHOTS, entry_point
+
+    def manager() -> _ExperimentCheckpointManager:
+        return _ExperimentCheckpointManager(storage=None, checkpoint_period="auto", sync_every_n_trial_checkpoints=2)
+
+    monkeypatch.delenv(EXCESSIVE_SNAPSHOTS, raising=False)
+    monkeypatch.delenv("TUNE_WARN_SLOW_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", raising=False)
+    default = manager()
+    assert default._excessive_sync_threshold == 5.0
+    with entry_point(0):
+        quiet = manager()
+    assert quiet._excessive_sync_threshold == 0.0
+    assert quiet._slow_sync_threshold == default._slow_sync_threshold == 30.0
+    with entry_point(2):
+        assert manager()._excessive_sync_threshold == 5.0
+    assert EXCESSIVE_SNAPSHOTS not in os.environ
+
+
 def test_verbose_flag_sets_tune_verbose(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     import search.run
 
