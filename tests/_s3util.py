@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from _searchutil import alive, free_port
@@ -142,3 +143,45 @@ def s3_tree(server: WeedServer, prefix: str) -> dict[str, int]:
     fs = server.filesystem()
     infos = fs.get_file_info(pyarrow.fs.FileSelector(prefix, recursive=True, allow_not_found=True))
     return {i.path[len(prefix) :].lstrip("/"): i.size for i in infos if i.type == pyarrow.fs.FileType.File}
+
+
+def s3_json_lines(server: WeedServer, key: str) -> list[dict[str, Any]]:
+    """The rows of a JSON-lines file in S3 (a result.json), [] if it is not there yet."""
+    try:
+        with server.filesystem().open_input_stream(key) as f:
+            text = f.read().decode()
+    except OSError:
+        return []
+    rows = []
+    for line in text.splitlines():
+        with contextlib.suppress(json.JSONDecodeError):  # a line being written
+            rows.append(json.loads(line))
+    return rows
+
+
+def s3_finished(server: WeedServer, prefix: str, epochs: int) -> dict[str, list[dict[str, Any]]]:
+    """``{trial folder: result rows}`` of the trials that ran their budget *and* that Tune's state in S3 says
+    TERMINATED (what a resume will see)."""
+    tree = s3_tree(server, prefix)
+    states = sorted(k for k in tree if k.startswith("experiment_state-") and k.endswith(".json"))
+    if not states:
+        return {}
+    try:
+        with server.filesystem().open_input_stream(f"{prefix}/{states[-1]}") as f:
+            state = json.loads(f.read())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    trials = (json.loads(t) if isinstance(t, str) else t for t, _ in state["trial_data"])
+    status = {t["trial_id"]: t["status"] for t in trials}
+    out = {}
+    for key in tree:
+        if key.endswith("/result.json") and key.count("/") == 1:
+            rows = s3_json_lines(server, f"{prefix}/{key}")
+            if rows and rows[-1].get("epoch") == epochs and status.get(rows[-1].get("trial_id")) == "TERMINATED":
+                out[key.split("/")[0]] = rows
+    return out
+
+
+def checkpoint_dirs(server: WeedServer, prefix: str) -> set[str]:
+    """Every trial checkpoint folder under ``prefix`` (trainers upload these directly)."""
+    return {k.rsplit("/", 1)[0] for k in s3_tree(server, prefix) if "/checkpoint_" in k}

@@ -5,7 +5,8 @@ Two nodes on this machine, each with its own temp dir (--temp-dir), working dire
 copy of the data; the experiment on a real S3 server (SeaweedFS, tests/_s3util.py). Trials run on the
 worker and write their checkpoints to S3 from there; the worker node is then lost (every process of it
 SIGKILLed) mid-trial, and its trial resumes on the head from its checkpoint in S3 -- the head never sees
-the worker's disk. A second job with --resume reads the finished experiment back from S3. Every node
+the worker's disk. Then the driver itself is SIGKILLed mid-search (the job fails), and the README's
+resubmission with --resume completes the search from S3, running no finished trial again. Every node
 and server is stopped by PID (found by its unique temp dir too) even when the test fails.
 """
 
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _s3util import BUCKET, WeedServer, s3_tree, weed_server
+from _s3util import BUCKET, checkpoint_dirs, s3_finished, s3_json_lines, s3_tree, weed_server
 from _searchutil import PY, REPO, TINY, Proc, children_of, env_with, free_port, sets
 
 RAY = str(Path(PY).with_name("ray"))
@@ -118,10 +119,15 @@ def wait_for_nodes(address: str, count: int, node: Node, timeout: float = 120) -
     raise AssertionError(f"{count} Ray node(s) not alive after {timeout:.0f} s:\n{node.proc.tail()}")
 
 
-def s3_rows(server: WeedServer, key: str) -> list[dict[str, Any]]:
-    with contextlib.suppress(OSError), server.filesystem().open_input_stream(key) as f:
-        return [json.loads(line) for line in f.read().decode().splitlines() if line.strip()]
-    return []
+def drivers_on(node: Node) -> set[int]:
+    """The job's driver on ``node``: the `python search/run.py` a job supervisor started (with its shell)."""
+    return {pid for pid in children_of(node.proc.pid) if b"search/run.py" in _cmdline(pid)}
+
+
+def _cmdline(pid: int) -> bytes:
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    return b""
 
 
 def repo_copy(dest: Path) -> Path:
@@ -193,24 +199,52 @@ def test_job_submit_on_nodes_that_share_only_s3_survives_losing_the_worker(tmp_p
 
                 trial = submit.wait_until(trial_on_worker, 300, "a trial on the worker to checkpoint to S3")
                 worker.kill()
-                rc = submit.finish(400)
+
+                def driver_to_kill() -> dict[str, Any]:
+                    """Once a trial has finished in S3 (TERMINATED in Tune's saved state) and the driver has
+                    recorded the worker's loss (error.txt), while trials are still left."""
+                    done = s3_finished(s3, f"{prefix}/search", EPOCHS)
+                    lost = f"{trial}/error.txt" in s3_tree(s3, f"{prefix}/search")
+                    return done if lost and 0 < len(done) < 3 else {}
+
+                done = submit.wait_until(driver_to_kill, 300, "a finished trial in S3 with trials left")
+                done_ckpts = {c for c in checkpoint_dirs(s3, f"{prefix}/search") if c.split("/")[0] in done}
+                driver = drivers_on(cluster["head"])
+                assert driver, "the job's driver runs on the head"
+                for pid in driver:
+                    os.kill(pid, signal.SIGKILL)
+                killed_rc = submit.finish(120)
             finally:
                 submit.cleanup()
-            assert rc == 0, submit.tail()
-            assert "report:" in submit.out and "test MSE" in submit.out, submit.tail()
+            assert killed_rc != 0, submit.tail()
+            assert "report:" not in submit.out, "the driver was killed before the end of the search"
+
+            # The README's recovery: resubmit the same command with --resume; the experiment continues from S3.
+            resume = Proc([*in_repo, *job, "--resume"], tmp_path, client_env, "resume")
+            try:
+                rc = resume.finish(400)
+            finally:
+                resume.cleanup()
+            assert rc == 0, resume.tail()
+            assert "report:" in resume.out and "test MSE" in resume.out, resume.tail()
 
             tree = s3_tree(s3, prefix)
             assert {"report.json", "best_model.pt", "optuna.db", "search_summary.json"} <= set(tree)
             with s3.filesystem().open_input_stream(f"{prefix}/report.json") as f:
                 report = json.loads(f.read())
             assert report["num_trials"] == report["num_completed"] == 3 and report["num_errored"] == 0
-            rows = s3_rows(s3, f"{prefix}/search/{trial}/result.json")
+            for folder, rows in done.items():  # finished before the kill: not one epoch run again
+                assert s3_json_lines(s3, f"{prefix}/search/{folder}/result.json") == rows
+            assert {c for c in checkpoint_dirs(s3, f"{prefix}/search") if c.split("/")[0] in done} == done_ckpts
+            rows = s3_json_lines(s3, f"{prefix}/search/{trial}/result.json")
             assert rows[-1]["epoch"] == EPOCHS and rows[-1]["node_id"] == cluster["head_id"], "finished on the head"
             on_head = [r["epoch"] for r in rows if r["node_id"] == cluster["head_id"]]
             assert on_head and min(on_head) > 1, f"resumed from its S3 checkpoint, not from scratch: {on_head}"
             with s3.filesystem().open_input_stream(f"{prefix}/search/{trial}/error.txt") as f:
                 assert b"Failure # 1" in f.read()
-            placed = {r["node_id"] for t in tree if t.endswith("/result.json") for r in s3_rows(s3, f"{prefix}/{t}")}
+            placed = {
+                r["node_id"] for t in tree if t.endswith("/result.json") for r in s3_json_lines(s3, f"{prefix}/{t}")
+            }
             assert cluster["worker_id"] in placed, "trials ran on the worker"
 
             # The job shipped the code and nothing else (the head unpacked it under its own temp dir).
@@ -219,16 +253,6 @@ def test_job_submit_on_nodes_that_share_only_s3_survives_losing_the_worker(tmp_p
             assert shipped and all((p / "search" / "run.py").is_file() for p in shipped)
             for p in shipped:
                 assert not any((p / junk).exists() for junk in (".venv", "results/old-run", "data", ".git")), p
-
-            # A resume on the cluster reads the finished experiment back from S3 and trains nothing.
-            resume = Proc([*in_repo, *job, "--resume"], tmp_path, client_env, "resume")
-            try:
-                assert resume.finish(300) == 0, resume.tail()
-            finally:
-                resume.cleanup()
-            assert "is already finished: nothing was rerun or rewritten" in resume.out, resume.tail()
-            assert "report:" in resume.out, resume.tail()
-            assert "epoch 1/" not in resume.out
 
 
 # --------------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ mid-trial, and completes on a resume once the server is back -- no finished tria
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _s3util import BUCKET, WeedServer, s3_tree, weed_server
+from _s3util import BUCKET, WeedServer, checkpoint_dirs, s3_finished, s3_json_lines, s3_tree, weed_server
 from _searchutil import EPOCHS, PY, SMOKE, TINY, Proc, cli_error, env_with, free_port, run_to_end, search_args, sets
 
 NUM_SAMPLES = 3
@@ -196,46 +195,6 @@ def test_bad_storage_is_one_line_before_ray(
 # Slow: the smoke search on S3, a killed driver, a storage outage, and the resumes
 
 
-def _s3_json_lines(server: WeedServer, key: str) -> list[dict[str, Any]]:
-    try:
-        with server.filesystem().open_input_stream(key) as f:
-            text = f.read().decode()
-    except OSError:
-        return []
-    rows = []
-    for line in text.splitlines():
-        with contextlib.suppress(json.JSONDecodeError):  # a line being written
-            rows.append(json.loads(line))
-    return rows
-
-
-def s3_finished(server: WeedServer, prefix: str) -> dict[str, list[dict[str, Any]]]:
-    """``{trial folder: result rows}`` of the trials that ran their budget *and* that Tune's state in S3 says
-    TERMINATED (what a resume will see)."""
-    tree = s3_tree(server, prefix)
-    states = sorted(k for k in tree if k.startswith("experiment_state-") and k.endswith(".json"))
-    if not states:
-        return {}
-    try:
-        with server.filesystem().open_input_stream(f"{prefix}/{states[-1]}") as f:
-            state = json.loads(f.read())
-    except (OSError, json.JSONDecodeError):
-        return {}
-    trials = (json.loads(t) if isinstance(t, str) else t for t, _ in state["trial_data"])
-    status = {t["trial_id"]: t["status"] for t in trials}
-    out = {}
-    for key in tree:
-        if key.endswith("/result.json") and key.count("/") == 1:
-            rows = _s3_json_lines(server, f"{prefix}/{key}")
-            if rows and rows[-1].get("epoch") == EPOCHS and status.get(rows[-1].get("trial_id")) == "TERMINATED":
-                out[key.split("/")[0]] = rows
-    return out
-
-
-def checkpoint_dirs(server: WeedServer, prefix: str) -> set[str]:
-    return {k.rsplit("/", 1)[0] for k in s3_tree(server, prefix) if "/checkpoint_" in k}
-
-
 @pytest.mark.slow
 def test_search_on_s3_survives_a_killed_driver_and_a_storage_outage(tmp_path: Path, data_dir: Path) -> None:
     """The smoke search with its experiment on S3 (AWS_* only): SIGKILL the driver after a trial finished;
@@ -264,7 +223,7 @@ def test_search_on_s3_survives_a_killed_driver_and_a_storage_outage(tmp_path: Pa
         # 1. SIGKILL the driver once a trial has finished in S3.
         proc = Proc([PY, *args], first, env, "first")
         try:
-            done = proc.wait_until(lambda: s3_finished(server, search), 240, "a trial to finish in S3")
+            done = proc.wait_until(lambda: s3_finished(server, search, EPOCHS), 240, "a trial to finish in S3")
             os.killpg(proc.pid, signal.SIGKILL)
         finally:
             proc.cleanup()
@@ -299,7 +258,7 @@ def test_search_on_s3_survives_a_killed_driver_and_a_storage_outage(tmp_path: Pa
         ):
             assert f in tree, f
         for trial, rows in done.items():  # finished before the kill: not one epoch run again
-            assert _s3_json_lines(server, f"{search}/{trial}/result.json") == rows
+            assert s3_json_lines(server, f"{search}/{trial}/result.json") == rows
         assert {c for c in checkpoint_dirs(server, search) if c.split("/")[0] in done} == done_ckpts
         fs = server.filesystem()
         with fs.open_input_stream(f"{prefix}/report.json") as f:
