@@ -13,6 +13,7 @@ import functools
 import os
 import re
 import shlex
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -206,3 +207,20 @@ def test_containerfile_installs_the_project_with_its_pins() -> None:
     assert "sed -n 's/^torch==//p' constraints.txt" in text, "torch at the pinned version, CUDA build"
     for path in ("bss_model", "search", "configs", "pyproject.toml", "constraints.txt"):
         assert re.search(rf"^COPY .*\b{re.escape(path)}\b", text, re.M), path
+
+
+def test_the_offline_build_feeds_the_containerfile_only_arguments_it_declares() -> None:
+    """deploy/offline-image.sh (run by hand: it needs root, podman and a registry) builds deploy/Containerfile
+    unchanged on a stand-in of Ray's image. A build argument the Containerfile does not declare is only a
+    warning to podman, so a renamed ARG would silently build the CUDA default; the stand-in must provide
+    the user and group the Containerfile's COPY --chown names."""
+    script = (DEPLOY / "offline-image.sh").read_text()
+    assert subprocess.run(["bash", "-n", str(DEPLOY / "offline-image.sh")], capture_output=True).returncode == 0
+    declared = set(re.findall(r"^ARG (\w+)", (DEPLOY / "Containerfile").read_text(), re.M))
+    build = script[script.index("-f deploy/Containerfile") :].split("-t ", 1)[0]
+    passed = set(re.findall(r"--build-arg (\w+)=", build))
+    assert passed == {"BASE_IMAGE", "TORCH_INDEX"} and passed <= declared, (passed, declared)
+    standin = (DEPLOY / "ray-standin.Containerfile").read_text()
+    owners = set(re.findall(r"^COPY --chown=(\S+) ", (DEPLOY / "Containerfile").read_text(), re.M))
+    assert owners == {"ray:users"} and "--uid 1000 --gid users" in standin and "\nUSER ray\n" in standin
+    assert "ray[default,tune]" in standin and "-c /tmp/constraints.txt" in standin, "Ray at the pinned version"
