@@ -310,8 +310,9 @@ def faulty_search_once(tmp_path_factory: pytest.TempPathFactory, data_dir: Path)
 
 
 def faulty_search(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> dict[str, Any]:
-    """A tiny search in which (a) the first trial to reach epoch 2 raises (tests/_faulty_run.py), (b) a
-    trial's worker process is SIGKILLed mid-epoch, (c) one starting point diverges (lr=1e3).
+    """A tiny search in which (a) the first trial to reach epoch 2 raises (tests/_faulty_run.py), (b) the
+    other healthy trial's worker process is SIGKILLed after its epoch-1 checkpoint, (c) one starting point
+    diverges (lr=1e3).
 
     Returns the experiment folder and what was done to it; every trial and seed must still finish.
     """
@@ -334,22 +335,21 @@ def faulty_search(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> d
     exp = cwd / "results" / "faults"
     env = env_with(data_dir)
     with running(args, cwd, env, "faults") as proc:
-        # Once the injected fault has fired (and reached the driver: the raise follows the marker at
-        # once), SIGKILL the worker of a healthy trial that has checkpointed epoch 1 and is busy with
-        # epoch 2 -- the other healthy trial, or the faulted one's retry.
-        proc.wait_until(marker.exists, 180, "the injected fault")
-        time.sleep(1)
+        # Once the injected fault has fired, the next healthy trial to checkpoint epoch 1 (the other healthy
+        # trial) waits for its kill (tests/_faulty_run.py): SIGKILL its worker, as a node's OOM killer would.
+        victim = marker.with_name(marker.name + ".victim")
 
-        def victim() -> tuple[str, int] | None:
-            for name, pid in trial_pids(proc, exp, "search").items():
-                ckpts = {p.name for p in (exp / "search" / name).glob("checkpoint_*")}
-                params = exp / "search" / name / "params.json"
-                healthy = params.exists() and json.loads(params.read_text())["train.lr"] != FAULT_LRS["diverges"]
-                if healthy and ckpts == {"checkpoint_000000"}:
-                    return name, pid
-            return None
+        def offered() -> tuple[str, int] | None:
+            text = victim.read_text() if victim.exists() else ""
+            if not text.endswith("\n"):  # not written yet
+                return None
+            pid, folder = text.split()
+            return folder, int(pid)
 
-        killed_trial, killed_pid = proc.wait_until(victim, 180, "a healthy trial in its 2nd epoch")
+        killed_trial, killed_pid = proc.wait_until(
+            offered, 180, "a healthy trial to checkpoint epoch 1 after the fault"
+        )
+        assert (exp / "search" / killed_trial).is_dir() and killed_pid in trial_pids(proc, exp, "search").values()
         os.kill(killed_pid, signal.SIGKILL)
         rc = proc.finish(240)
     assert rc == 0, proc.tail()
