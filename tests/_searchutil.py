@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -261,6 +262,25 @@ def check_study_matches_report(exp: Path) -> dict[str, Any]:
         in_file = {r["epoch"]: r["val_mse"] for r in reported.get(row["trial_id"], []) if not r.get("diverged")}
         assert {e: t.intermediate_values.get(e) for e in in_file} == in_file, (row["trial_id"], in_file)
     return trials
+
+
+def freeze_unfinished(proc: Proc, frozen: set[int] | None = None) -> bool:
+    """SIGSTOP every trial process of ``proc`` whose trial has not printed its end (a trial process runs in its
+    trial folder, NNN-<id>, the label of the console's lines), adding their pids to ``frozen``. True, so it can
+    lead a wait condition.
+
+    Why: Tune saves the state that says a trial is TERMINATED lazily (seconds), and a tiny trial can run in
+    less; a test that kills the driver "once a trial has finished, with trials left" freezes the others
+    until the saved state catches up, or it may find every trial finished."""
+    ended = set(re.findall(r"^trial (\S+) (?:finished|stopped early|errored|diverged)", proc.out, re.M))
+    for pid in children_of(proc.pid):
+        with contextlib.suppress(OSError):
+            folder = Path(os.readlink(f"/proc/{pid}/cwd")).name
+            if re.fullmatch(r"\d{3,}-\w+", folder) and folder not in ended:
+                os.kill(pid, signal.SIGSTOP)
+                if frozen is not None:
+                    frozen.add(pid)
+    return True
 
 
 def trial_pids(driver: Proc, exp: Path, phase: str) -> dict[str, int]:

@@ -9,6 +9,7 @@ points in-process with ``ray.init`` booby-trapped, so "nothing started" is check
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import json
@@ -37,6 +38,7 @@ from _searchutil import (
     faulty_search_once,
     finished,
     free_port,
+    freeze_unfinished,
     read_json,
     results,
     run_to_end,
@@ -88,9 +90,17 @@ def crash_chain(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> dic
     seen: dict[str, Any] = {"exp": exp}
 
     with running(args, cwd, env, "1-kill-search") as proc:
-        done = proc.wait_until(lambda: finished(exp, "search"), 180, "a trial to finish its budget")
+        # Once a trial has finished, the others are frozen until the saved state says it finished
+        # (freeze_unfinished), so the kill finds trials left however fast they run; they go on at the kill.
+        frozen: set[int] = set()
+        proc.wait_until(lambda: " finished: val MSE " in proc.out, 180, "a trial to finish its budget")
+        done = proc.wait_until(lambda: freeze_unfinished(proc, frozen) and finished(exp, "search"), 120,
+                               "the saved state to say a trial finished")  # fmt: skip
         ray_procs = children_of(proc.pid)
         os.kill(proc.pid, signal.SIGKILL)  # the driver only: what its Ray processes do is part of the test
+        for pid in frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
         proc.p.wait()
         seen["search_done"] = {name: (exp / "search" / name / "result.json").read_bytes() for name in done}
         seen["search_ckpts"] = checkpoints(exp, "search")

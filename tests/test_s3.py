@@ -10,10 +10,8 @@ mid-trial, and completes on a resume once the server is back -- no finished tria
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import re
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,10 +25,10 @@ from _searchutil import (
     SMOKE,
     TINY,
     Proc,
-    children_of,
     cli_error,
     env_with,
     free_port,
+    freeze_unfinished,
     run_to_end,
     search_args,
     sets,
@@ -210,18 +208,6 @@ def test_bad_storage_is_one_line_before_ray(
 # Slow: the smoke search on S3, a killed driver, a storage outage, and the resumes
 
 
-def freeze_unfinished(proc: Proc) -> bool:
-    """SIGSTOP every trial process of ``proc`` whose trial has not printed its end (a trial process runs in its
-    trial folder, NNN-<id>, the label of the console's lines). True, so it can lead a wait condition."""
-    ended = set(re.findall(r"^trial (\S+) (?:finished|stopped early|errored|diverged)", proc.out, re.M))
-    for pid in children_of(proc.pid):
-        with contextlib.suppress(OSError):
-            folder = Path(os.readlink(f"/proc/{pid}/cwd")).name
-            if re.fullmatch(r"\d{3,}-\w+", folder) and folder not in ended:
-                os.kill(pid, signal.SIGSTOP)
-    return True
-
-
 @pytest.mark.slow
 def test_search_on_s3_survives_a_killed_driver_and_a_storage_outage(tmp_path: Path, data_dir: Path) -> None:
     """The smoke search with its experiment on S3 (AWS_* only): SIGKILL the driver after a trial finished;
@@ -247,10 +233,9 @@ def test_search_on_s3_survives_a_killed_driver_and_a_storage_outage(tmp_path: Pa
         first, second = tmp_path / "first", tmp_path / "second"
         first.mkdir(), second.mkdir()
 
-        # 1. SIGKILL the driver once a trial has finished in S3, with trials left. Tune saves its state (what
-        # says TERMINATED) every 10 s or so, and the last trial can run in 3 s: CI once saw every trial finish
-        # before the state said one had. So once a trial has finished, the trials still training are frozen
-        # (SIGSTOP) until the state in S3 says it finished; then the kill.
+        # 1. SIGKILL the driver once a trial has finished in S3, with trials left: the trials still training
+        # are frozen until the state in S3 says one finished (freeze_unfinished). Without it, a fresh clone's
+        # run once saw all 3 trials finish first (the last ran in 3 s), leaving the resume nothing to train.
         proc = Proc([PY, *args], first, env, "first")
         try:
             proc.wait_until(lambda: " finished: val MSE " in proc.out, 240, "a trial to finish")
