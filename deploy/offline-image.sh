@@ -81,12 +81,13 @@ podman build --isolation chroot --network host "${BUILD_MOUNTS[@]}" -f deploy/Co
   --volume "$WORK/torch-index:/torch-index:ro" -t "$TAG" .
 podman image inspect "$TAG" --format '{{.Id}} {{.Size}}' | sed 's/^/image: /'
 
-# 5. The smoke search inside it. runc with explicit limits: in a sandbox without CAP_SYS_RESOURCE the
-# OCI runtime may not set podman's default RLIMIT_NOFILE / RLIMIT_NPROC. Ray wants /dev/shm of about
-# 30% of RAM for its object store (a tmpfs limit, not memory taken).
+# 5. The smoke search inside it, with no network: a local Ray needs only loopback. runc with explicit
+# limits: in a sandbox without CAP_SYS_RESOURCE the OCI runtime may not set podman's default
+# RLIMIT_NOFILE / RLIMIT_NPROC. Ray wants /dev/shm of about 30% of RAM for its object store (a tmpfs
+# limit, not memory taken).
 log "smoke search in $TAG"
 rm -rf "$WORK/results" && mkdir -p "$WORK/results" && chown 1000:100 "$WORK/results"
-podman ${PODMAN_RUNTIME:---runtime runc} run --rm --network host --shm-size 8g \
+podman ${PODMAN_RUNTIME:---runtime runc} run --rm --network none --shm-size 8g \
   ${PODMAN_LIMITS:---ulimit nofile=4096:4096 --ulimit nproc=4096:4096} \
   --volume "$DATA:/data:ro" --volume "$WORK/results:/home/ray/bss-search/results" \
   "$TAG" python search/run.py --config configs/smoke.yaml
