@@ -115,8 +115,9 @@ def _storage_error(root: str, exc: Exception) -> ConfigError:
     )
 
 
-def _filesystem(uri: str, quick: bool = False) -> tuple[object, str]:
-    """pyarrow's filesystem and path for ``uri``; ``quick``: S3 gives up after 2 attempts (a check, not a job)."""
+def _filesystem(uri: str, quick: bool = False) -> tuple[Any, str]:
+    """pyarrow's filesystem and path for ``uri`` (every storage access here opens it this way); ``quick``: S3
+    gives up after 2 attempts (a check, not a job)."""
     import pyarrow.fs
 
     fs, path = pyarrow.fs.FileSystem.from_uri(uri)
@@ -185,7 +186,7 @@ def upload(root: str, local: Path, names: list[str]) -> None:
         return
     import pyarrow.fs
 
-    fs, base = pyarrow.fs.FileSystem.from_uri(root)
+    fs, base = _filesystem(root)
     for name in names:
         if (local / name).exists():
             try:
@@ -205,7 +206,7 @@ def download(root: str, local: Path, names: list[str], missing_only: bool = Fals
         return {name for name in names if (local / name).exists()}
     import pyarrow.fs
 
-    fs, base = pyarrow.fs.FileSystem.from_uri(root)
+    fs, base = _filesystem(root)
     found = set()
     for name in names:
         target = local / name
@@ -274,7 +275,7 @@ def _tune_entries(path: str) -> list[str]:
         return [p.name + ("/" if p.is_dir() else "") for p in Path(path).iterdir()] if Path(path).is_dir() else []
     import pyarrow.fs
 
-    fs, base = pyarrow.fs.FileSystem.from_uri(path)
+    fs, base = _filesystem(path)
     infos = fs.get_file_info(pyarrow.fs.FileSelector(base, allow_not_found=True))
     return [info.base_name + ("/" if info.type == pyarrow.fs.FileType.Directory else "") for info in infos]
 
