@@ -122,17 +122,19 @@ def _run_config(cfg: SearchConfig, root: str, name: str, callbacks: list[Callbac
 
 
 def _fit(tuner: tune.Tuner, root: str, what: str, expected: int, resume_cmd: str) -> tune.ResultGrid:
-    """``tuner.fit()``, then :func:`_finish`; storage that fails meanwhile is one line, not a traceback.
+    """``tuner.fit()``, then :func:`_finish` and :func:`_check_storage_after`; storage that fails meanwhile is
+    one line, not a traceback.
 
     When object storage stops answering, the trials fail on their checkpoint uploads until their retries
     run out, and Tune then fails reading its own state back. Neither is the trials' fault: nothing is
     summarised, and a --resume restores the state saved before the failure and reruns no finished trial.
     """
     try:
-        results = tuner.fit()
-        return _finish(results, expected, what, resume_cmd)
+        results = _finish(tuner.fit(), expected, what, resume_cmd)
     except OSError as exc:  # pyarrow's errors for storage that does not answer
         raise storage_lost(root, what, exc, resume_cmd) from None
+    _check_storage_after(results, root, what, resume_cmd)
+    return results
 
 
 def _check_storage_after(results: tune.ResultGrid, root: str, what: str, resume_cmd: str) -> None:
@@ -197,9 +199,7 @@ def run_search(cfg: SearchConfig, root: str, resume: bool, resume_cmd: str) -> t
                 ],
             ),
         )
-    results = _fit(tuner, root, "search", cfg.tune.num_samples, resume_cmd)
-    _check_storage_after(results, root, "search", resume_cmd)
-    return results
+    return _fit(tuner, root, "search", cfg.tune.num_samples, resume_cmd)
 
 
 class RetrainProgress(Callback):
@@ -255,5 +255,4 @@ def run_retrain(cfg: SearchConfig, best_cfg: Config, root: str, resume_cmd: str)
     t0 = time.time()
     results = _fit(tuner, root, "retrain", len(seeds), resume_cmd)
     log.info("retrain finished in %.0f s", time.time() - t0)
-    _check_storage_after(results, root, "retrain", resume_cmd)
     return results
