@@ -45,9 +45,10 @@ TEST_METRICS = "test_metrics.json"
 # A trial hands Tune a checkpoint at its first and its last epoch, and in between at most once per
 # CHECKPOINT_EVERY_S (it reports its metrics every epoch, for ASHA). Tune forces an experiment-state
 # snapshot whenever one trial has reported CheckpointConfig(num_to_keep) checkpoints since the last
-# snapshot; with an epoch of a few seconds (a smoke search) that was a forced snapshot every few
-# seconds, and Ray's warning "Experiment state snapshotting has been triggered multiple times". A
-# retry after a failure repeats at most this much training.
+# snapshot; a checkpoint every epoch of a few seconds made that a snapshot every few seconds. A short
+# trial still forces one as it ends (its two checkpoints), so Ray's "snapshotting has been triggered
+# multiple times" can still come from trials ending together: search.console.entry_point turns that
+# warning off at tune.verbose 0. A retry after a failure repeats at most this much training.
 CHECKPOINT_EVERY_S = 30.0
 
 
