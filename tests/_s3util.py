@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _searchutil import alive, free_port
+from _searchutil import Ports, alive
 
 KEY, SECRET, BUCKET = "bss-test-key", "bss-test-secret", "bss"
 
@@ -48,8 +48,9 @@ class WeedServer:
         identity["actions"] = ["Admin", "Read", "Write", "List", "Tagging"]
         self.config.write_text(json.dumps({"identities": [identity]}))
         # Every port weed opens, explicitly (its gRPC ports otherwise default to port + 10000).
-        self.ports = {name: free_port() for name in ("s3", "s3g", "master", "masterg", "volume", "volumeg", "filer")}
-        self.ports["filerg"] = free_port()
+        ports = Ports()
+        names = ("s3", "s3g", "master", "masterg", "volume", "volumeg", "filer", "filerg")
+        self.ports = {name: ports.one() for name in names}
         self.endpoint = f"http://127.0.0.1:{self.ports['s3']}"
         self.proc: subprocess.Popen[bytes] | None = None
 

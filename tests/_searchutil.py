@@ -68,6 +68,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class Ports:
+    """The ports of one test's servers and nodes: none handed out twice, none inside a Ray node's worker-port
+    range. (free_port releases the port it found, so two calls can return the same one: a fresh clone's run
+    of tests/test_cluster.py once failed with Ray's "client_server is trying to use a port number ... used by
+    other components".)"""
+
+    WORKER_PORTS = 41
+
+    def __init__(self) -> None:
+        self.taken: set[int] = set()
+
+    def one(self) -> int:
+        while (port := free_port()) in self.taken:
+            pass
+        self.taken.add(port)
+        return port
+
+    def worker_range(self) -> int:
+        """The first of WORKER_PORTS consecutive ports that no other component of the test uses."""
+        while True:
+            low = free_port()
+            span = set(range(low, low + self.WORKER_PORTS))
+            if low + self.WORKER_PORTS <= 65536 and not span & self.taken:
+                self.taken |= span
+                return low
+
+
 def children_of(pid: int) -> set[int]:
     """All live descendants of ``pid`` (from /proc; no psutil here)."""
     parent: dict[int, int] = {}

@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 from _s3util import BUCKET, checkpoint_dirs, s3_finished, s3_json_lines, s3_tree, weed_server
-from _searchutil import PY, REPO, TINY, Proc, children_of, env_with, free_port, sets
+from _searchutil import PY, REPO, TINY, Ports, Proc, children_of, env_with, sets
 
 RAY = str(Path(PY).with_name("ray"))
 EPOCHS = 4  # after the worker's first checkpoint its trial still has epochs left when the kill lands
@@ -46,19 +46,20 @@ def processes_under(folder: Path) -> set[int]:
 class Node:
     """One `ray start --block` node in its own session, with its own folders and ports."""
 
-    def __init__(self, name: str, work: Path, env: dict[str, str], args: list[str]) -> None:
+    def __init__(self, name: str, work: Path, env: dict[str, str], args: list[str], ports: Ports) -> None:
         # Short: Ray's unix sockets live under the temp dir, and socket paths are limited to 107 bytes.
         self.temp = Path(tempfile.mkdtemp(prefix=f"bss-{name}-", dir="/tmp"))
         self.work = work / name
         (self.work / "tmp").mkdir(parents=True)
         env = {**env, "TMPDIR": str(self.work / "tmp"), "HOME": str(self.work), "RAY_USAGE_STATS_ENABLED": "0"}
-        ports = [("--node-manager-port", free_port()), ("--object-manager-port", free_port()),
-                 ("--dashboard-agent-listen-port", free_port()), ("--dashboard-agent-grpc-port", free_port()),
-                 ("--runtime-env-agent-port", free_port()), ("--metrics-export-port", free_port())]  # fmt: skip
-        low = free_port()
+        own = [(flag, ports.one()) for flag in ("--node-manager-port", "--object-manager-port",
+               "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
+               "--metrics-export-port")]  # fmt: skip
+        low = ports.worker_range()
+        high = low + Ports.WORKER_PORTS - 1
         argv = [RAY, "start", "--block", "--num-cpus=1", "--node-ip-address=127.0.0.1", f"--temp-dir={self.temp}",
-                f"--min-worker-port={low}", f"--max-worker-port={low + 40}", "--disable-usage-stats",
-                *[f"{flag}={port}" for flag, port in ports], *args]  # fmt: skip
+                f"--min-worker-port={low}", f"--max-worker-port={high}", "--disable-usage-stats",
+                *[f"{flag}={port}" for flag, port in own], *args]  # fmt: skip
         self.proc = Proc(argv, self.work, env, "ray")
 
     def pids(self) -> set[int]:
@@ -83,16 +84,17 @@ class Node:
 
 @contextlib.contextmanager
 def nodes(work: Path, head_env: dict[str, str], worker_env: dict[str, str]) -> Iterator[dict[str, Any]]:
-    gcs, dashboard = free_port(), free_port()
+    ports = Ports()
+    gcs, dashboard = ports.one(), ports.one()
     started: list[Node] = []
     try:
         head_args = ["--head", f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-                     f"--ray-client-server-port={free_port()}"]  # fmt: skip
-        head = Node("head", work, head_env, head_args)
+                     f"--ray-client-server-port={ports.one()}"]  # fmt: skip
+        head = Node("head", work, head_env, head_args, ports)
         started.append(head)
         address = f"http://127.0.0.1:{dashboard}"
         wait_for_nodes(address, 1, head)
-        worker = Node("worker", work, worker_env, [f"--address=127.0.0.1:{gcs}"])
+        worker = Node("worker", work, worker_env, [f"--address=127.0.0.1:{gcs}"], ports)
         started.append(worker)
         ids = wait_for_nodes(address, 2, worker)
         yield {"address": address, "head": head, "worker": worker, **ids}
