@@ -48,6 +48,7 @@ MAX_CONVS = 64
 MAX_DECODER_MULT = 64
 MAX_WEIGHTS = 2_000_000_000  # fp32 weights, gradients and two Adam moments: 32 GB
 MAX_THREADS = 4096
+MAX_TIME_LIMIT_S = 30 * 24 * 3600.0  # a month: longer than any budget, short enough for every clock sum
 
 # --------------------------------------------------------------------------------------
 # The sections
@@ -139,6 +140,12 @@ class TrainConfig:
     # so the samples actually seen are steps x batch_size (see steps_per_epoch()).
     # The default is the reference's 5,062 steps x batch 32.
     samples_per_epoch: int = 161_984
+    # A wall-clock limit on the run in seconds (0 = none), for budgeted jobs (search/budget.py). Epochs become
+    # time slices: epoch k ends by k/epochs of the limit (its validation included), or at its sample budget if
+    # that comes first, and the cosine schedule runs on the larger of its step fraction and its time fraction,
+    # so the lr reaches min_lr at the limit however fast the machine is. samples_per_epoch 0 means no sample
+    # budget at all: each epoch is its time slice (the budgeted search's trials, compared at equal time).
+    time_limit_s: float = 0.0
     batch_size: int = 32
     lr: float = 1e-3
     # adam: the reference; weight_decay is then an L2 term added to the gradient (Adam rescales it).
@@ -181,11 +188,19 @@ class TrainConfig:
     def validate(self) -> None:
         check_seed("train.seed", self.seed)
         check_range(1 <= self.epochs <= MAX_EPOCHS, "train.epochs", self.epochs, f"1..{MAX_EPOCHS:,}")
+        check_finite(
+            0 <= self.time_limit_s <= MAX_TIME_LIMIT_S,
+            "train.time_limit_s",
+            self.time_limit_s,
+            f"in [0, {MAX_TIME_LIMIT_S:.0f}] seconds (0 = no limit)",
+        )
+        low = 0 if self.time_limit_s else 1  # 0 samples = epochs end on time alone: only with a time limit
         check_range(
-            1 <= self.samples_per_epoch <= MAX_SAMPLES_PER_EPOCH,
+            low <= self.samples_per_epoch <= MAX_SAMPLES_PER_EPOCH,
             "train.samples_per_epoch",
             self.samples_per_epoch,
-            f"1..{MAX_SAMPLES_PER_EPOCH:,}, e.g. 161984",
+            f"1..{MAX_SAMPLES_PER_EPOCH:,}, e.g. 161984"
+            + (" (or 0, epochs on time alone, with train.time_limit_s)" if self.time_limit_s else ""),
         )
         check_range(1 <= self.batch_size <= MAX_BATCH, "train.batch_size", self.batch_size, f"1..{MAX_BATCH}")
         check_range(self.lr > 0 and math.isfinite(self.lr), "train.lr", self.lr, "a positive learning rate, e.g. 1e-3")
@@ -211,12 +226,13 @@ class TrainConfig:
 
     @property
     def steps_per_epoch(self) -> int:
-        """Optimizer steps per epoch, from the sample budget (see :func:`steps_per_epoch`)."""
+        """Optimizer steps per epoch, from the sample budget (see :func:`steps_per_epoch`); 0 = on time alone."""
         return steps_per_epoch(self)
 
     @property
     def epoch_samples(self) -> int:
-        """Samples actually seen per epoch: steps x batch_size (may differ slightly from samples_per_epoch)."""
+        """Samples per epoch at most: steps x batch_size (may differ slightly from samples_per_epoch). A run with
+        a time limit may end an epoch sooner: its metrics count the samples it actually saw."""
         return self.steps_per_epoch * self.batch_size
 
 
@@ -265,7 +281,10 @@ class Config:
 
 
 def steps_per_epoch(t: TrainConfig) -> int:
-    """round(samples_per_epoch / batch_size), at least 1; ties round half up (exact integer maths)."""
+    """round(samples_per_epoch / batch_size), at least 1; ties round half up (exact integer maths). 0 when
+    samples_per_epoch is 0 (a time-limited run whose epochs end on time alone)."""
+    if t.samples_per_epoch == 0:
+        return 0
     return max(1, (2 * t.samples_per_epoch + t.batch_size) // (2 * t.batch_size))
 
 

@@ -48,12 +48,14 @@ from bss_model.io import atomic_write_json, logging_to, next_run_dir
 from bss_model.model import build_model, count_parameters
 from bss_model.progress import EpochProgress
 from bss_model.runtime import Runtime, apply_torch_settings, resolve_runtime
-from bss_model.step import FINITE_CHECK_EVERY, TrainStep, build_plateau, cosine_lr
+from bss_model.step import FINITE_CHECK_EVERY, TrainStep, build_plateau, cosine_lr, progress_lr
 from bss_model.viz import separation_grid
 
 log = logging.getLogger("bss")
 
 OnEpoch = Callable[[dict[str, Any], Path], None]
+# The step cap of an epoch that ends on time alone (train.samples_per_epoch 0 with a time limit).
+UNCAPPED_STEPS = 2**62
 
 
 @dataclass
@@ -109,9 +111,15 @@ class _Trainer:
         self.epoch = 0  # epochs completed
         self.step = 0  # optimizer steps completed
         self.samples = 0  # training samples seen (steps x batch_size, summed over epochs)
+        # A time-limited run's clock: the wall time it has used (checkpointed, so a resumed run goes on with
+        # what is left), and the seconds the last epoch spent after training (validation, checkpoint,
+        # reporting), which the next epoch leaves free at the end of its time slice.
+        self.time_used = 0.0
+        self.clock0 = time.perf_counter()
+        self.epoch_tail = 0.0
         self.history: list[dict[str, Any]] = []
         self.writer = None
-        self.progress = False  # a per-epoch bar on stderr (bss_model.progress); the CLI turns it on for terminals
+        self.progress_bar = False  # a per-epoch bar on stderr (bss_model.progress); the CLI turns it on for terminals
 
     def open_writer(self) -> None:
         """Start TensorBoard logging (after a resume was accepted: a refused one leaves no event file)."""
@@ -145,6 +153,7 @@ class _Trainer:
             "epoch": self.epoch,
             "step": self.step,
             "samples": self.samples,
+            "time_used_s": self.elapsed(),
             "history": self.history,
             "n_params": self.n_params,
         }
@@ -184,21 +193,53 @@ class _Trainer:
         self.epoch, self.step, self.history = state["epoch"], state["step"], list(state["history"])
         # Checkpoints from before sample budgets lack the count: their batch size never changed mid-run.
         self.samples = state.get("samples", self.step * self.cfg.train.batch_size)
+        self.time_used = float(state.get("time_used_s", 0.0))
         log.info("resumed from %s at epoch %d (step %d)", path, self.epoch, self.step)
+
+    # -- the clock of a time-limited run -------------------------------------------------
+    def start_clock(self) -> None:
+        """Start (or, after a resume, continue) the run's clock: just before its first step."""
+        self.clock0 = time.perf_counter() - self.time_used
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.clock0
+
+    def progress(self, step: int) -> float:
+        """How far the run is, in [0, 1]: the larger of its step fraction (when it has a sample budget) and,
+        with a time limit, its time fraction. The schedule follows it, so it reaches its end either way."""
+        t = self.cfg.train
+        total = t.epochs * t.steps_per_epoch
+        p = step / total if total else 0.0
+        if t.time_limit_s:
+            p = max(p, self.elapsed() / t.time_limit_s)
+        return min(p, 1.0)
 
     # -- one epoch ---------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
         t = self.cfg.train
+        if t.time_limit_s:
+            return progress_lr(self.progress(step), t.warmup_epochs / t.epochs, t.lr, t.min_lr)
         total = t.epochs * t.steps_per_epoch
         return cosine_lr(step, total, int(t.warmup_epochs * t.steps_per_epoch), t.lr, t.min_lr)
 
-    def train_epoch(self) -> tuple[float, float, str]:
-        """Run one epoch; returns (mean train loss, mean train MSE, reason if the loss went non-finite)."""
+    def epoch_clock(self) -> tuple[int, Callable[[], bool] | None]:
+        """This epoch's step cap, and (with a time limit) when it must stop: at the end of its time slice,
+        k/epochs of the limit, less the time the last epoch needed after training (validation, checkpoint)."""
+        t = self.cfg.train
+        cap = t.steps_per_epoch or UNCAPPED_STEPS
+        if not t.time_limit_s:
+            return cap, None
+        end = self.clock0 + t.time_limit_s * (self.epoch + 1) / t.epochs - self.epoch_tail
+        return cap, lambda: time.perf_counter() >= end
+
+    def train_epoch(self) -> tuple[float, float, int, str]:
+        """Run one epoch; returns (mean train loss, mean train MSE, steps run, reason if the loss went non-finite)."""
         t = self.cfg.train
         self.model.train()
         self.step_fn.reset_sums()
         lr_at = self.lr_at if t.schedule == "cosine" else None
-        bar = EpochProgress(self.epoch + 1, t.epochs, t.steps_per_epoch, t.batch_size, self.progress)
+        cap, until = self.epoch_clock()
+        bar = EpochProgress(self.epoch + 1, t.epochs, t.steps_per_epoch, t.batch_size, self.progress_bar)
 
         def on_step(done: int, loss_sum: float | None) -> None:
             # The loss arrives only at the finite checks, where the step loop has just synced.
@@ -208,15 +249,15 @@ class _Trainer:
 
         try:
             check_every = t.log_every or FINITE_CHECK_EVERY
-            bad = self.step_fn.run(t.steps_per_epoch, lr_at, start=self.step, on_step=on_step, check_every=check_every)
+            bad = self.step_fn.run(cap, lr_at, start=self.step, on_step=on_step, check_every=check_every, until=until)
         finally:
             bar.close()
-        self.step += bad or t.steps_per_epoch
+        n = self.step_fn.steps_run
+        self.step += n
         if bad:
             reason = f"non-finite loss at epoch {self.epoch + 1} step {bad} (lr={t.lr:g})"
-            return float("nan"), float("nan"), reason
-        n = t.steps_per_epoch
-        return float(self.step_fn.loss_sum) / n, float(self.step_fn.mse_sum) / n, ""
+            return float("nan"), float("nan"), n, reason
+        return float(self.step_fn.loss_sum) / n, float(self.step_fn.mse_sum) / n, n, ""
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
@@ -293,23 +334,28 @@ def _train(
     out_dir = Path(out_dir)
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else out_dir / "checkpoint"
     tr = _Trainer(cfg, out_dir, splits, ckpt_dir, Path(tensorboard_dir) if tensorboard_dir else None)
-    tr.progress = progress
+    tr.progress_bar = progress
     if resume is not None:
         tr.restore(resume)  # before writing anything: a refused resume must leave the run folder as it was
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir / "config.yaml")
     tr.open_writer()
     t = cfg.train
+    budget = (
+        f"{t.epochs} epochs x {t.steps_per_epoch} steps x batch {t.batch_size} = {t.epochs * t.epoch_samples} samples"
+    )
+    if t.time_limit_s:
+        budget = (f"{t.epochs} epochs in {t.time_limit_s:.0f} s" + (f", at most {t.epochs * t.epoch_samples} samples"
+                  if t.steps_per_epoch else ", as many samples as fit"))  # fmt: skip
     log.info(
-        "training %s (%d params) %s into %s: %d epochs x %d steps x batch %d = %d samples",
-        cfg.model.variant, tr.n_params, tr.rt.describe(), out_dir, t.epochs, t.steps_per_epoch, t.batch_size,
-        t.epochs * t.epoch_samples,
-    )  # fmt: skip
+        "training %s (%d params) %s into %s: %s", cfg.model.variant, tr.n_params, tr.rt.describe(), out_dir, budget
+    )
     status, reason = "completed", ""
+    tr.start_clock()
     try:
         while tr.epoch < t.epochs:
             t0 = time.perf_counter()
-            train_loss, train_mse, reason = tr.train_epoch()
+            train_loss, train_mse, steps, reason = tr.train_epoch()
             if reason:
                 status = "diverged"
                 log.warning("run diverged: %s", reason)
@@ -325,7 +371,8 @@ def _train(
             if tr.plateau:
                 tr.plateau.step(val["mse"])
             tr.epoch += 1
-            tr.samples += t.epoch_samples
+            epoch_samples = steps * t.batch_size
+            tr.samples += epoch_samples
             metrics = {
                 "epoch": tr.epoch,
                 "step": tr.step,
@@ -336,8 +383,10 @@ def _train(
                 "val_mse_digit": val["mse_digit"],
                 "val_mse_fashion": val["mse_fashion"],
                 "lr": tr.opt.param_groups[0]["lr"],
-                "samples_per_s": t.epoch_samples / train_time,
+                "samples_per_s": epoch_samples / train_time,
+                "train_time_s": train_time,  # the epoch's training; epoch_time_s adds its validation and checkpoint
                 "epoch_time_s": time.perf_counter() - t0,
+                "time_used_s": tr.elapsed(),  # the run's clock (a time-limited run ends at train.time_limit_s)
             }
             tr.history.append(metrics)
             if tr.writer:
@@ -359,6 +408,7 @@ def _train(
             )  # fmt: skip
             if on_epoch is not None:
                 on_epoch(metrics, tr.ckpt_dir)
+            tr.epoch_tail = time.perf_counter() - t0 - train_time  # validation, checkpoint, reporting
     finally:
         tr.close()
     last = tr.history[-1] if tr.history else {}
@@ -368,7 +418,8 @@ def _train(
         {"status": status, "reason": reason, "epochs_done": tr.epoch, "n_params": tr.n_params,
          # The budget as run: samples seen in total, and per epoch (= steps_per_epoch x batch_size).
          "samples": tr.samples, "samples_per_epoch": t.epoch_samples, "steps_per_epoch": t.steps_per_epoch,
-         "batch_size": t.batch_size, "final": last, "history": tr.history},
+         "batch_size": t.batch_size, "time_limit_s": t.time_limit_s, "time_used_s": tr.elapsed(),
+         "final": last, "history": tr.history},
     )  # fmt: skip
     return result
 

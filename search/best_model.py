@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from pathlib import Path
+from typing import Any
 
 import ray
 import torch
@@ -18,9 +18,9 @@ from ray import tune
 
 from bss_model import checkpoint as ckpt
 from bss_model.data import load_test, mix
-from bss_model.errors import one_line
-from bss_model.evaluate import evaluate_ensemble_checkpoints, protocol_indices
-from search.results import EnsembleResult, SeedResult, Separations
+from bss_model.errors import BssError, one_line
+from bss_model.evaluate import evaluate_models, load_for_evaluation, protocol_indices
+from search.results import EnsembleResult, Evaluation, SeedResult, Separations
 
 log = logging.getLogger("bss")
 
@@ -93,42 +93,59 @@ def predict_separations(model_path: Path, n: int, data_dir: str = "") -> Separat
 
 
 def ensemble_members(seeds: list[SeedResult]) -> list[SeedResult]:
-    """The seeds that reached their final evaluation: whole retrains, never a search trial or a seed cut short."""
-    return [s for s in seeds if s.evaluated and s.checkpoint]
+    """The seeds the evaluation scores, alone and as the ensemble: whole retrains (every epoch, no error),
+    never a search trial or a seed cut short."""
+    return [s for s in seeds if s.finished and s.checkpoint and not s.error]
 
 
-def evaluate_seed_ensemble(seeds: list[SeedResult], device: str = "auto") -> EnsembleResult | None:
-    """The protocol for the average of the seeds' predictions, from each seed's final retrain checkpoint.
+def evaluate_seeds(
+    seeds: list[SeedResult], eval_overrides: dict[str, Any] | None = None, device: str = "auto", threads: int = 0
+) -> Evaluation:
+    """The protocol for every finished seed and for their ensemble (the average of their predictions), in one
+    pass over the draws (bss_model.evaluate.evaluate_models: each model runs once per pair).
 
-    The members are :func:`ensemble_members`; the draws are those each seed was scored on (the
-    protocol settings travel in the checkpoints' config). None if no seed qualifies.
+    The members are :func:`ensemble_members`, each from its final retrain checkpoint; the draws and the
+    data come from the first one's config, with ``eval_overrides`` (the experiment's ``base.eval`` now, so a
+    ``--resume`` that changed an evaluation setting is scored with it). ``threads``: torch's intra-op
+    threads in this process (a Ray task of its own). Empty if no seed finished.
     """
     members = ensemble_members(seeds)
     if not members:
-        return None
+        return Evaluation(seeds={}, ensemble=None)
     with contextlib.ExitStack() as stack:
         dirs = [Path(stack.enter_context(tune.Checkpoint(s.checkpoint).as_directory())) for s in members]
-        r = evaluate_ensemble_checkpoints([d / ckpt.FILENAME for d in dirs], device=device)
-    return EnsembleResult(
+        models, cfg, runtime = load_for_evaluation(
+            [d / ckpt.FILENAME for d in dirs], eval_overrides=eval_overrides, device=device, threads=threads
+        )
+        test_digit, test_fashion = load_test(cfg.data)
+        r = evaluate_models(models, test_digit, test_fashion, cfg.eval, runtime)
+    ens = r["ensemble"]
+    ensemble = EnsembleResult(
         seeds=[s.seed for s in members],
-        test_mse=r["test_mse_ensemble"],
-        test_mse_std=r["test_mse_ensemble_std"],
-        per_draw=r["test_mse_ensemble_per_draw"],
+        test_mse=ens["test_mse_ensemble"],
+        test_mse_std=ens["test_mse_ensemble_std"],
+        per_draw=ens["test_mse_ensemble_per_draw"],
         checkpoints=[str(s.checkpoint) for s in members],
     )
+    return Evaluation(seeds={s.seed: m for s, m in zip(members, r["models"], strict=True)}, ensemble=ensemble)
 
 
-def seed_ensemble(seeds: list[SeedResult], device: str, cpus: float, gpus: float) -> EnsembleResult | None:
-    """:func:`evaluate_seed_ensemble` as a Ray task with one trial's resources (a GPU share where the
-    cluster has GPUs: the driver's machine may have none). A failure costs the ensemble figure only,
-    never the report: it is logged and reported as the ensemble's error."""
-    task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=1)(evaluate_seed_ensemble)
+def evaluation_task(
+    seeds: list[SeedResult], eval_overrides: dict[str, Any], device: str, cpus: float, gpus: float
+) -> Evaluation:
+    """:func:`evaluate_seeds` as one Ray task on ``cpus`` CPUs (its torch threads) and ``gpus`` GPUs: the
+    driver's machine may have no GPU and no data. Nothing else runs then, so it takes a whole node's CPUs
+    or a whole GPU (pipeline.evaluation_resources). Its errors are one line (BssError), after which
+    --resume runs the evaluation again and nothing else."""
+    task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=1)(evaluate_seeds)
     try:
-        return ray.get(task.remote(seeds, device))
+        return ray.get(task.remote(seeds, eval_overrides, device, int(cpus) if not gpus else 0))
     except Exception as exc:  # a RayTaskError around whatever the evaluation raised
         text = str(getattr(exc, "cause", None) or exc).strip()
-        error = one_line(text.splitlines()[-1] if text else type(exc).__name__)
-        log.warning("the seed ensemble could not be evaluated: %s", error)
-        members = ensemble_members(seeds)
-        checkpoints = [str(s.checkpoint) for s in members]
-        return EnsembleResult([s.seed for s in members], math.nan, math.nan, [], checkpoints, error=error)
+        raise EvaluationFailed(one_line(text.splitlines()[-1] if text else type(exc).__name__)) from None
+
+
+class EvaluationFailed(BssError):
+    """The protocol could not be run on the retrained seeds (their checkpoints are kept)."""
+
+    exit_code = 1

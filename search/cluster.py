@@ -74,6 +74,19 @@ def cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0))
 
 
+def local_gpus() -> int:
+    """The CUDA GPUs a local Ray would get (init_ray)."""
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def largest_node_cpus() -> float:
+    """The CPUs of the cluster's largest alive node: what one task can use at most."""
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    return max((float(n.get("Resources", {}).get("CPU", 0)) for n in nodes), default=1.0) or 1.0
+
+
 def trial_gpus(gpus_per_trial: float) -> float:
     """The GPUs a trial (or the ensemble task) asks Ray for: ``tune.gpus_per_trial`` where the cluster
     has GPUs, else 0, so the same config runs on a laptop."""

@@ -143,14 +143,45 @@ class RetrainSection:
 
 
 @dataclass
+class PlanSection:
+    """How a budget (``budget:``, or ``--budget``) is divided: search/budget.py plans the rest from throughput
+    measured on the machine. Without a budget these are unused."""
+
+    # The search's share of the training time (what the budget leaves after startup, the evaluation and the
+    # report); the retrain gets the rest. benchmarks/time_to_quality.py measures the job at several shares.
+    search_share: float = 0.35
+    # A full-budget trial's time is at least this share of a retrain seed's: at small budgets the search runs
+    # fewer, longer trials rather than many that rank nothing. 0.25 because the learning-curve table's rank
+    # correlation between a configuration's val MSE at a quarter of the budget and at its end is 0.75, at an
+    # eighth only 0.61 (benchmarks/results/learning-curves-cpu.json, README "Does the search search well?").
+    min_trial_share: float = 0.25
+
+    def validate(self) -> None:
+        check_range(0 < self.search_share < 1, "plan.search_share", self.search_share, "in (0, 1), e.g. 0.35")
+        check_range(0 < self.min_trial_share <= 1, "plan.min_trial_share", self.min_trial_share, "in (0, 1], e.g. 0.25")
+
+
+@dataclass
 class SearchConfig:
     base: Config = field(default_factory=Config)
     space: dict = field(default_factory=dict)
     tune: TuneSection = field(default_factory=TuneSection)
     retrain: RetrainSection = field(default_factory=RetrainSection)
+    # The whole job's wall-clock budget, e.g. "10m" (units s, m, h; `--budget` sets it): the job plans its
+    # search, retrain and evaluation to end within it (search/budget.py). "" = no budget: the sample budgets
+    # above (base.train.samples_per_epoch, retrain.*) are run as they are set.
+    budget: str = ""
+    plan: PlanSection = field(default_factory=PlanSection)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def budget_s(self) -> float:
+        """The budget in seconds, 0 = none."""
+        from search.budget import parse_duration
+
+        return parse_duration(self.budget) if self.budget else 0.0
 
     def dimensions(self) -> dict[str, Dimension]:
         """The space, parsed and checked against the base (empty for a retrain of a named config)."""
@@ -228,6 +259,10 @@ def load_search_config(path: str | Path | None, sets: list[str] | None = None) -
     """Defaults <- YAML <- ``--set``; base, space, points_to_evaluate and retrain overrides validated."""
     raw = apply_overrides(read_yaml(path) if path else {}, sets, flat_sections=("space",))
     check_misplaced_base_keys(raw)
+    if isinstance(raw.get("budget"), (int, float)) and not isinstance(raw.get("budget"), bool):
+        from search.budget import parse_duration
+
+        parse_duration(raw["budget"])  # a bare number: "has no unit", not "the wrong type"
     base_raw = raw.get("base") or {}
     if not isinstance(base_raw, dict):
         raise ConfigError("base must be a mapping (a bss_model config: data/model/train/eval)")
@@ -255,7 +290,13 @@ def load_search_config(path: str | Path | None, sets: list[str] | None = None) -
         for key, value in point.items():
             parsed[key].check_value(value, f"tune.points_to_evaluate[{i}].{key}")
         with_overrides(base, point, where=f"tune.points_to_evaluate[{i}]: ")
-    check_budget(cfg.base, parsed, cfg.tune.points_to_evaluate)
+    cfg.plan.validate()
+    if cfg.budget:
+        cfg.budget_s  # noqa: B018 -- parses it: a bad duration is one line now
+    else:
+        # Under a budget the trials are time-boxed (equal wall time, search/budget.py), so no sample budget
+        # needs to divide by their batch sizes.
+        check_budget(cfg.base, parsed, cfg.tune.points_to_evaluate)
     with_overrides(base, cfg.retrain.params(), where="retrain.overrides: ")
     if not cfg.tune.name:
         cfg.tune.name = Path(path).stem if path else "search"

@@ -23,7 +23,7 @@ from typing import Any
 from ray.tune import Callback
 
 from bss_model.io import logging_to
-from search.results import STOPPED
+from search.results import CUT, STOPPED
 from search.selection import METRIC, trial_status
 
 # Often enough to see a search move, rarely enough that 8 trials stay one screen.
@@ -125,6 +125,10 @@ class SearchProgress(Callback):
         speed = f", {m['samples_per_s']:.0f} samples/s" if isinstance(m.get("samples_per_s"), (int, float)) else ""
         status = trial_status(m, None, self.budget)
         self.ended[trial.trial_id] = status
+        if status == CUT:
+            when = f"after epoch {epochs}/{self.budget}" if epochs else "before its first epoch"
+            print(f"trial {label} cut by the budget's deadline {when}: it could not finish in time", flush=True)
+            return
         if status == STOPPED:
             print(
                 f"trial {label} stopped early by ASHA after epoch {epochs}/{self.budget}: val MSE {_mse(val)} "

@@ -3,6 +3,7 @@
     python search/run.py --config configs/smoke.yaml            # local Ray, this machine's CPUs/GPUs
     python search/run.py --config configs/search.yaml --address ray://head:10001
     python search/run.py --config configs/smoke.yaml --resume   # continue after a crash or Ctrl-C
+    bss-search --config configs/laptop.yaml --budget 10m        # the whole job planned to end within 10 minutes
     bss-search --config configs/smoke.yaml                      # the same, as the installed console script
 
 Trials optimise validation MSE on a held-out split of the *training* sets; only the
@@ -17,8 +18,10 @@ import argparse
 import sys
 
 from bss_model.errors import ConfigError, cli_entry
+from search.budget import format_duration, parse_duration
 from search.config import load_search_config
 from search.console import command_name, entry_point
+from search.deadline import process_started_at
 from search.pipeline import search_retrain_report
 
 
@@ -36,8 +39,15 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--verbose", action="store_true", help="Ray Tune's own trial tables too (tune.verbose=2)")
         p.add_argument("--address", default=None, help="Ray cluster address (else $RAY_ADDRESS, else local Ray)")
         p.add_argument("--data-dir", default=None, help="folder with mnist/ and fashion-mnist/ (sets base.data.dir)")
+        p.add_argument("--budget", default=None, metavar="DURATION",
+                       help="the whole job's wall-clock budget, e.g. 10m, 90s, 1h30m (sets budget): search, retrain, "
+                       "evaluation and report are planned from throughput measured here to end within it")  # fmt: skip
         args = p.parse_args(argv)
+        started_at = process_started_at()
         sets = list(args.sets)
+        if args.budget is not None:
+            seconds = parse_duration(args.budget, "--budget")  # the flag's words in its error, before the config
+            sets.append(f"budget={format_duration(seconds)}")
         if args.name:
             sets.append(f"tune.name={args.name}")
         if args.storage_path:
@@ -54,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         raw = argv if argv is not None else sys.argv[1:]
         resume_cmd = " ".join([prog, *raw] + ([] if args.resume else ["--resume"]))
         with entry_point(cfg.tune.verbose):
-            search_retrain_report(cfg, args.resume, args.address, args.data_dir, resume_cmd)
+            search_retrain_report(cfg, args.resume, args.address, args.data_dir, resume_cmd, started_at)
         return 0
 
     return _main()

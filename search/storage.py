@@ -244,6 +244,26 @@ def load_saved_config(root: str) -> SearchConfig | None:
         raise ConfigError(f"experiment file {path} does not hold a valid search config ({exc}): {fix}") from None
 
 
+def read_local_json(path: Path) -> Any:
+    """A JSON file of the local mirror, or None if it does not exist."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+
+
+def load_json(root: str, name: str) -> Any:
+    """An experiment file as JSON, from storage (the mirror's copy for URI storage), or None if it has none;
+    a damaged one is one line naming it."""
+    path = local_dir(root) / name
+    if name not in download(root, path.parent, [name]):
+        return None
+    try:
+        return json.loads(read_text(path, "experiment file", "restore it from a copy"))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"experiment file {path} is damaged ({exc}): restore it from a copy") from None
+
+
 def save_summary(root: str, summary: SearchSummary) -> None:
     out = local_dir(root)
     atomic_write_json(out / SUMMARY_FILE, summary.to_dict())
@@ -334,6 +354,8 @@ def resume_changes(saved: SearchConfig, cfg: SearchConfig, root: str) -> dict[st
     retrain_started = bool(_tune_entries(tune_path(root, "retrain")))
 
     def allowed(key: str) -> bool:
+        if key == "budget":  # a budget may grow or shrink on --resume (its ledger counts what was spent), not
+            return all(diff[key])  # appear or go: the search ran time-boxed or it did not
         return key.startswith(DATA_KEYS + EVAL_KEYS) or (key.startswith("retrain.") and not retrain_started)
 
     refused = {k: v for k, v in diff.items() if not allowed(k)}
@@ -341,8 +363,8 @@ def resume_changes(saved: SearchConfig, cfg: SearchConfig, root: str) -> dict[st
         later = "retrain.* (before the retrain starts), " if not retrain_started else ""
         raise ConfigError(
             f"cannot --resume {root} with other settings ({describe_diff(refused, 'experiment', 'now')}): the run so "
-            f"far used the experiment's; only {later}base.eval.*, base.data.dir and tune.verbose may change on "
-            "--resume. Resume "
+            f"far used the experiment's; only {later}base.eval.*, base.data.dir, tune.verbose and budget (a "
+            "budget's size, not whether there is one) may change on --resume. Resume "
             f"with its config ({local_dir(root) / CONFIG_FILE}) or start a new experiment with --name NEW"
         )
     return diff

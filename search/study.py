@@ -46,7 +46,7 @@ from typing import Any
 from ray.tune import Callback
 
 from search import storage
-from search.results import COMPLETED, DIVERGED, ERRORED, STOPPED, TrialRow
+from search.results import COMPLETED, CUT, DIVERGED, ERRORED, STOPPED, TrialRow
 from search.selection import METRIC, trial_row
 from search.space import Dimension, optuna_distributions
 
@@ -54,7 +54,7 @@ log = logging.getLogger("bss")
 
 STUDY_FILE = "optuna.db"
 # Optuna's TrialState names, by our status (search/results.py).
-STATES = {COMPLETED: "COMPLETE", STOPPED: "PRUNED", DIVERGED: "FAIL", ERRORED: "FAIL"}
+STATES = {COMPLETED: "COMPLETE", STOPPED: "PRUNED", CUT: "PRUNED", DIVERGED: "FAIL", ERRORED: "FAIL"}
 # What the study keeps of each reported result (the callback's state stays small).
 RESULT_KEYS = ("epoch", METRIC, "samples", "timestamp", "time_this_iter_s", "diverged")
 

@@ -191,6 +191,11 @@ def test_every_shipped_config_loads_and_its_search_is_compute_fair(path: Path) -
         load_config(path)  # a bss_model config (seed.yaml)
         return
     cfg = load_search_config(path)
+    for point in cfg.tune.points_to_evaluate:
+        assert set(point) == set(cfg.space), "a starting point must set every dimension"
+    if cfg.budget:  # a budgeted search is time-fair instead: every trial time-boxed at the plan's trial time
+        assert cfg.budget_s > 0
+        return
     dim = cfg.dimensions().get("train.batch_size")
     sizes = {cfg.base.train.batch_size, *(dim.args if dim else [])}
     per_epoch = set()
@@ -198,8 +203,6 @@ def test_every_shipped_config_loads_and_its_search_is_compute_fair(path: Path) -
         t = with_overrides(cfg.base.to_dict(), {"train.batch_size": batch}).train
         per_epoch.add(t.epoch_samples)
     assert per_epoch == {cfg.base.train.samples_per_epoch}, f"unequal samples per epoch: {per_epoch}"
-    for point in cfg.tune.points_to_evaluate:
-        assert set(point) == set(cfg.space), "a starting point must set every dimension"
 
 
 @pytest.mark.parametrize(
