@@ -13,8 +13,8 @@ import torch
 from bss_model import checkpoint as ckpt
 from bss_model.config import load_config
 from bss_model.data import load_test
-from bss_model.model import build_model
 from bss_model.evaluate import evaluate_checkpoint
+from bss_model.model import build_model
 from search.best_model import evaluate_seeds
 from search.report import build_report, render_markdown
 from search.results import RetrainSummary, SeedResult
@@ -95,7 +95,8 @@ def test_one_pass_gives_each_seed_what_the_one_model_protocol_gives(seeds, data_
         joint = evaluation.seeds[row.seed]
         assert joint["test_mse_per_draw"] == pytest.approx(alone["test_mse_per_draw"], rel=1e-6)
         assert joint["baseline_mix_mse_mean"] == pytest.approx(alone["baseline_mix_mse_mean"], rel=1e-9)
-        np.testing.assert_allclose(joint["test_mse_per_draw"], numpy_ensemble_mse([models[i]], digit, fashion), rtol=1e-5)
+        expected = numpy_ensemble_mse([models[i]], digit, fashion)
+        np.testing.assert_allclose(joint["test_mse_per_draw"], expected, rtol=1e-5)
     applied = evaluation.apply(rows)
     assert applied[0].test_mse_mean == evaluation.seeds[1000]["test_mse_mean"] and applied[2].test_mse_mean is None
     assert applied[0].metrics["protocol_draws"] == DRAWS and "test_mse_per_draw" not in applied[0].metrics
