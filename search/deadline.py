@@ -184,11 +184,14 @@ class DeadlineSearcher(Searcher):
     """Ray's searcher, which suggests no new trial once a trial could no longer finish before the search's
     deadline (the ledger's ``search_start_by``): Tune then lets the running trials end and the search is over.
 
+    The first ``first_wave`` trials (one per worker) always start, however late: without one full-budget
+    trial the job has no winner, and the plan made their time fit (a slow actor start costs seconds).
     It delegates everything else, like Ray's ConcurrencyLimiter."""
 
-    def __init__(self, searcher: Searcher, root: str) -> None:
+    def __init__(self, searcher: Searcher, root: str, first_wave: int = 1) -> None:
         self.searcher = searcher
         self.start_by = _Cached(root, "search_start_by")
+        self.first_wave, self.suggested = first_wave, 0
         super().__init__(metric=searcher.metric, mode=searcher.mode)
 
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
@@ -199,9 +202,12 @@ class DeadlineSearcher(Searcher):
 
     def suggest(self, trial_id: str) -> dict | None:
         start_by = self.start_by.get()
-        if start_by is not None and time.time() > start_by:
+        if self.suggested >= self.first_wave and start_by is not None and time.time() > start_by:
             return Searcher.FINISHED
-        return self.searcher.suggest(trial_id)
+        config = self.searcher.suggest(trial_id)
+        if isinstance(config, dict):
+            self.suggested += 1
+        return config
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         self.searcher.on_trial_result(trial_id, result)
@@ -218,13 +224,13 @@ class DeadlineSearcher(Searcher):
     def restore(self, checkpoint_path: str) -> None:
         self.searcher.restore(checkpoint_path)
 
-    # A wrapper's own state (Tune's SearchGenerator saves the searcher it wraps separately): none, since the
-    # deadline is read from the ledger of the run at hand.
+    # A wrapper's own state (Tune's SearchGenerator saves the searcher it wraps separately): how many trials it
+    # started. The deadline is read from the ledger of the run at hand.
     def get_state(self) -> dict:
-        return {}
+        return {"suggested": self.suggested}
 
     def set_state(self, state: dict) -> None:
-        pass
+        self.suggested = int(state.get("suggested", 0))
 
 
 class DeadlineStopper(Stopper):

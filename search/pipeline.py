@@ -85,8 +85,8 @@ def search_step(
     kwargs = None
     if job is not None:
         cfg = job.search_config(cfg)
-        start_by, deadline = job.search_clock()
-        kwargs = {"start_by": start_by, "deadline": deadline, "splits": job.splits}
+        _, deadline = job.search_clock()
+        kwargs = {"deadline": deadline, "splits": job.splits}
     with job.ledger.ticking() if job else contextlib.nullcontext():
         results = tuners.run_search(cfg, root, resume, resume_cmd, kwargs)
     rows = selection.summarize_trials(results, cfg.base.train.epochs)

@@ -133,13 +133,6 @@ def setup_worker() -> None:
     logging.getLogger("ray.train").setLevel(logging.WARNING)
 
 
-def too_late(now: float, start_by: float | None, restored: bool) -> bool:
-    """Whether a trial of a budgeted search must not start: it could not finish its time-boxed budget
-    before the search's deadline (``start_by`` = the deadline less one trial). A trial restored from a
-    checkpoint carries its clock with it, and finishes what it has left."""
-    return start_by is not None and not restored and now > start_by
-
-
 def cannot_finish(now: float, deadline: float | None, time_limit_s: float, time_used_s: float) -> bool:
     """Whether a time-boxed trial would end after the search's ``deadline`` (plus DEADLINE_SLACK_S): its
     clock says exactly how much it has left."""
@@ -154,15 +147,14 @@ def train_trial(
     params: dict[str, Any],
     base: dict[str, Any],
     gpu_share: float = 0.0,
-    start_by: float | None = None,
     deadline: float | None = None,
     splits: Splits | None = None,
 ) -> None:
     """Ray Tune function trainable. ``params``: sampled dotted keys; ``base``: a resolved config dict;
     ``gpu_share``: the GPUs Ray gave the trial (``tune.gpus_per_trial``, 0 on a cluster without GPUs);
-    ``start_by``: in a budgeted search, the wall-clock time (``time.time()``) after which a new trial
-    cannot finish before the search's ``deadline`` (search/budget.py); a trial that can no longer finish by
-    the deadline (restored by a --resume with less time left) ends at its next epoch as "cut";
+    ``deadline``: a budgeted search's end (``time.time()``, search/budget.py): a trial restored from its
+    checkpoint (a --resume, a retry) that can no longer finish its time box by then ends at its next epoch
+    as "cut" (a new trial is only started when it can finish: search/deadline.py DeadlineSearcher);
     ``splits``: the training and validation images, shared by every trial through Ray's object store (a
     local Ray), else each trial reads its node's files."""
     cfg = with_overrides(base, params)
@@ -175,12 +167,6 @@ def train_trial(
         cap_gpu_memory(gpu_share, device)  # before the first allocation: the cap is the trial's share
     info = _node_info()
     restored = tune.get_checkpoint()
-    if too_late(time.time(), start_by, restored is not None):
-        # No time left to run it: the search's deadline is nearer than one time-boxed trial. The one report
-        # marks it "cut" (search/selection.py: never a winner, never compared with full-budget trials).
-        tune.report({**info, "epoch": 0, METRIC: math.nan, "cut": True, "diverged": False,
-                     "budget_epochs": cfg.train.epochs})  # fmt: skip
-        return
     # Checkpoints are staged outside the working dir: the working dir is synced as
     # artifacts, and Tune already persists each reported checkpoint separately.
     stage = Path(tempfile.mkdtemp(prefix="bss-ckpt-"))
@@ -199,7 +185,11 @@ def train_trial(
         out = {**metrics, **info, "diverged": False, "budget_epochs": cfg.train.epochs}
         now = time.monotonic()
         final = metrics["epoch"] >= cfg.train.epochs
-        cut = not final and cannot_finish(time.time(), deadline, cfg.train.time_limit_s, metrics["time_used_s"])
+        cut = (
+            resume is not None
+            and not final
+            and cannot_finish(time.time(), deadline, cfg.train.time_limit_s, metrics["time_used_s"])
+        )
         if cut:  # this epoch's report says so, then the trial ends (never a winner: search/selection.py)
             out["cut"] = True
             tune.report(out, checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))

@@ -25,7 +25,7 @@ from bss_model.errors import BssError
 from search.cluster import trial_gpus
 from search.config import SearchConfig
 from search.console import STATUS_EVERY_S, SearchProgress, seed_label, trial_label
-from search.deadline import DeadlineSearcher, DeadlineStopper
+from search.deadline import DeadlineSearcher, DeadlineStopper, read_deadline
 from search.selection import METRIC, MODE
 from search.space import param_space
 from search.storage import check_writable, is_uri, storage_failure, storage_lost, tune_path
@@ -192,7 +192,7 @@ def run_search(
         sampler = make_sampler(cfg.tune.seed, cfg.tune.n_startup_trials)
         searcher = make_searcher(sampler, cfg.tune.points_to_evaluate, stopped_as_pruned=False)
         if budgeted:
-            searcher = DeadlineSearcher(searcher, root)
+            searcher = DeadlineSearcher(searcher, root, first_wave=cfg.tune.max_concurrent)
         scheduler = make_scheduler(cfg.base.train.epochs, cfg.tune.grace_period, cfg.tune.reduction_factor)
         tuner = tune.Tuner(
             trainable,
@@ -220,7 +220,7 @@ def run_search(
                 stop=DeadlineStopper(root, "search") if budgeted else None,
             ),
         )
-    start_by = (trial_kwargs or {}).get("start_by")
+    start_by = read_deadline(root, "search_start_by") if budgeted else None
     return _fit(tuner, root, "search", cfg.tune.num_samples, resume_cmd, start_by)
 
 

@@ -12,7 +12,7 @@ from search import budget
 from search.budget import JobShape, Speeds, asha_trial_units, format_duration, parse_duration, plan_job, rungs
 from search.results import COMPLETED, CUT, STOPPED
 from search.selection import pick_best, trial_row, trial_status
-from search.trainable import cannot_finish, too_late
+from search.trainable import cannot_finish
 
 
 @pytest.mark.parametrize(
@@ -130,11 +130,7 @@ def test_retrain_samples() -> None:
     assert budget.retrain_samples(1, 10, 1000, 1.0, 64) == 64  # at least one batch
 
 
-def test_a_trial_starts_only_if_it_can_finish() -> None:
-    assert not too_late(100.0, None, restored=False)  # no budget
-    assert not too_late(100.0, 150.0, restored=False)
-    assert too_late(151.0, 150.0, restored=False)
-    assert not too_late(151.0, 150.0, restored=True)  # a restored trial finishes what its clock has left
+def test_a_restored_trial_goes_on_only_if_it_can_finish() -> None:
     # A time-boxed trial of 60 s that has used 20 s ends at now + 40.
     assert not cannot_finish(1000.0, 1040.0, 60.0, 20.0)
     assert not cannot_finish(1000.0, 1036.0, 60.0, 20.0)  # within the slack for its last validation
@@ -156,3 +152,37 @@ def test_a_cut_trial_is_never_the_winner() -> None:
     assert pick_best(rows).trial_id == "a"
     with pytest.raises(Exception, match="no trial ran its full budget"):
         pick_best([rows[0], rows[1]])
+
+
+def test_the_searcher_starts_the_first_wave_then_stops_at_the_ledgers_start_by(tmp_path) -> None:
+    """No trial is started once it could not finish by the deadline, except the first wave (one per worker),
+    without which there would be no winner; the deadline comes from the ledger of the run at hand, also for a
+    searcher unpickled from an earlier run's experiment."""
+    import json
+    import time
+
+    from ray import cloudpickle
+    from ray.tune.search import Searcher
+
+    from search.deadline import LEDGER_FILE, DeadlineSearcher
+
+    class Counting(Searcher):
+        def __init__(self) -> None:
+            super().__init__(metric="val_mse", mode="min")
+            self.n = 0
+
+        def suggest(self, trial_id: str) -> dict:
+            self.n += 1
+            return {"x": self.n}
+
+    def ledger(start_by: float) -> None:
+        (tmp_path / LEDGER_FILE).write_text(json.dumps({"deadlines": {"search_start_by": start_by}}))
+
+    ledger(time.time() - 1)  # already past
+    searcher = DeadlineSearcher(Counting(), str(tmp_path), first_wave=2)
+    assert searcher.suggest("a") == {"x": 1} and searcher.suggest("b") == {"x": 2}
+    assert searcher.suggest("c") == Searcher.FINISHED
+    restored = cloudpickle.loads(cloudpickle.dumps(searcher))  # as Tune restores it from the experiment on --resume
+    restored.set_state(searcher.get_state())
+    ledger(time.time() + 60)  # the resumed run's own deadline
+    assert restored.suggest("d") == {"x": 3}
