@@ -163,12 +163,32 @@ def run_protocols(
 ) -> list[dict[str, Any]]:
     """:func:`run_protocol` for several predictors on the same draws in one pass (:func:`batched_mses`), and,
     with ``ensemble_of`` = k, for the first k's averaged predictions last."""
+    return summarize_draws(protocol_draws(predicts, test_digit, test_fashion, cfg, ensemble_of))
+
+
+def protocol_draws(
+    predicts: Sequence[Predictor],
+    test_digit: torch.Tensor,
+    test_fashion: torch.Tensor,
+    cfg: EvalConfig,
+    ensemble_of: int = 0,
+    subset: Sequence[int] | None = None,
+) -> dict[int, list[dict[str, float]]]:
+    """The protocol's raw figures, ``{draw: [one dict per output]}``, for the draws in ``subset`` (default all).
+
+    Every draw's pairs come from the one seeded generator in order, so a subset scores exactly the pairs the
+    whole protocol would: the draws can be split between processes and merged (:func:`summarize_draws`)."""
     indices = protocol_indices(len(test_digit), len(test_fashion), cfg.draws, cfg.pairs, cfg.seed)
-    draws = [
-        batched_mses(predicts, test_digit, test_fashion, i_digit, i_fashion, cfg.batch_size, ensemble_of)
-        for i_digit, i_fashion in indices
-    ]
-    return [_summary([d[k] for d in draws]) for k in range(len(draws[0]))]
+    wanted = range(cfg.draws) if subset is None else subset
+    return {
+        k: batched_mses(predicts, test_digit, test_fashion, *indices[k], cfg.batch_size, ensemble_of) for k in wanted
+    }
+
+
+def summarize_draws(per_draw: dict[int, list[dict[str, float]]]) -> list[dict[str, Any]]:
+    """Each output's summary (:func:`_summary`) over the draws, in draw order."""
+    draws = [per_draw[k] for k in sorted(per_draw)]
+    return [_summary([d[i] for d in draws]) for i in range(len(draws[0]))]
 
 
 def evaluate_model(
@@ -225,6 +245,19 @@ def evaluate_models(
     ``{"models": [evaluate_model's result for each], "ensemble": evaluate_ensemble's result}``, each figure
     equal to what the one-model functions compute on the same draws.
     """
+    return assemble(models_draws(models, test_digit, test_fashion, cfg, runtime), len(models), cfg)
+
+
+def models_draws(
+    models: Sequence[torch.nn.Module],
+    test_digit: np.ndarray,
+    test_fashion: np.ndarray,
+    cfg: EvalConfig,
+    runtime: Runtime,
+    subset: Sequence[int] | None = None,
+) -> dict[int, list[dict[str, float]]]:
+    """:func:`evaluate_models`'s raw figures for the draws in ``subset``: per draw, each model, the mix baseline,
+    and (with several models) their average, in that order; :func:`assemble` turns every draw's into results."""
     if not models:
         raise ValueError("nothing to evaluate: pass at least one model")
     digit = torch.as_tensor(test_digit, device=runtime.device)
@@ -232,19 +265,24 @@ def evaluate_models(
     for m in models:
         m.eval()
     predicts = [model_predictor(m, runtime) for m in models]
-    # One pass: every model, the mix baseline, and (with several models) their average last.
-    out = run_protocols(
-        [*predicts, mix_baseline], digit, fashion, cfg, ensemble_of=len(models) if len(models) > 1 else 0
-    )
-    singles, baseline = out[: len(models)], out[len(models)]
-    averaged = out[-1] if len(models) > 1 else singles[0]
+    ensemble_of = len(models) if len(models) > 1 else 0
+    return protocol_draws([*predicts, mix_baseline], digit, fashion, cfg, ensemble_of, subset)
+
+
+def assemble(per_draw: dict[int, list[dict[str, float]]], n_models: int, cfg: EvalConfig) -> dict[str, Any]:
+    """:func:`evaluate_models`'s result from the raw figures of every draw (:func:`models_draws`, merged)."""
+    if sorted(per_draw) != list(range(cfg.draws)):
+        raise ValueError(f"the protocol has draws 0..{cfg.draws - 1}, got {sorted(per_draw)}")
+    out = summarize_draws(per_draw)
+    singles, baseline = out[:n_models], out[n_models]
+    averaged = out[-1] if n_models > 1 else singles[0]
     results = []
     for single in singles:
         result = {f"test_{k}": v for k, v in single.items()}
         result.update({f"baseline_mix_{k}": v for k, v in baseline.items()})
         result.update({"draws": cfg.draws, "pairs": cfg.pairs, "seed": cfg.seed})
         results.append(result)
-    return {"models": results, "ensemble": _ensemble_keys(averaged, len(models), cfg)}
+    return {"models": results, "ensemble": _ensemble_keys(averaged, n_models, cfg)}
 
 
 def load_for_evaluation(

@@ -78,9 +78,10 @@ def job_shape(cfg: SearchConfig, search_workers: int, retrain_workers: int) -> J
     )
 
 
-def eval_threads(cpus: float, gpus: float) -> int:
-    """The evaluation runs alone, after the retrain: all of a node's CPUs, or a GPU (then torch's default)."""
-    return 0 if gpus else max(1, int(cpus))
+def eval_workers(cfg: SearchConfig, cpus: float, gpus: float) -> int:
+    """The evaluation's tasks: one on a GPU, else one single-threaded task per CPU, at most one per draw
+    (search/best_model.py evaluation_task)."""
+    return 1 if gpus else max(1, min(int(cpus), cfg.base.eval.draws))
 
 
 @dataclass
@@ -138,13 +139,18 @@ class Budgeted:
     ) -> Speeds:
         config = probe_config(cfg)
         train_threads = max(1, int(cfg.tune.cpus_per_trial)) if not gpus else 0
-        threads = eval_threads(cpus, gpus)
+        eval_threads = 0 if gpus else 1  # the evaluation's tasks: one thread each, or a GPU
         if not remote:
-            return probe.probe(config, train_threads, threads, splits)
-        import ray
+            speeds = probe.probe(config, train_threads, eval_threads, splits)
+        else:
+            import ray
 
-        task = ray.remote(num_cpus=cfg.tune.cpus_per_trial, num_gpus=min(1.0, cfg.tune.gpus_per_trial if gpus else 0))
-        return ray.get(task(probe.probe).remote(config, train_threads, threads))
+            gpu = min(1.0, cfg.tune.gpus_per_trial) if gpus else 0
+            task = ray.remote(num_cpus=cfg.tune.cpus_per_trial, num_gpus=gpu)(probe.probe)
+            speeds = ray.get(task.remote(config, train_threads, eval_threads))
+        # The evaluation's speed is its tasks' together: one per CPU (at most one per draw), or one GPU.
+        workers = eval_workers(cfg, cpus, gpus)
+        return dataclasses.replace(speeds, infer_images_per_s=speeds.infer_images_per_s * workers)
 
     def ray_started(self, seconds: float) -> None:
         """Ray's start, measured: the plan had an estimate for it."""
@@ -193,8 +199,8 @@ class Budgeted:
         tail = winner.epoch_tail_s if winner.epoch_tail_s is not None else self.speeds.epoch_tail_s
         infer = self.speeds.infer_images_per_s
         if self.splits is not None:  # a local Ray: probe the winner's inference here (a second or two)
-            threads = eval_threads(self.cpus, self.gpus)
-            infer = probe.inference_rate(best_cfg, threads)
+            workers = eval_workers(self.cfg, self.cpus, self.gpus)
+            infer = probe.inference_rate(best_cfg, 0 if self.gpus else 1) * workers
         return dataclasses.replace(self.speeds, train_samples_per_s=rate, epoch_tail_s=tail, infer_images_per_s=infer)
 
     def retrain_params(self, winner: TrialRow, best_cfg: Config) -> dict[str, Any]:

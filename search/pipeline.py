@@ -23,8 +23,8 @@ from bss_model.config import Config, describe_diff, load_config
 from bss_model.errors import ConfigError
 from bss_model.io import atomic_write_json, log_file
 from search import best_model, figures, report, selection, storage, study, tuners
-from search.budgeted import Budgeted, local_cpus
-from search.cluster import cluster_gpus, init_ray, largest_node_cpus, local_gpus, trial_gpus
+from search.budgeted import Budgeted, eval_workers, local_cpus
+from search.cluster import cluster_gpus, init_ray, local_gpus
 from search.config import SearchConfig, TuneSection, with_overrides
 from search.console import where_lines
 from search.results import Evaluation, SearchSummary, SeedResult, TrialRow
@@ -106,12 +106,12 @@ def search_step(
     return summary
 
 
-def evaluation_resources(cfg: SearchConfig, cpus: float | None = None) -> tuple[float, float]:
-    """The evaluation runs alone after the retrain: a whole GPU where the cluster has one, else a whole node's
-    CPUs (``cpus``: this machine's for a local Ray; on a cluster its largest node's)."""
-    if trial_gpus(cfg.tune.gpus_per_trial) or cluster_gpus():
-        return max(1.0, cfg.tune.cpus_per_trial), 1.0
-    return float(cpus or largest_node_cpus()), 0.0
+def evaluation_resources(cfg: SearchConfig) -> tuple[int, float]:
+    """The evaluation runs alone after the retrain: one task on a whole GPU where the cluster has one, else
+    one single-threaded task per CPU of the cluster (at most one per draw): ``(tasks, gpus per task)``."""
+    if cluster_gpus():
+        return 1, 1.0
+    return eval_workers(cfg, ray.cluster_resources().get("CPU", 1), 0), 0.0
 
 
 def evaluation_step(
@@ -125,10 +125,10 @@ def evaluation_step(
     saved = storage.load_json(root, EVALUATION_FILE)
     if saved and saved.get("eval") == eval_settings and saved.get("members") == members:
         return Evaluation.from_dict(saved["evaluation"])
-    cpus, gpus = evaluation_resources(cfg)
+    workers, gpus = evaluation_resources(cfg)
     t0 = time.time()
     try:
-        evaluation = best_model.evaluation_task(seeds, eval_settings, device, cpus, gpus)
+        evaluation = best_model.evaluation_task(seeds, eval_settings, device, workers, gpus)
     except best_model.EvaluationFailed as exc:
         raise best_model.EvaluationFailed(
             f"the evaluation of the retrained seeds failed ({exc}); their checkpoints are kept: fix the cause (an "
