@@ -358,6 +358,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         if not ok_device or args.threads < 0:
             p.error("--device must be auto, cpu, cuda or cuda:N, and --threads >= 0")
+        from bss_model.runtime import check_threads
+
+        check_threads(args.threads, f"--threads {args.threads}")  # before any file is read
         doc = run(args)
         if args.json:
             json.dump(doc, sys.stdout, indent=2)

@@ -47,7 +47,7 @@ from bss_model.evaluate import batched_mse, model_predictor
 from bss_model.io import atomic_write_json, logging_to, next_run_dir
 from bss_model.model import build_model, count_parameters
 from bss_model.progress import EpochProgress
-from bss_model.runtime import Runtime, apply_torch_settings, resolve_runtime
+from bss_model.runtime import Runtime, apply_torch_settings, check_machine, resolve_runtime
 from bss_model.step import FINITE_CHECK_EVERY, TrainStep, build_plateau, cosine_lr
 from bss_model.viz import separation_grid
 
@@ -465,6 +465,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             cfg = load_config(args.config, sets)
             resume = None
+        check_machine(cfg.train)  # this machine's devices and CPUs, before a run folder is made
+        if resume is None:
             out = new_run_dir(Path(args.out), Path(args.config).stem if args.config else "default")
         with logging_to(out / "train.log"):
             if changes:
