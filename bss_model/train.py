@@ -166,9 +166,24 @@ class _Trainer:
                 f"checkpoint {path} was trained as another model ({describe_diff(diff, 'checkpoint', 'asked')}): "
                 "resume with the checkpoint's config or start a new run"
             )
-        ckpt.load_weights(self.model, state.get("train_model", state["model"]), path)
+        weights = ckpt.model_weights(state, path)
+        train_weights = ckpt.model_weights(state, path, "train_model") if "train_model" in state else weights
+        ckpt.load_weights(self.model, train_weights, path)
+        try:
+            self._restore_training_state(state, weights, path)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as exc:
+            # A body that carries the format marker but not what training wrote (a hand-edited or foreign file).
+            raise CheckpointError(
+                f"{path} is damaged: its training state cannot be restored ({type(exc).__name__}: "
+                f"{' '.join(str(exc).split())[:200]}): resume from another checkpoint, or start a new run"
+            ) from None
+        log.info("resumed from %s at epoch %d (step %d)", path, self.epoch, self.step)
+
+    def _restore_training_state(
+        self, state: dict[str, Any], weights: dict[str, torch.Tensor], path: str | Path
+    ) -> None:
         if self.ema and "ema" in state:
-            self.ema.load_state_dict({"model": state["model"], "num_updates": state["ema"]["num_updates"]})
+            self.ema.load_state_dict({"model": weights, "num_updates": state["ema"]["num_updates"]})
         elif self.ema:
             # The checkpoint was trained without an EMA: start the average at the restored weights.
             log.warning("%s has no EMA state: the EMA starts from its weights", path)
@@ -181,10 +196,12 @@ class _Trainer:
         if state["rng"]["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
         random.setstate(state["rng"]["python"])
-        self.epoch, self.step, self.history = state["epoch"], state["step"], list(state["history"])
+        epoch, step, history = state["epoch"], state["step"], list(state["history"])
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (epoch, step)):
+            raise ValueError(f"epoch {epoch!r} and step {step!r} must be counts")
+        self.epoch, self.step, self.history = epoch, step, history
         # Checkpoints from before sample budgets lack the count: their batch size never changed mid-run.
         self.samples = state.get("samples", self.step * self.cfg.train.batch_size)
-        log.info("resumed from %s at epoch %d (step %d)", path, self.epoch, self.step)
 
     # -- one epoch ---------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
@@ -395,6 +412,7 @@ def resume_config(
     """
     state = ckpt.load(resume)
     saved = ckpt.config_of(state, resume)
+    ckpt.model_weights(state, resume)  # damaged or non-finite weights: refused now, not after loading the data
     asked = load_config(config, sets) if config else config_from_dict(apply_overrides(saved.to_dict(), sets))
     named = {".".join(parse_set(item)[0]) for item in sets}
     diff = config_diff(saved, asked)
