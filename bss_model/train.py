@@ -39,6 +39,7 @@ from bss_model.config import (
     load_config,
     parse_set,
     save_config,
+    set_string,
 )
 from bss_model.data import PairSampler, Splits, draw_pairs, load_splits, mix
 from bss_model.ema import EMA
@@ -474,7 +475,8 @@ def main(argv: list[str] | None = None) -> int:
                        help="checkpoint.pt or run folder to continue from, with the run's own config; "
                        "--set may change its epochs, hardware, logging and eval settings")  # fmt: skip
         args = p.parse_args(argv)
-        sets = list(args.sets) + ([f"data.dir={Path(args.data_dir).resolve()}"] if args.data_dir else [])
+        # A path is a string as typed, never YAML (`data #1` is no comment): set_string quotes it.
+        sets = list(args.sets) + ([set_string("data.dir", str(Path(args.data_dir).resolve()))] if args.data_dir else [])
         changes: dict[str, tuple[Any, Any]] = {}
         if args.resume:
             resume = ckpt.resolve_path(args.resume)

@@ -152,6 +152,7 @@ def search_retrain_report(
 def finished_search(folder: str) -> tuple[str, SearchConfig, SearchSummary]:
     """A finished search's root, saved config and summary, or one line saying what is missing."""
     root = storage.root_of(folder)
+    storage.check_folder(root, "--experiment", "pass the folder of an experiment made by search/run.py")
     if storage.is_uri(root):  # endpoint, bucket and credentials: one line now, not a traceback later
         storage.check_writable(root)
     cfg = storage.load_saved_config(root)
