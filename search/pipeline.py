@@ -19,7 +19,7 @@ from bss_model.config import Config, describe_diff, load_config
 from bss_model.errors import ConfigError
 from bss_model.io import log_file
 from search import best_model, figures, report, selection, storage, study, tuners
-from search.cluster import init_ray, trial_gpus
+from search.cluster import check_local_run, init_ray, trial_gpus
 from search.config import SearchConfig, TuneSection, with_overrides
 from search.console import where_lines
 from search.results import SearchSummary
@@ -118,6 +118,10 @@ def search_retrain_report(
 ) -> dict[str, Any]:
     """The main job. ``resume_cmd`` is what the console tells the user to run after an interruption."""
     t0 = time.time()
+    if not on_cluster(address):  # on a cluster, the nodes: cluster.warn_unschedulable, and each trial
+        retrain_cfg = with_overrides(cfg.base.to_dict(), cfg.retrain.params())
+        check_local_run(cfg.tune.cpus_per_trial, cfg.tune.gpus_per_trial,
+                        {"base.": cfg.base, "retrain.overrides: ": retrain_cfg})  # fmt: skip
     resolve_data_dir(cfg.base, data_dir, on_cluster(address))
     check_data(cfg.base, address)
     root = storage.prepare_experiment(cfg, resume)
@@ -148,6 +152,7 @@ def search_retrain_report(
 def finished_search(folder: str) -> tuple[str, SearchConfig, SearchSummary]:
     """A finished search's root, saved config and summary, or one line saying what is missing."""
     root = storage.root_of(folder)
+    storage.check_folder(root, "--experiment", "pass the folder of an experiment made by search/run.py")
     if storage.is_uri(root):  # endpoint, bucket and credentials: one line now, not a traceback later
         storage.check_writable(root)
     cfg = storage.load_saved_config(root)
@@ -184,6 +189,8 @@ def retrain_report(
     cfg.retrain.validate()
     cfg.tune.validate()
     best_cfg = best_config(cfg, summary) if summary is not None else cfg.base
+    if not on_cluster(address):
+        check_local_run(cfg.tune.cpus_per_trial, cfg.tune.gpus_per_trial, {"": best_cfg})
     resolve_data_dir(best_cfg, data_dir, on_cluster(address))
     check_data(best_cfg, address)
     if root is None:

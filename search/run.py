@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from bss_model.config import set_string
 from bss_model.errors import ConfigError, cli_entry
 from search.config import load_search_config
 from search.console import command_name, entry_point
@@ -38,10 +39,14 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--data-dir", default=None, help="folder with mnist/ and fashion-mnist/ (sets base.data.dir)")
         args = p.parse_args(argv)
         sets = list(args.sets)
+        for flag, value in (("--name", args.name), ("--storage-path", args.storage_path)):
+            if value is not None and not value.strip():
+                raise ConfigError(f"{flag} {value!r} is empty: give it a value, or drop {flag} for the config's")
+        # Names and paths are strings as typed, never YAML (2026-12-01 is no date, `exp #2` no comment).
         if args.name:
-            sets.append(f"tune.name={args.name}")
+            sets.append(set_string("tune.name", args.name))
         if args.storage_path:
-            sets.append(f"tune.storage_path={args.storage_path}")
+            sets.append(set_string("tune.storage_path", args.storage_path))
         if args.verbose:
             sets.append("tune.verbose=2")
         try:
