@@ -364,6 +364,20 @@ def check_flags(overrides: dict[str, Any]) -> None:
         raise ConfigError(message) from None
 
 
+def check_finite_result(result: dict[str, Any], checkpoint: str | Path) -> None:
+    """Refuse a protocol result with a non-finite score: finite weights can still overflow to inf or NaN."""
+    import math
+
+    from bss_model.errors import CheckpointError
+
+    bad = [k for k, v in result.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        raise CheckpointError(
+            f"{checkpoint} predicts non-finite values ({bad[0]}={result[bad[0]]}): its weights overflow; pass "
+            "another checkpoint, or retrain"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     from bss_model.errors import cli_entry
 
@@ -381,7 +395,8 @@ def main(argv: list[str] | None = None) -> int:
         check_flags(overrides)
         resolve_device(args.device, "--device")
         result = evaluate_checkpoint(args.checkpoint, args.data_dir, overrides, args.device)
-        json.dump(result, sys.stdout, indent=2)
+        check_finite_result(result, args.checkpoint)
+        json.dump(result, sys.stdout, indent=2, allow_nan=False)  # NaN is not JSON: refused above, never printed
         print()
         return 0
 

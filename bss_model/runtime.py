@@ -17,6 +17,7 @@ that changes torch's process-wide settings (threads, cuDNN autotuning, TF32).
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 from functools import cache
 
@@ -96,9 +97,42 @@ def resolve_runtime(t: TrainConfig) -> Runtime:
     return Runtime(device=device, bf16=bf16, channels_last=channels_last, compile=compile_, cuda_graphs=graphs)
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity (a container's cpuset, ``taskset``), not the machine's."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # no sched_getaffinity (macOS)
+        return max(1, os.cpu_count() or 1)
+
+
+def check_threads(threads: int, said: str | None = None) -> None:
+    """Refuse more torch threads than the CPUs this process may use; ``said`` is how the user typed it
+    (``--threads 100000``), else ``train.threads=N``.
+
+    More threads than CPUs only contend: 4,096 turned a 7 s run into minutes, loaded 2 cores to 2,500 and
+    starved every other process of threads; 100,000 crashed torch (a segmentation fault).
+    """
+    n = usable_cpus()
+    if threads > n:
+        said = said or f"train.threads={threads}"
+        raise ConfigError(
+            f"{said} is more than the {n} CPU(s) this process may use (os.sched_getaffinity): use {n} or fewer "
+            "(0 = torch's default)"
+        )
+
+
+def check_machine(t: TrainConfig) -> None:
+    """What ``t`` asks of *this* machine, before anything starts: its device and CUDA options exist here, and
+    its threads fit the CPUs. (A config is validated where it is written; this runs where it will train.)"""
+    resolve_runtime(t)
+    check_threads(t.threads)
+
+
 def apply_torch_settings(rt: Runtime, threads: int = 0) -> None:
-    """Torch's process-wide settings for a run on ``rt``: the one place they are changed."""
+    """Torch's process-wide settings for a run on ``rt``: the one place they are changed (a thread count this
+    process's CPUs cannot hold is refused here too: on a cluster, this is where the node checks it)."""
     if threads:
+        check_threads(threads)
         torch.set_num_threads(threads)
     if rt.device.type == "cuda":
         # Fixed shapes throughout a run, so cuDNN's per-shape autotuning pays for itself at once;

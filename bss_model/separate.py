@@ -248,6 +248,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     runtime = inference_runtime(cfg, args.device, args.threads)
     model = runtime.prepare_model(model).eval()
     preds = separate_images(model, runtime, [item.image for item in items], depth)
+    bad = next((item.name for item, pred in zip(items, preds, strict=True) if not np.isfinite(pred).all()), None)
+    if bad is not None:  # finite weights can still overflow: a NaN picture (and JSON) is no result
+        raise BssError(
+            f"{args.checkpoint} predicts non-finite values for {bad}: its weights overflow; pass another checkpoint"
+        )
 
     # Encode every file in memory first: nothing is written unless all of it can be.
     files: list[tuple[Path, bytes]] = []
@@ -358,6 +363,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         if not ok_device or args.threads < 0:
             p.error("--device must be auto, cpu, cuda or cuda:N, and --threads >= 0")
+        from bss_model.runtime import check_threads
+
+        check_threads(args.threads, f"--threads {args.threads}")  # before any file is read
         doc = run(args)
         if args.json:
             json.dump(doc, sys.stdout, indent=2)

@@ -39,6 +39,7 @@ from bss_model.config import (
     load_config,
     parse_set,
     save_config,
+    set_string,
 )
 from bss_model.data import PairSampler, Splits, draw_pairs, load_splits, mix
 from bss_model.ema import EMA
@@ -47,7 +48,7 @@ from bss_model.evaluate import batched_mse, model_predictor
 from bss_model.io import atomic_write_json, logging_to, next_run_dir
 from bss_model.model import build_model, count_parameters
 from bss_model.progress import EpochProgress
-from bss_model.runtime import Runtime, apply_torch_settings, resolve_runtime
+from bss_model.runtime import Runtime, apply_torch_settings, check_machine, resolve_runtime
 from bss_model.step import FINITE_CHECK_EVERY, TrainStep, build_plateau, cosine_lr, progress_lr
 from bss_model.viz import separation_grid
 
@@ -175,9 +176,24 @@ class _Trainer:
                 f"checkpoint {path} was trained as another model ({describe_diff(diff, 'checkpoint', 'asked')}): "
                 "resume with the checkpoint's config or start a new run"
             )
-        ckpt.load_weights(self.model, state.get("train_model", state["model"]), path)
+        weights = ckpt.model_weights(state, path)
+        train_weights = ckpt.model_weights(state, path, "train_model") if "train_model" in state else weights
+        ckpt.load_weights(self.model, train_weights, path)
+        try:
+            self._restore_training_state(state, weights, path)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as exc:
+            # A body that carries the format marker but not what training wrote (a hand-edited or foreign file).
+            raise CheckpointError(
+                f"{path} is damaged: its training state cannot be restored ({type(exc).__name__}: "
+                f"{' '.join(str(exc).split())[:200]}): resume from another checkpoint, or start a new run"
+            ) from None
+        log.info("resumed from %s at epoch %d (step %d)", path, self.epoch, self.step)
+
+    def _restore_training_state(
+        self, state: dict[str, Any], weights: dict[str, torch.Tensor], path: str | Path
+    ) -> None:
         if self.ema and "ema" in state:
-            self.ema.load_state_dict({"model": state["model"], "num_updates": state["ema"]["num_updates"]})
+            self.ema.load_state_dict({"model": weights, "num_updates": state["ema"]["num_updates"]})
         elif self.ema:
             # The checkpoint was trained without an EMA: start the average at the restored weights.
             log.warning("%s has no EMA state: the EMA starts from its weights", path)
@@ -190,11 +206,13 @@ class _Trainer:
         if state["rng"]["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
         random.setstate(state["rng"]["python"])
-        self.epoch, self.step, self.history = state["epoch"], state["step"], list(state["history"])
+        epoch, step, history = state["epoch"], state["step"], list(state["history"])
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (epoch, step)):
+            raise ValueError(f"epoch {epoch!r} and step {step!r} must be counts")
+        self.epoch, self.step, self.history = epoch, step, history
         # Checkpoints from before sample budgets lack the count: their batch size never changed mid-run.
         self.samples = state.get("samples", self.step * self.cfg.train.batch_size)
         self.time_used = float(state.get("time_used_s", 0.0))
-        log.info("resumed from %s at epoch %d (step %d)", path, self.epoch, self.step)
 
     # -- the clock of a time-limited run -------------------------------------------------
     def start_clock(self) -> None:
@@ -446,6 +464,7 @@ def resume_config(
     """
     state = ckpt.load(resume)
     saved = ckpt.config_of(state, resume)
+    ckpt.model_weights(state, resume)  # damaged or non-finite weights: refused now, not after loading the data
     asked = load_config(config, sets) if config else config_from_dict(apply_overrides(saved.to_dict(), sets))
     named = {".".join(parse_set(item)[0]) for item in sets}
     diff = config_diff(saved, asked)
@@ -507,7 +526,8 @@ def main(argv: list[str] | None = None) -> int:
                        help="checkpoint.pt or run folder to continue from, with the run's own config; "
                        "--set may change its epochs, hardware, logging and eval settings")  # fmt: skip
         args = p.parse_args(argv)
-        sets = list(args.sets) + ([f"data.dir={Path(args.data_dir).resolve()}"] if args.data_dir else [])
+        # A path is a string as typed, never YAML (`data #1` is no comment): set_string quotes it.
+        sets = list(args.sets) + ([set_string("data.dir", str(Path(args.data_dir).resolve()))] if args.data_dir else [])
         changes: dict[str, tuple[Any, Any]] = {}
         if args.resume:
             resume = ckpt.resolve_path(args.resume)
@@ -516,6 +536,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             cfg = load_config(args.config, sets)
             resume = None
+        check_machine(cfg.train)  # this machine's devices and CPUs, before a run folder is made
+        if resume is None:
             out = new_run_dir(Path(args.out), Path(args.config).stem if args.config else "default")
         with logging_to(out / "train.log"):
             if changes:

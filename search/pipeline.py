@@ -24,7 +24,7 @@ from bss_model.errors import ConfigError
 from bss_model.io import atomic_write_json, log_file
 from search import best_model, figures, report, selection, storage, study, tuners
 from search.budgeted import Budgeted, eval_workers, local_cpus
-from search.cluster import cluster_gpus, init_ray, local_gpus
+from search.cluster import check_local_run, cluster_gpus, init_ray, local_gpus
 from search.config import SearchConfig, TuneSection, with_overrides
 from search.console import where_lines
 from search.results import Evaluation, SearchSummary, SeedResult, TrialRow
@@ -209,6 +209,10 @@ def search_retrain_report(
     ``started_at``: when the command started (``time.time()``), from which a budget counts."""
     t0 = time.time()
     started_at = started_at or t0
+    if not on_cluster(address):  # on a cluster, the nodes: cluster.warn_unschedulable, and each trial
+        retrain_cfg = with_overrides(cfg.base.to_dict(), cfg.retrain.params())
+        check_local_run(cfg.tune.cpus_per_trial, cfg.tune.gpus_per_trial,
+                        {"base.": cfg.base, "retrain.overrides: ": retrain_cfg})  # fmt: skip
     resolve_data_dir(cfg.base, data_dir, on_cluster(address))
     check_data(cfg.base, address)
     root = storage.prepare_experiment(cfg, resume)
@@ -258,6 +262,7 @@ def winner_of(summary: SearchSummary) -> TrialRow:
 def finished_search(folder: str) -> tuple[str, SearchConfig, SearchSummary]:
     """A finished search's root, saved config and summary, or one line saying what is missing."""
     root = storage.root_of(folder)
+    storage.check_folder(root, "--experiment", "pass the folder of an experiment made by search/run.py")
     if storage.is_uri(root):  # endpoint, bucket and credentials: one line now, not a traceback later
         storage.check_writable(root)
     cfg = storage.load_saved_config(root)
@@ -294,6 +299,8 @@ def retrain_report(
     cfg.retrain.validate()
     cfg.tune.validate()
     best_cfg = best_config(cfg, summary) if summary is not None else cfg.base
+    if not on_cluster(address):
+        check_local_run(cfg.tune.cpus_per_trial, cfg.tune.gpus_per_trial, {"": best_cfg})
     resolve_data_dir(best_cfg, data_dir, on_cluster(address))
     check_data(best_cfg, address)
     if root is None:

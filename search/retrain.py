@@ -41,7 +41,13 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--address", default=None, help="Ray cluster address (else $RAY_ADDRESS, else local Ray)")
         p.add_argument("--data-dir", default=None, help="folder with mnist/ and fashion-mnist/")
         args = p.parse_args(argv)
-        if args.experiment:
+        given = {"--experiment": (args.experiment, "a finished search's folder (results/<name>)"),
+                 "--config": (args.config, "a bss_model config file"), "--name": (args.name, "a name"),
+                 "--storage-path": (args.storage_path, "a folder")}  # fmt: skip
+        for flag, (value, what) in given.items():
+            if value is not None and not value.strip():
+                raise ConfigError(f"{flag} {value!r} is empty: pass {what}")
+        if args.experiment is not None:
             # These shape a new experiment from --config; a finished search's retrain has its own (never ignore them).
             given = [flag for flag, value in (("--set", args.sets), ("--name", args.name),
                      ("--storage-path", args.storage_path), ("--resume", args.resume)) if value]  # fmt: skip

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from bss_model.config import set_string
 from bss_model.errors import ConfigError, cli_entry
 from search.budget import format_duration, parse_duration
 from search.config import load_search_config
@@ -45,13 +46,17 @@ def main(argv: list[str] | None = None) -> int:
         args = p.parse_args(argv)
         started_at = process_started_at()
         sets = list(args.sets)
+        for flag, value in (("--name", args.name), ("--storage-path", args.storage_path)):
+            if value is not None and not value.strip():
+                raise ConfigError(f"{flag} {value!r} is empty: give it a value, or drop {flag} for the config's")
         if args.budget is not None:
             seconds = parse_duration(args.budget, "--budget")  # the flag's words in its error, before the config
-            sets.append(f"budget={format_duration(seconds)}")
+            sets.append(set_string("budget", format_duration(seconds)))
+        # Names and paths are strings as typed, never YAML (2026-12-01 is no date, `exp #2` no comment).
         if args.name:
-            sets.append(f"tune.name={args.name}")
+            sets.append(set_string("tune.name", args.name))
         if args.storage_path:
-            sets.append(f"tune.storage_path={args.storage_path}")
+            sets.append(set_string("tune.storage_path", args.storage_path))
         if args.verbose:
             sets.append("tune.verbose=2")
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,8 @@ def trial_number(path: str) -> int:
 
 # The trainable's own errors (search/trainable.py: TrialOutOfMemory, TrialDiverged) are one line written for
 # the user; Ray renders them after the traceback as "search.trainable.<Class>: <line>". The report shows the line.
-_OWN_ERROR = re.compile(r"^search\.trainable\.Trial\w+: ")
+# A user error raised in a trial (bss_model.errors: ConfigError, DataError, ...) is one such line too.
+_OWN_ERROR = re.compile(r"^(search\.trainable\.Trial\w+|bss_model\.errors\.\w+Error): ")
 
 
 def _last_line(error: Any) -> str:
@@ -126,11 +128,27 @@ def pick_best(rows: list[TrialRow]) -> TrialRow:
     """The winner: lowest validation MSE among trials that ran their full budget (ties: the earlier trial)."""
     full = [r for r in rows if r.status == COMPLETED]
     if not full:
-        raise BssError(
-            "no trial ran its full budget without error, so there is no best configuration: see the trial "
-            "errors in the search/ folder, then raise tune.num_samples or loosen the space"
-        )
+        raise BssError(f"no trial ran its full budget without error, so there is no best config: {why_none(rows)}")
     return min(full, key=lambda r: (r.val_mse, r.number))
+
+
+def why_none(rows: list[TrialRow]) -> str:
+    """The cause, and the fix, when no trial completed: one error shared by every trial is named as the cause
+    (a setting every trial runs into, which more trials or another space would only repeat)."""
+    if not rows:
+        return "no trial ran: see search.log in the experiment folder"
+    errors = Counter(r.error for r in rows if r.error)
+    error, times = errors.most_common(1)[0] if errors else ("", 0)
+    if times == len(rows):
+        every = "the one trial" if len(rows) == 1 else f"all {len(rows)} trials"
+        return f"{every} failed with the same error ({error}): fix that and run again"
+    statuses = Counter(r.status for r in rows)
+    counts = ", ".join(f"{k} {status}" for status, k in sorted(statuses.items()))
+    often = f"; the most common error, in {times}: {error}" if error else ""
+    return (
+        f"of {len(rows)} trials, {counts}{often}. See the trial errors in the search/ folder, then raise "
+        "tune.num_samples or loosen the space"
+    )
 
 
 def search_summary(base: Config, rows: list[TrialRow], wall_s: float) -> SearchSummary:

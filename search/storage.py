@@ -167,10 +167,23 @@ def check_writable(root: str) -> None:
         probe.write_text("ok")
         probe.unlink()
     except OSError as exc:
+        # The folder itself: prepare_experiment probes the storage path, not the experiment under it.
         raise ConfigError(
-            f"storage_path {path.parent} cannot be written ({exc.strerror or exc}): "
+            f"storage_path {path} cannot be written ({exc.strerror or exc}): "
             "set tune.storage_path (or --storage-path) to a writable folder"
         ) from None
+
+
+def check_folder(root: str, what: str, fix: str = "move the file, or choose another --name or --storage-path") -> None:
+    """Refuse an experiment path that is a file (or below one): every write into it would fail later."""
+    if is_uri(root):
+        return
+    for path in (Path(root), *Path(root).parents):
+        if path.exists():
+            if not path.is_dir():
+                below = "" if path == Path(root) else f" ({path} is a file)"
+                raise ConfigError(f"{what} {root} is not a folder{below}: {fix}")
+            return
 
 
 def local_dir(root: str) -> Path:
@@ -374,6 +387,7 @@ def prepare_experiment(cfg: SearchConfig, resume: bool) -> str:
     """Check the experiment folder against --resume; returns the experiment root."""
     root = experiment_root(cfg)
     check_writable(str(Path(root).parent) if not is_uri(root) else root)
+    check_folder(root, "the experiment")
     saved = load_saved_config(root)
     exists = saved is not None or (not is_uri(root) and Path(root, "search").exists())
     if resume:

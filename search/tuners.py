@@ -22,7 +22,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from bss_model.config import Config
 from bss_model.errors import BssError
-from search.cluster import trial_gpus
+from search.cluster import trial_gpus, warn_unschedulable
 from search.config import SearchConfig
 from search.console import STATUS_EVERY_S, SearchProgress, seed_label, trial_label
 from search.deadline import DeadlineSearcher, DeadlineStopper, read_deadline
@@ -48,6 +48,7 @@ def _trainable(cfg: SearchConfig, base: Config, trial_kwargs: dict[str, Any] | N
     gpus = trial_gpus(cfg.tune.gpus_per_trial)
     if cfg.tune.gpus_per_trial and not gpus:
         log.warning("tune.gpus_per_trial=%s but the cluster has no GPU: trials run on CPU", cfg.tune.gpus_per_trial)
+    warn_unschedulable(cfg.tune.cpus_per_trial, gpus)
     fn = tune.with_parameters(train_trial, base=base.to_dict(), gpu_share=gpus, **(trial_kwargs or {}))
     return tune.with_resources(fn, {"cpu": cfg.tune.cpus_per_trial, "gpu": gpus})
 
