@@ -180,8 +180,10 @@ def run_search(
 ) -> tune.ResultGrid:
     """The search. With ``trial_kwargs`` (a budget: search/budgeted.py) its trials are time-boxed, no trial
     starts once it could not finish by the deadline the ledger holds (DeadlineSearcher), Tune stops what
-    overruns it (DeadlineStopper), and actors are reused between trials: a time-boxed trial pays for its
-    start in its own time, so on a small budget the start matters (benchmarks/trial_overhead.py)."""
+    overruns it (DeadlineStopper), and on CPUs actors are reused between trials: a time-boxed trial pays for
+    its start in its own time, so on a small budget the start matters (benchmarks/trial_overhead.py). Not on
+    GPUs: a reused process keeps torch.compile's caches, and past its 8 graphs per function dynamo would run
+    a trial eagerly, not time-fair."""
     budgeted = trial_kwargs is not None
     trainable = _trainable(cfg, cfg.base, trial_kwargs)
     path = tune_path(root, "search")
@@ -206,7 +208,7 @@ def run_search(
                 num_samples=cfg.tune.num_samples,
                 max_concurrent_trials=cfg.tune.max_concurrent,
                 trial_dirname_creator=trial_label,  # also its TensorBoard run: search/007-f785168e
-                reuse_actors=budgeted,
+                reuse_actors=budgeted and not trial_gpus(cfg.tune.gpus_per_trial),
             ),
             # Tune pickles these into the experiment (tuner.pkl), so a --resume restores them, the
             # study recorder with the epochs it had seen.
