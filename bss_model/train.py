@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import logging
 import math
@@ -30,6 +31,7 @@ import torch
 
 from bss_model import checkpoint as ckpt
 from bss_model import losses
+from bss_model.cli import add_common_flags, command_name, overrides, print_config, require_extra, resolve_config
 from bss_model.config import (
     Config,
     apply_overrides,
@@ -446,8 +448,10 @@ def new_run_dir(root: Path, name: str) -> Path:
 def main(argv: list[str] | None = None) -> int:
     @cli_entry
     def _main() -> int:
-        p = argparse.ArgumentParser(prog="python -m bss_model.train", description="Train one U-Net configuration.")
-        p.add_argument("--config", default=None, help="YAML config, e.g. configs/seed.yaml (else the defaults)")
+        prog = command_name("bss-train", "python -m bss_model.train")
+        p = argparse.ArgumentParser(prog=prog, description="Train one U-Net configuration.")
+        p.add_argument("--config", default=None,
+                       help="a YAML file or a shipped config's name (seed); else the defaults")  # fmt: skip
         p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. --set train.lr=3e-4 (repeatable)")  # fmt: skip
         p.add_argument("--out", default="runs", help="root folder; each run gets an auto-numbered subfolder")
@@ -455,8 +459,14 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--resume", default=None,
                        help="checkpoint.pt or run folder to continue from, with the run's own config; "
                        "--set may change its epochs, hardware, logging and eval settings")  # fmt: skip
+        p.add_argument("--metrics-stdout", action="store_true",
+                       help="also print each epoch's metrics as a JSON line on stdout as it ends (they always go to "
+                       "metrics.jsonl in the run folder), for an outside sweeper reading them live")  # fmt: skip
+        add_common_flags(p, "bss-train", "model")
         args = p.parse_args(argv)
-        sets = list(args.sets) + ([f"data.dir={Path(args.data_dir).resolve()}"] if args.data_dir else [])
+        if args.config:
+            args.config = resolve_config(args.config, "model")
+        sets = overrides(args) + ([f"data.dir={Path(args.data_dir).resolve()}"] if args.data_dir else [])
         changes: dict[str, tuple[Any, Any]] = {}
         if args.resume:
             resume = ckpt.resolve_path(args.resume)
@@ -465,13 +475,28 @@ def main(argv: list[str] | None = None) -> int:
         else:
             cfg = load_config(args.config, sets)
             resume = None
+        if args.print_config:
+            print_config(cfg.to_dict())
+            return 0
+        if cfg.train.tensorboard:
+            require_extra("search", "bss-train's TensorBoard logging (train.tensorboard=true; false turns it off)",
+                          ("tensorboard",))  # fmt: skip
+        if not args.resume:
             out = new_run_dir(Path(args.out), Path(args.config).stem if args.config else "default")
-        with logging_to(out / "train.log"):
+
+        def on_epoch(metrics: dict[str, Any], checkpoint_dir: Path) -> None:
+            if args.metrics_stdout:
+                print(json.dumps(metrics), flush=True)
+
+        # With --metrics-stdout, stdout carries JSON lines alone (each epoch's, then the result's); the log: stderr.
+        with logging_to(out / "train.log", stream=sys.stderr if args.metrics_stdout else None):
             if changes:
                 log.info("resuming with changes asked for: %s", describe_diff(changes, "was", "now"))
-            # The bar only on a terminal: CI logs and redirected output keep just the plain per-epoch lines.
+            # The bar only on a terminal (and with tqdm, of the search extra): CI logs and redirected output keep
+            # just the plain per-epoch lines.
+            bar = sys.stderr.isatty() and importlib.util.find_spec("tqdm") is not None
             try:
-                result = train(cfg, out_dir=out, resume=resume, progress=sys.stderr.isatty())
+                result = train(cfg, on_epoch=on_epoch, out_dir=out, resume=resume, progress=bar)
             except (torch.OutOfMemoryError, RuntimeError) as exc:
                 if not out_of_memory(exc):
                     raise

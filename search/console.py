@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 
 from ray.tune import Callback
 
+from bss_model.cli import command_name  # noqa: F401  (its old home: search.console.command_name)
 from bss_model.io import logging_to
 from search.results import STOPPED
 from search.selection import METRIC, trial_status
@@ -173,12 +173,6 @@ class SearchProgress(Callback):
         if 0 < work and done < total:
             line += f"; ETA {duration(elapsed * (total * self.budget - work) / work)}"
         return line
-
-
-def command_name(script: str, by_path: str) -> str:
-    """How the user ran the command, for its usage line and the ``--resume`` command it prints: the console
-    script (``bss-search``) or the file run by path (``python search/run.py``)."""
-    return script if Path(sys.argv[0]).name == script else by_path
 
 
 def shown_path(path: str | Path) -> str:
