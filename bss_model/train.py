@@ -46,7 +46,7 @@ from bss_model.data import PairSampler, Splits, draw_pairs, load_splits, mix
 from bss_model.ema import EMA
 from bss_model.errors import CheckpointError, ConfigError, cli_entry
 from bss_model.evaluate import batched_mse, model_predictor
-from bss_model.io import atomic_write_json, logging_to, next_run_dir
+from bss_model.io import atomic_write_json, atomic_write_text, logging_to, next_run_dir
 from bss_model.model import build_model, count_parameters
 from bss_model.progress import EpochProgress
 from bss_model.runtime import Runtime, apply_torch_settings, resolve_runtime
@@ -56,6 +56,11 @@ from bss_model.viz import separation_grid
 log = logging.getLogger("bss")
 
 OnEpoch = Callable[[dict[str, Any], Path], None]
+
+# Each epoch's metrics, one JSON line, appended as the epoch ends (after its checkpoint), so that an outside
+# agent (a W&B agent, Syne Tune's local backend, an Optuna ask/tell loop) can follow a run while it trains.
+# metrics.json, written at the end, holds the same history with the run's status.
+METRICS_LOG = "metrics.jsonl"
 
 
 @dataclass
@@ -253,7 +258,7 @@ def train(
     progress: bool = False,
     tensorboard_dir: str | Path | None = None,
 ) -> TrainResult:
-    """Train ``cfg`` into ``out_dir`` (checkpoint/, tb/, metrics.json), resuming if asked.
+    """Train ``cfg`` into ``out_dir`` (checkpoint/, tb/, metrics.jsonl as it goes, metrics.json), resuming if asked.
 
     The checkpoint goes to ``checkpoint_dir`` (default ``out_dir/checkpoint``), rewritten
     atomically after every epoch; the TensorBoard events go to ``tensorboard_dir`` (default
@@ -300,6 +305,10 @@ def _train(
         tr.restore(resume)  # before writing anything: a refused resume must leave the run folder as it was
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir / "config.yaml")
+    # The epochs the checkpoint holds (none for a new run): a run resumed after a kill between a checkpoint and
+    # its line has every epoch once, and one resumed from an older checkpoint drops the epochs it will redo.
+    metrics_log = out_dir / METRICS_LOG
+    atomic_write_text(metrics_log, "".join(json.dumps(m) + "\n" for m in tr.history))
     tr.open_writer()
     t = cfg.train
     log.info(
@@ -355,6 +364,8 @@ def _train(
                     tr.log_images()
                 w.flush()
             tr.save()
+            with open(metrics_log, "a", encoding="utf-8") as f:
+                f.write(json.dumps(metrics) + "\n")
             log.info(
                 "epoch %d/%d train %.3e val %.3e lr %.1e %.0f samples/s",
                 tr.epoch, t.epochs, train_mse, val["mse"], metrics["lr"], metrics["samples_per_s"],
