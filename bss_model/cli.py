@@ -26,7 +26,7 @@ EXTRAS = {
     "search": ("ray", "optuna", "tensorboard", "matplotlib"),
     "mlflow": ("mlflow",),
     "wandb": ("wandb",),
-    "postgresql": ("psycopg2",),
+    "postgresql": ("psycopg",),
 }
 
 

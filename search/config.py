@@ -70,6 +70,13 @@ class TuneSection:
     points_to_evaluate: list = field(default_factory=list)
     checkpoints_to_keep: int = 2
     verbose: int = 0  # 0: the project's lines (search/console.py); 1: + Ray Tune's trial table; 2-3: + its results
+    # Experiment trackers, by name, with their settings: {mlflow: {tracking_uri: ...}, wandb: {mode: offline}}
+    # (Ray's integrations; search/trackers.py). Each needs its extra: pip install 'bss-search[mlflow]'.
+    callbacks: dict = field(default_factory=dict)
+    # Where the Optuna study lives (search/study.py): "" = <experiment>/optuna.db, one SQLite file per experiment;
+    # or an Optuna storage URL a team shares (postgresql://user@host/studies; ${VAR}s are read from the environment
+    # when connecting, so no password is saved). The study is named after the experiment either way.
+    study_storage: str = ""
 
     def validate(self) -> None:
         def check(ok: bool, key: str, value: Any, expected: str) -> None:
@@ -94,6 +101,14 @@ class TuneSection:
         check(self.verbose in (0, 1, 2, 3), "verbose", self.verbose, "0..3")
         if self.name and (Path(self.name).name != self.name or self.name.startswith(".")):
             raise ConfigError(f"tune.name={self.name!r} must be a plain folder name: drop slashes and leading dots")
+        if self.callbacks:
+            from search.trackers import check_callbacks
+
+            check_callbacks(self.callbacks)
+        if self.study_storage:
+            from search.study import check_storage_url
+
+            check_storage_url(self.study_storage)
 
 
 @dataclass

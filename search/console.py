@@ -187,14 +187,17 @@ def shown_path(path: str | Path) -> str:
         return str(p)
 
 
-def where_lines(root: str, name: str) -> list[str]:
+def where_lines(root: str, name: str, study_storage: str = "") -> list[str]:
     """Where the experiment is and how to look at it: the folder, TensorBoard, the Optuna dashboard."""
     folder = shown_path(root)
-    dashboard = (
-        f"make dashboard NAME={name}"
-        if "://" not in root and Path(root).resolve() == (Path("results") / name).resolve()
-        else f"optuna-dashboard sqlite:///{Path(root).resolve() / 'optuna.db'} --host 127.0.0.1"
-    )
+    if study_storage:  # a shared database: its dashboard shows this experiment beside the others
+        from search.study import shown_url
+
+        dashboard = f"optuna-dashboard {shown_url(study_storage)} --host 127.0.0.1 (study '{name}')"
+    elif "://" not in root and Path(root).resolve() == (Path("results") / name).resolve():
+        dashboard = f"make dashboard NAME={name}"
+    else:
+        dashboard = f"optuna-dashboard sqlite:///{Path(root).resolve() / 'optuna.db'} --host 127.0.0.1"
     return [
         f"experiment: {folder}",
         f"TensorBoard: tensorboard --logdir {folder} --host 127.0.0.1",

@@ -166,13 +166,13 @@ def test_pip_install_is_inference_only_and_the_extras_add_the_rest(built: dict[s
     assert sorted(base) == ["numpy", "pillow", "pyyaml", "torch"]
     assert {"ray", "optuna", "optuna-dashboard", "tensorboard"} <= set(extras["search"])
     assert extras["mlflow"] == ["mlflow-skinny"] and extras["wandb"] == ["wandb"]
-    assert extras["postgresql"] == ["psycopg2-binary"]
+    assert extras["postgresql"] == ["psycopg"]
     assert extras["all"] == ["bss-search"] and extras["dev"][0] == "bss-search"  # [all]: every extra, [dev]: + tools
     # What `make setup` (the README's commands, .ci/run) installs: the dev extra, hence everything.
     assert "-e '.[dev]'" in (REPO / "Makefile").read_text()
     import importlib.util
 
-    for module in ("ray", "optuna", "tensorboard", "mlflow", "wandb", "psycopg2", "flask_cors", "huey", "build"):
+    for module in ("ray", "optuna", "tensorboard", "mlflow", "wandb", "psycopg", "flask_cors", "huey", "build"):
         assert importlib.util.find_spec(module) is not None, f"make setup did not install {module}"
 
 
@@ -236,3 +236,42 @@ def test_the_inference_install_separates_and_names_the_missing_extra(built: dict
         lines[0].startswith("error: bss-search needs the 'search' extra")
         and "pip install 'bss-search[search]'" in lines[0]
     )
+
+
+def _takes(module: str, func: str, param: str) -> bool:
+    import importlib
+    import inspect
+
+    target = importlib.import_module(module)
+    for part in func.split("."):
+        target = getattr(target, part)
+    return param in inspect.signature(target).parameters
+
+
+# The APIs that set the declared floors: (distribution, the release the API needs, the API as the code writes it,
+# a module of ours that calls it, a check that the installed release has it). torch.OutOfMemoryError first appeared
+# in torch 2.5 (on 2.4 the out-of-memory handlers themselves failed with an AttributeError).
+FLOOR_APIS = [
+    ("torch", "2.5", "torch.OutOfMemoryError", "bss_model/train.py",
+     lambda: issubclass(__import__("torch").OutOfMemoryError, RuntimeError)),
+    ("torch", "2.5", "torch.cuda.is_bf16_supported(including_emulation=False)", "bss_model/runtime.py",
+     lambda: _takes("torch", "cuda.is_bf16_supported", "including_emulation")),
+    ("pillow", "10.1", "ImageFont.load_default(size=", "bss_model/viz.py",
+     lambda: _takes("PIL.ImageFont", "load_default", "size")),
+]  # fmt: skip
+
+
+def _floors() -> dict[str, str]:
+    text = (REPO / "pyproject.toml").read_text()
+    deps = text[text.index("dependencies = [") : text.index("[project.optional-dependencies]")]
+    return {canonicalize_name(m[0]): m[1] for m in re.findall(r'"([A-Za-z0-9_.-]+)(?:\[[^\]]*\])?>=([0-9.]+)"', deps)}
+
+
+@pytest.mark.parametrize(("dist", "needs", "api", "where", "present"), FLOOR_APIS, ids=[a[2] for a in FLOOR_APIS])
+def test_the_floors_cover_the_apis_the_code_uses(dist: str, needs: str, api: str, where: str, present) -> None:  # noqa: ANN001
+    from packaging.version import Version
+
+    floor = _floors()[dist]
+    assert Version(floor) >= Version(needs), f"{dist}>={floor} is declared, but {where} calls {api} (needs {needs})"
+    assert api in (REPO / where).read_text(), f"{where} no longer calls {api}: drop or update this floor's reason"
+    assert present(), f"the installed {dist} lacks {api}"
