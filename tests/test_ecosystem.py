@@ -184,8 +184,9 @@ def test_wandb_offline_writes_every_trial_as_files(tracked: dict[str, Any]) -> N
             assert records["config"][key] == pytest.approx(value), key
         folder = next(p for p in trial_dirs(exp, "search") if p.name.endswith(trial["trial_id"]))
         history = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-        logged = [(h["epoch"], h["val_mse"]) for h in records["history"] if "val_mse" in h]
-        assert logged == pytest.approx([(m["epoch"], m["val_mse"]) for m in history]), trial["trial_id"]
+        logged = {h["epoch"]: h["val_mse"] for h in records["history"] if "val_mse" in h}
+        assert len(logged) == len(records["history"]) == EPOCHS, records["history"]  # one record per epoch
+        assert logged == pytest.approx({m["epoch"]: m["val_mse"] for m in history}), trial["trial_id"]
 
 
 @pytest.fixture(scope="module")
