@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 
 from bss_model.config import load_config
-from bss_model.train import METRICS_LOG, train
+from bss_model.train import train
+
+METRICS_LOG = "metrics.jsonl"  # (bss_model.train.METRICS_LOG)
 
 TINY = ["model.variant=tiny", "model.filters=4", "train.device=cpu", "train.threads=1", "train.precision=fp32",
         "train.tensorboard=false", "data.val_pairs=64", "data.download=false"]  # fmt: skip
