@@ -27,9 +27,10 @@ from search.config import SearchConfig
 from search.console import STATUS_EVERY_S, SearchProgress, seed_label, trial_label
 from search.selection import METRIC, MODE
 from search.space import param_space
-from search.storage import check_writable, is_uri, storage_failure, storage_lost, tune_path
+from search.storage import check_writable, is_uri, local_dir, storage_failure, storage_lost, tune_path
 from search.study import StudyRecorder
 from search.tb_logger import TensorBoardLogger
+from search.trackers import make_callbacks
 from search.trainable import train_trial
 
 log = logging.getLogger("bss")
@@ -108,6 +109,8 @@ def make_scheduler(max_t: int, grace_period: int, reduction_factor: float) -> AS
 
 
 def _run_config(cfg: SearchConfig, root: str, name: str, callbacks: list[Callback]) -> tune.RunConfig:
+    # The trackers of tune.callbacks (MLflow, W&B: search/trackers.py) follow both phases.
+    trackers = make_callbacks(cfg.tune.callbacks, cfg.tune.name, str(local_dir(root)), name)
     return tune.RunConfig(
         name=name,
         storage_path=root if is_uri(root) else str(Path(root)),
@@ -118,7 +121,7 @@ def _run_config(cfg: SearchConfig, root: str, name: str, callbacks: list[Callbac
         sync_config=tune.SyncConfig(sync_artifacts=True),
         verbose=cfg.tune.verbose,
         # The search's trials are the HPARAMS tab's rows; the retrain's seeds differ by seed alone.
-        callbacks=[*callbacks, TensorBoardLogger(hparams=name == "search")],
+        callbacks=[*callbacks, *trackers, TensorBoardLogger(hparams=name == "search")],
     )
 
 
@@ -187,6 +190,7 @@ def run_search(cfg: SearchConfig, root: str, resume: bool, resume_cmd: str) -> t
                 num_samples=cfg.tune.num_samples,
                 max_concurrent_trials=cfg.tune.max_concurrent,
                 trial_dirname_creator=trial_label,  # also its TensorBoard run: search/007-f785168e
+                trial_name_creator=trial_label,  # ... and its name in Ray's own views (console, dashboard, ResultGrid)
             ),
             # Tune pickles these into the experiment (tuner.pkl), so a --resume restores them, the
             # study recorder with the epochs it had seen.
@@ -196,7 +200,7 @@ def run_search(cfg: SearchConfig, root: str, resume: bool, resume_cmd: str) -> t
                 "search",
                 [
                     SearchProgress(budget, cfg.tune.num_samples),
-                    StudyRecorder(root, cfg.tune.name, cfg.dimensions(), budget),
+                    StudyRecorder(root, cfg.tune.name, cfg.dimensions(), budget, cfg.tune.study_storage),
                 ],
             ),
         )
@@ -250,6 +254,7 @@ def run_retrain(cfg: SearchConfig, best_cfg: Config, root: str, resume_cmd: str)
                 num_samples=1,
                 max_concurrent_trials=cfg.retrain.max_concurrent or cfg.tune.max_concurrent,
                 trial_dirname_creator=seed_label,  # retrain/seed-1000
+                trial_name_creator=seed_label,
             ),
             run_config=_run_config(cfg, root, "retrain", [RetrainProgress(len(seeds), best_cfg.train.epochs)]),
         )
