@@ -379,6 +379,7 @@ def check_finite_result(result: dict[str, Any], checkpoint: str | Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from bss_model.cli import add_common_flags
     from bss_model.errors import cli_entry
 
     @cli_entry
@@ -390,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--pairs", type=int, default=None)
         p.add_argument("--seed", type=int, default=None)
         p.add_argument("--device", default="auto")
+        add_common_flags(p, "bss-evaluate")
         args = p.parse_args(argv)
         overrides = {k: v for k in ("draws", "pairs", "seed") if (v := getattr(args, k)) is not None}
         check_flags(overrides)

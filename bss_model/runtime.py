@@ -2,9 +2,10 @@
 
 ``auto`` picks what is fast *and* safe on the hardware found (benchmarks/train_throughput.py
 measures every choice against eager fp32):
-- bf16 autocast on CUDA GPUs that support it, and on CPUs with native bf16 (AVX-512
-  BF16 or AMX). On CPUs without it PyTorch emulates bf16 and runs ~10x *slower*
-  than fp32 (measured on an AVX2-only EPYC), so auto stays in fp32 there.
+- bf16 autocast where bf16 is native (:func:`native_bf16`): CUDA GPUs from Ampere on, and CPUs
+  with AVX-512 BF16 or AMX. Elsewhere PyTorch emulates bf16 -- ~10x *slower* than fp32 on an
+  AVX2-only EPYC (measured), and without cuDNN's bf16 convolutions on a V100 or T4 -- so auto
+  stays in fp32 there.
 - channels_last everywhere: oneDNN (CPU) and cuDNN (tensor cores) prefer NHWC.
 - CUDA graphs on CUDA: small-batch steps are launch-bound, and a replayed graph removes the
   launches (bss_model/step.py).
@@ -38,6 +39,18 @@ def cpu_has_native_bf16() -> bool:
     except OSError:
         pass
     return False
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes in bf16 natively (not emulated).
+
+    ``torch.cuda.is_bf16_supported()`` counts emulation by default: it says True on pre-Ampere GPUs
+    (V100, T4), where bf16 autocast is emulated and slower than fp32. Only the native answer counts.
+    """
+    if device.type == "cuda":
+        with torch.cuda.device(device):  # the device asked about, not merely the current one
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+    return device.type == "cpu" and cpu_has_native_bf16()
 
 
 @dataclass(frozen=True)
@@ -87,8 +100,7 @@ def resolve_runtime(t: TrainConfig) -> Runtime:
     """What ``t``'s hardware knobs mean on this machine; changes no global state."""
     device = resolve_device(t.device)
     cuda = device.type == "cuda"
-    native_bf16 = torch.cuda.is_bf16_supported() if cuda else cpu_has_native_bf16()
-    bf16 = t.precision == "bf16" or (t.precision == "auto" and native_bf16)
+    bf16 = t.precision == "bf16" or (t.precision == "auto" and native_bf16(device))
     channels_last = t.channels_last != "off"
     compile_ = t.compile == "on" or (t.compile == "auto" and cuda)
     graphs = t.cuda_graphs == "on" or (t.cuda_graphs == "auto" and cuda)

@@ -336,6 +336,7 @@ def _seed(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from bss_model.cli import add_common_flags
     from bss_model.errors import cli_entry
 
     @cli_entry
@@ -355,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--data-dir", default=None, help="for --demo: folder with mnist/ and fashion-mnist/")
         p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
         p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default")
+        add_common_flags(p, "bss-separate")
         args = p.parse_args(argv)
         if not args.images and not args.demo:
             p.error("give at least one IMAGE, or --demo N to try the model on test mixtures")

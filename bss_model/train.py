@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import logging
 import math
@@ -30,6 +31,7 @@ import torch
 
 from bss_model import checkpoint as ckpt
 from bss_model import losses
+from bss_model.cli import add_common_flags, command_name, overrides, print_config, require_extra, resolve_config
 from bss_model.config import (
     Config,
     apply_overrides,
@@ -45,7 +47,7 @@ from bss_model.data import PairSampler, Splits, draw_pairs, load_splits, mix
 from bss_model.ema import EMA
 from bss_model.errors import CheckpointError, ConfigError, cli_entry
 from bss_model.evaluate import batched_mse, model_predictor
-from bss_model.io import atomic_write_json, logging_to, next_run_dir
+from bss_model.io import atomic_write_json, atomic_write_text, logging_to, next_run_dir
 from bss_model.model import build_model, count_parameters
 from bss_model.progress import EpochProgress
 from bss_model.runtime import Runtime, apply_torch_settings, check_machine, resolve_runtime
@@ -57,6 +59,11 @@ log = logging.getLogger("bss")
 OnEpoch = Callable[[dict[str, Any], Path], None]
 # The step cap of an epoch that ends on time alone (train.samples_per_epoch 0 with a time limit).
 UNCAPPED_STEPS = 2**62
+
+# Each epoch's metrics, one JSON line, appended as the epoch ends (after its checkpoint), so that an outside
+# agent (a W&B agent, Syne Tune's local backend, an Optuna ask/tell loop) can follow a run while it trains.
+# metrics.json, written at the end, holds the same history with the run's status.
+METRICS_LOG = "metrics.jsonl"
 
 
 @dataclass
@@ -310,7 +317,7 @@ def train(
     progress: bool = False,
     tensorboard_dir: str | Path | None = None,
 ) -> TrainResult:
-    """Train ``cfg`` into ``out_dir`` (checkpoint/, tb/, metrics.json), resuming if asked.
+    """Train ``cfg`` into ``out_dir`` (checkpoint/, tb/, metrics.jsonl as it goes, metrics.json), resuming if asked.
 
     The checkpoint goes to ``checkpoint_dir`` (default ``out_dir/checkpoint``), rewritten
     atomically after every epoch; the TensorBoard events go to ``tensorboard_dir`` (default
@@ -357,6 +364,10 @@ def _train(
         tr.restore(resume)  # before writing anything: a refused resume must leave the run folder as it was
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir / "config.yaml")
+    # The epochs the checkpoint holds (none for a new run): a run resumed after a kill between a checkpoint and
+    # its line has every epoch once, and one resumed from an older checkpoint drops the epochs it will redo.
+    metrics_log = out_dir / METRICS_LOG
+    atomic_write_text(metrics_log, "".join(json.dumps(m) + "\n" for m in tr.history))
     tr.open_writer()
     t = cfg.train
     budget = (
@@ -420,6 +431,8 @@ def _train(
                     tr.log_images()
                 w.flush()
             tr.save()
+            with open(metrics_log, "a", encoding="utf-8") as f:
+                f.write(json.dumps(metrics) + "\n")
             log.info(
                 "epoch %d/%d train %.3e val %.3e lr %.1e %.0f samples/s",
                 tr.epoch, t.epochs, train_mse, val["mse"], metrics["lr"], metrics["samples_per_s"],
@@ -516,8 +529,10 @@ def new_run_dir(root: Path, name: str) -> Path:
 def main(argv: list[str] | None = None) -> int:
     @cli_entry
     def _main() -> int:
-        p = argparse.ArgumentParser(prog="python -m bss_model.train", description="Train one U-Net configuration.")
-        p.add_argument("--config", default=None, help="YAML config, e.g. configs/seed.yaml (else the defaults)")
+        prog = command_name("bss-train", "python -m bss_model.train")
+        p = argparse.ArgumentParser(prog=prog, description="Train one U-Net configuration.")
+        p.add_argument("--config", default=None,
+                       help="a YAML file or a shipped config's name (seed); else the defaults")  # fmt: skip
         p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. --set train.lr=3e-4 (repeatable)")  # fmt: skip
         p.add_argument("--out", default="runs", help="root folder; each run gets an auto-numbered subfolder")
@@ -525,9 +540,15 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--resume", default=None,
                        help="checkpoint.pt or run folder to continue from, with the run's own config; "
                        "--set may change its epochs, hardware, logging and eval settings")  # fmt: skip
+        p.add_argument("--metrics-stdout", action="store_true",
+                       help="also print each epoch's metrics as a JSON line on stdout as it ends (they always go to "
+                       "metrics.jsonl in the run folder), for an outside sweeper reading them live")  # fmt: skip
+        add_common_flags(p, "bss-train", "model")
         args = p.parse_args(argv)
+        if args.config:
+            args.config = resolve_config(args.config, "model")
         # A path is a string as typed, never YAML (`data #1` is no comment): set_string quotes it.
-        sets = list(args.sets) + ([set_string("data.dir", str(Path(args.data_dir).resolve()))] if args.data_dir else [])
+        sets = overrides(args) + ([set_string("data.dir", str(Path(args.data_dir).resolve()))] if args.data_dir else [])
         changes: dict[str, tuple[Any, Any]] = {}
         if args.resume:
             resume = ckpt.resolve_path(args.resume)
@@ -536,15 +557,29 @@ def main(argv: list[str] | None = None) -> int:
         else:
             cfg = load_config(args.config, sets)
             resume = None
+        if args.print_config:
+            print_config(cfg.to_dict())
+            return 0
         check_machine(cfg.train)  # this machine's devices and CPUs, before a run folder is made
+        if cfg.train.tensorboard:
+            require_extra("search", "bss-train's TensorBoard logging (train.tensorboard=true; false turns it off)",
+                          ("tensorboard",))  # fmt: skip
         if resume is None:
             out = new_run_dir(Path(args.out), Path(args.config).stem if args.config else "default")
-        with logging_to(out / "train.log"):
+
+        def on_epoch(metrics: dict[str, Any], checkpoint_dir: Path) -> None:
+            if args.metrics_stdout:
+                print(json.dumps(metrics), flush=True)
+
+        # With --metrics-stdout, stdout carries JSON lines alone (each epoch's, then the result's); the log: stderr.
+        with logging_to(out / "train.log", stream=sys.stderr if args.metrics_stdout else None):
             if changes:
                 log.info("resuming with changes asked for: %s", describe_diff(changes, "was", "now"))
-            # The bar only on a terminal: CI logs and redirected output keep just the plain per-epoch lines.
+            # The bar only on a terminal (and with tqdm, of the search extra): CI logs and redirected output keep
+            # just the plain per-epoch lines.
+            bar = sys.stderr.isatty() and importlib.util.find_spec("tqdm") is not None
             try:
-                result = train(cfg, out_dir=out, resume=resume, progress=sys.stderr.isatty())
+                result = train(cfg, on_epoch=on_epoch, out_dir=out, resume=resume, progress=bar)
             except (torch.OutOfMemoryError, RuntimeError) as exc:
                 if not out_of_memory(exc):
                     raise

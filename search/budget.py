@@ -26,7 +26,9 @@ pipeline measures, calls these, and runs what they say.
 from __future__ import annotations
 
 import math
+import os
 import re
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -47,6 +49,25 @@ ACTOR_START_ESTIMATE_S = 3.0
 # The samples a retrain seed is expected to train are reported at this share of the winner's measured
 # speed (a seed's epochs and schedule run on its time limit, so it trains what the machine gives it).
 RETRAIN_SPEED_SLACK = 0.92
+
+
+def process_started_at() -> float:
+    """When this process started (``time.time()`` scale): the budget counts from the command's start, its
+    imports included. From /proc on Linux; elsewhere, the first time this is asked."""
+    global _FALLBACK_START
+    try:
+        ticks = os.sysconf("SC_CLK_TCK")
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as f:
+            boot = next(float(line.split()[1]) for line in f if line.startswith("btime"))
+        return boot + start_ticks / ticks
+    except (OSError, ValueError, IndexError, StopIteration):
+        _FALLBACK_START = _FALLBACK_START or time.time()
+        return _FALLBACK_START
+
+
+_FALLBACK_START: float | None = None
 
 
 # --------------------------------------------------------------------------------------

@@ -77,6 +77,13 @@ class TuneSection:
     points_to_evaluate: list = field(default_factory=list)
     checkpoints_to_keep: int = 2
     verbose: int = 0  # 0: the project's lines (search/console.py); 1: + Ray Tune's trial table; 2-3: + its results
+    # Experiment trackers, by name, with their settings: {mlflow: {tracking_uri: ...}, wandb: {mode: offline}}
+    # (Ray's integrations; search/trackers.py). Each needs its extra: pip install 'bss-search[mlflow]'.
+    callbacks: dict = field(default_factory=dict)
+    # Where the Optuna study lives (search/study.py): "" = <experiment>/optuna.db, one SQLite file per experiment;
+    # or an Optuna storage URL a team shares (postgresql://user@host/studies; ${VAR}s are read from the environment
+    # when connecting, so no password is saved). The study is named after the experiment either way.
+    study_storage: str = ""
 
     def validate(self) -> None:
         def check(ok: bool, key: str, value: Any, expected: str) -> None:
@@ -112,6 +119,14 @@ class TuneSection:
                 f"tune.name={shown(self.name, 60)} is {len(self.name.encode('utf-8', 'surrogatepass'))} bytes long, "
                 f"and a folder name holds at most {NAME_MAX}: shorten it"
             )
+        if self.callbacks:
+            from search.trackers import check_callbacks
+
+            check_callbacks(self.callbacks)
+        if self.study_storage:
+            from search.study import check_storage_url
+
+            check_storage_url(self.study_storage)
 
 
 @dataclass

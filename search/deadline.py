@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -27,6 +26,7 @@ from ray.tune.search import Searcher
 
 from bss_model.io import atomic_write_json
 from search import storage
+from search.budget import process_started_at  # noqa: F401 -- where the budget's clock starts
 
 log = logging.getLogger("bss")
 
@@ -35,25 +35,6 @@ LEDGER_EVERY_S = 15.0
 # Tune's own stop, should a trial overrun the deadline it was given (it never should: trials are time-boxed
 # and refuse to start or go on when they cannot finish): this long after the phase's deadline.
 BACKSTOP_S = 20.0
-
-
-def process_started_at() -> float:
-    """When this process started (``time.time()`` scale): the budget counts from the command's start, its
-    imports included. From /proc on Linux; elsewhere, the first time this is asked."""
-    global _FALLBACK_START
-    try:
-        ticks = os.sysconf("SC_CLK_TCK")
-        with open("/proc/self/stat") as f:
-            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/stat") as f:
-            boot = next(float(line.split()[1]) for line in f if line.startswith("btime"))
-        return boot + start_ticks / ticks
-    except (OSError, ValueError, IndexError, StopIteration):
-        _FALLBACK_START = _FALLBACK_START or time.time()
-        return _FALLBACK_START
-
-
-_FALLBACK_START: float | None = None
 
 
 class Ledger:

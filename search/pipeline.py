@@ -92,7 +92,7 @@ def search_step(
     rows = selection.summarize_trials(results, cfg.base.train.epochs)
     summary = selection.search_summary(cfg.base, rows, time.time() - t0)
     # Before the summary: a kill in between reruns this step on --resume, and the study adds no trial twice.
-    study.record_results(root, cfg.tune.name, cfg.dimensions(), results, cfg.base.train.epochs)
+    study.record_results(root, cfg.tune.name, cfg.dimensions(), results, cfg.base.train.epochs, cfg.tune.study_storage)
     storage.save_summary(root, summary)
     if job is not None:
         job.search_done(summary)
@@ -224,6 +224,8 @@ def search_retrain_report(
         print(f"experiment {root} is already finished: nothing was rerun or rewritten; report: "
               f"{storage.local_dir(root) / 'report.md'}")  # fmt: skip
         return {}
+    if cfg.tune.study_storage:  # a shared database: it answers, and the study of this name is this experiment's
+        study.claim_study(cfg.tune.study_storage, cfg.tune.name, root, resume)
     if resume:
         storage.load_summary(root)  # a damaged summary is one line now, not after Ray has started
         # A driver on another machine (an empty mirror) goes on with the study in storage.
@@ -238,7 +240,7 @@ def search_retrain_report(
     with log_file(storage.local_dir(root) / "search.log"):
         if changes:
             log.info("resuming with changed settings: %s", describe_diff(changes, "was", "now"))
-        print("\n".join(where_lines(root, cfg.tune.name)), flush=True)
+        print("\n".join(where_lines(root, cfg.tune.name, cfg.tune.study_storage)), flush=True)
         ray_t0 = time.time()
         init_ray(address)
         if cfg.budget and cluster:  # the trials' hardware is the cluster's: probe it there, before any trial

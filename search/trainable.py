@@ -3,8 +3,8 @@
 It turns the sampled hyperparameters into a ``bss_model`` config, trains with an
 ``on_epoch`` that calls ``ray.tune.report(metrics, checkpoint=...)``, and resumes
 from ``ray.tune.get_checkpoint()`` when Tune restarts the trial after a failure.
-Everything the trial writes in its working directory (TensorBoard events,
-metrics.json, config.yaml) is synced to ``storage_path`` as trial artifacts.
+Everything the trial writes in its folder (``tune.get_context().get_trial_dir()``: TensorBoard
+events, metrics.json, metrics.jsonl, config.yaml) is synced to ``storage_path`` as trial artifacts.
 
 A trial given a fraction of a GPU (``tune.gpus_per_trial`` < 1) caps its CUDA memory at that
 share first: Ray's fractional GPUs are a scheduling promise, not isolation, and without the cap
@@ -200,11 +200,14 @@ def train_trial(
         last_checkpoint[0] = now
         tune.report(out, checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))
 
+    # The trial's folder from Tune itself, not the working directory: that is the folder only while Ray's
+    # RAY_CHDIR_TO_TRIAL_DIR is on (its default), and users turn it off to read files relative to their own.
+    trial_dir = Path(tune.get_context().get_trial_dir())
     try:
         try:
             # TensorBoard events into the trial folder itself, beside Tune's: one run per trial.
-            result = train(cfg, on_epoch=on_epoch, out_dir=Path.cwd(), resume=resume, splits=splits,
-                           checkpoint_dir=stage / "current", tensorboard_dir=Path.cwd())  # fmt: skip
+            result = train(cfg, on_epoch=on_epoch, out_dir=trial_dir, resume=resume, splits=splits,
+                           checkpoint_dir=stage / "current", tensorboard_dir=trial_dir)  # fmt: skip
         except _Cut:
             return
         except SystemExit as exc:

@@ -28,9 +28,10 @@ from search.console import STATUS_EVERY_S, SearchProgress, seed_label, trial_lab
 from search.deadline import DeadlineSearcher, DeadlineStopper, read_deadline
 from search.selection import METRIC, MODE
 from search.space import param_space
-from search.storage import check_writable, is_uri, storage_failure, storage_lost, tune_path
+from search.storage import check_writable, is_uri, local_dir, storage_failure, storage_lost, tune_path
 from search.study import StudyRecorder
 from search.tb_logger import TensorBoardLogger
+from search.trackers import make_callbacks
 from search.trainable import train_trial
 
 log = logging.getLogger("bss")
@@ -111,6 +112,8 @@ def make_scheduler(max_t: int, grace_period: int, reduction_factor: float) -> AS
 
 
 def _run_config(cfg: SearchConfig, root: str, name: str, callbacks: list[Callback], stop: Any = None) -> tune.RunConfig:
+    # The trackers of tune.callbacks (MLflow, W&B: search/trackers.py) follow both phases.
+    trackers = make_callbacks(cfg.tune.callbacks, cfg.tune.name, str(local_dir(root)), name)
     return tune.RunConfig(
         name=name,
         stop=stop,
@@ -122,7 +125,7 @@ def _run_config(cfg: SearchConfig, root: str, name: str, callbacks: list[Callbac
         sync_config=tune.SyncConfig(sync_artifacts=True),
         verbose=cfg.tune.verbose,
         # The search's trials are the HPARAMS tab's rows; the retrain's seeds differ by seed alone.
-        callbacks=[*callbacks, TensorBoardLogger(hparams=name == "search")],
+        callbacks=[*callbacks, *trackers, TensorBoardLogger(hparams=name == "search")],
     )
 
 
@@ -208,6 +211,7 @@ def run_search(
                 num_samples=cfg.tune.num_samples,
                 max_concurrent_trials=cfg.tune.max_concurrent,
                 trial_dirname_creator=trial_label,  # also its TensorBoard run: search/007-f785168e
+                trial_name_creator=trial_label,  # ... and its name in Ray's own views (console, dashboard, ResultGrid)
                 reuse_actors=budgeted and not trial_gpus(cfg.tune.gpus_per_trial),
             ),
             # Tune pickles these into the experiment (tuner.pkl), so a --resume restores them, the
@@ -218,7 +222,7 @@ def run_search(
                 "search",
                 [
                     SearchProgress(budget, cfg.tune.num_samples),
-                    StudyRecorder(root, cfg.tune.name, cfg.dimensions(), budget),
+                    StudyRecorder(root, cfg.tune.name, cfg.dimensions(), budget, cfg.tune.study_storage),
                 ],
                 stop=DeadlineStopper(root, "search") if budgeted else None,
             ),
@@ -278,6 +282,7 @@ def run_retrain(
                 num_samples=1,
                 max_concurrent_trials=cfg.retrain.max_concurrent or cfg.tune.max_concurrent,
                 trial_dirname_creator=seed_label,  # retrain/seed-1000
+                trial_name_creator=seed_label,
             ),
             run_config=_run_config(
                 cfg,

@@ -520,10 +520,11 @@ def test_a_device_file_as_the_config_is_refused(
 @pytest.fixture
 def run_cfg(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     """search/run.py's config, captured where the pipeline would start (nothing runs)."""
-    import search.run
+    import search.pipeline
 
     seen: list[Any] = []
-    monkeypatch.setattr(search.run, "search_retrain_report", lambda cfg, *args: seen.append(cfg))
+    # search/run.py imports the pipeline when it runs (after its extra check): patch it where it is taken from.
+    monkeypatch.setattr(search.pipeline, "search_retrain_report", lambda cfg, *args: seen.append(cfg))
     return seen
 
 
