@@ -9,10 +9,10 @@ MSE (mean over the retrain's seeds, 10 x 20,000 pairs) comes from the job's repo
 
 Side by side, on the same machine, it trains the reference network and recipe (``configs/seed.yaml``: the
 seed notebook's U-Net, Adam 1e-3, batch 32, the plateau schedule) with ``bss_model.train`` for the same wall
-times, and evaluates it with the same protocol. One reference run of the longest budget keeps a snapshot at
-each budget: the plateau schedule only acts at the end of an epoch (161,984 samples, over 30 minutes on this
-CPU), so the first B seconds of a long run are a run of B seconds exactly. Its evaluations are not counted
-in its time (which favours the reference).
+times, and evaluates it with the same protocol's draws. One reference run of the longest budget keeps a
+snapshot at each budget (:func:`reference_run`). Its evaluations are not counted in its time (which favours the
+reference). ``--reference-pairs`` scores it on fewer pairs per draw: its network runs ~130 images per CPU-second
+here, so the full 10 x 20,000 costs ~25 CPU-minutes per snapshot; the JSON records the pairs used.
 
 ``--split-budget`` with ``--split-shares`` also runs the job at several ``plan.search_share`` values at one
 budget: the evidence for the share the configs state.
@@ -25,6 +25,7 @@ a machine nothing else is using: its figures are wall-clock times.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -103,49 +104,83 @@ def job_unit(config: Path, budget: str, share: float, work: Path) -> dict[str, A
     }
 
 
-def reference_unit(budget: str, work: Path) -> dict[str, Any]:
-    """The reference recipe (configs/seed.yaml) trained by ``bss_model.train`` for ``budget`` of wall time.
+def reference_run(budgets: list[str], work: Path) -> dict[str, dict[str, Any]]:
+    """The reference recipe (configs/seed.yaml) trained once by ``bss_model.train`` for the longest budget, with a
+    snapshot at every budget: {budget: unit}.
 
-    One epoch with a time limit: the recipe's plateau schedule only acts at an epoch's end (161,984 samples,
-    over half an hour on this CPU), so within the budget this is the recipe exactly, stopped at the budget.
-    Its validation pass is cut to 1,000 pairs so that nearly all of its time trains."""
-    seconds = parse_duration(budget)
+    The run is time-limited and split into epochs of the shortest budget's length (all budgets are multiples of
+    it), so an epoch ends at each budget and its checkpoint is the snapshot. The recipe's plateau schedule waits
+    9 epochs without progress before it acts, so within these few epochs it never does: the first B seconds of
+    this run are a run of B seconds exactly. Its validation pass is cut to 1,000 pairs so that nearly all of its
+    time trains."""
+    seconds = sorted({parse_duration(b): b for b in budgets}.items())
+    unit_s = seconds[0][0]
+    slices = round(seconds[-1][0] / unit_s)
+    keep = {round(s / unit_s): b for s, b in seconds}
+    if any(abs(k * unit_s - s) > 1e-6 for k, (s, _) in zip(keep, seconds, strict=True)):
+        raise SystemExit("time_to_quality.py: the reference needs budgets that are multiples of the shortest")
     out = work / "reference"
-    before = set(out.glob("*")) if out.exists() else set()
-    cmd = [sys.executable, "-m", "bss_model.train", "--config", str(ROOT / "configs" / "seed.yaml"), "--out", str(out),
-           "--set", "train.epochs=1", "--set", f"train.time_limit_s={seconds}", "--set", "train.tensorboard=false",
-           "--set", "data.val_pairs=1000"]  # fmt: skip
-    code, wall = run(cmd, work, work / f"reference-{budget}.log", timeout=seconds * 3 + 600)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--reference-worker", str(out), "--slices", str(slices),
+           "--limit", str(seconds[-1][0]), "--keep", ",".join(map(str, keep))]  # fmt: skip
+    code, wall = run(cmd, work, work / "reference.log", timeout=seconds[-1][0] * 3 + 600)
     if code != 0:
-        raise RuntimeError(f"the reference run exited {code}: see {work / f'reference-{budget}.log'}")
-    (run_dir,) = set(out.glob("*")) - before
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    return {"budget": budget, "budget_s": seconds, "wall_s": wall, "run_dir": str(run_dir),
-            "trained_s": metrics["time_used_s"], "samples": metrics["samples"],
-            "checkpoint": str(run_dir / "checkpoint" / "checkpoint.pt")}  # fmt: skip
+        raise RuntimeError(f"the reference run exited {code}: see {work / 'reference.log'}")
+    snaps = json.loads((out / "snapshots.json").read_text())
+    units = {keep[int(k)]: v for k, v in snaps.items()}
+    return {b: {"budget": b, "budget_s": parse_duration(b), **v} for b, v in units.items()}
 
 
-def evaluate_reference(unit: dict[str, Any], workers: int) -> dict[str, Any]:
-    """The protocol for one reference snapshot: the job's own evaluation, split over ``workers`` processes."""
+def reference_worker(out: Path, slices: int, limit: float, keep: list[int]) -> int:
+    """The reference run itself (a process of its own, as ``bss-train`` is): every kept epoch's checkpoint is
+    copied aside with the run's clock and samples at that point."""
+    import shutil
+
+    from bss_model import checkpoint as ckpt
+    from bss_model.config import load_config
+    from bss_model.io import next_run_dir
+    from bss_model.train import train
+
+    cfg = load_config(ROOT / "configs" / "seed.yaml", [f"train.epochs={slices}", f"train.time_limit_s={limit}",
+                                                       "train.tensorboard=false", "data.val_pairs=1000"])  # fmt: skip
+    run_dir = next_run_dir(out, "seed")
+    snaps: dict[str, Any] = {}
+
+    def on_epoch(metrics: dict[str, Any], checkpoint_dir: Path) -> None:
+        if metrics["epoch"] in keep:
+            snap = run_dir / f"snapshot-{metrics['epoch']}.pt"
+            shutil.copyfile(checkpoint_dir / ckpt.FILENAME, snap)
+            snaps[str(metrics["epoch"])] = {"trained_s": metrics["time_used_s"], "samples": metrics["samples"],
+                                            "val_mse": metrics["val_mse"], "checkpoint": str(snap)}  # fmt: skip
+            atomic_write_json(out / "snapshots.json", snaps)
+
+    result = train(cfg, on_epoch=on_epoch, out_dir=run_dir)
+    return 0 if result.status == "completed" else 1
+
+
+def evaluate_reference(unit: dict[str, Any], workers: int, pairs: int) -> dict[str, Any]:
+    """The protocol's draws for one reference snapshot (``pairs`` test pairs each), the job's own evaluation split
+    over ``workers`` processes of one thread."""
     import multiprocessing as mp
 
     from bss_model import checkpoint as ckpt
     from bss_model.evaluate import assemble
 
     cfg = ckpt.config_of(ckpt.load(unit["checkpoint"]), unit["checkpoint"])
-    chunks = [list(range(i, cfg.eval.draws, workers)) for i in range(workers)]
+    cfg_eval = dataclasses.replace(cfg.eval, pairs=pairs)
+    chunks = [list(range(i, cfg_eval.draws, workers)) for i in range(workers)]
     with mp.get_context("spawn").Pool(workers) as pool:
-        parts = pool.starmap(_draws, [(unit["checkpoint"], chunk) for chunk in chunks])
-    r = assemble({k: v for part in parts for k, v in part.items()}, 1, cfg.eval)["models"][0]
+        parts = pool.starmap(_draws, [(unit["checkpoint"], chunk, pairs) for chunk in chunks])
+    r = assemble({k: v for part in parts for k, v in part.items()}, 1, cfg_eval)["models"][0]
     return {"test_mse_mean": r["test_mse_mean"], "test_mse_std": r["test_mse_std"],
-            "test_mse_per_draw": r["test_mse_per_draw"]}  # fmt: skip
+            "test_mse_per_draw": r["test_mse_per_draw"],
+            "protocol": {"draws": cfg_eval.draws, "pairs": pairs}}  # fmt: skip
 
 
-def _draws(checkpoint: str, subset: list[int]) -> dict[int, list[dict[str, float]]]:
+def _draws(checkpoint: str, subset: list[int], pairs: int) -> dict[int, list[dict[str, float]]]:
     from bss_model.data import load_test
     from bss_model.evaluate import load_for_evaluation, models_draws
 
-    models, cfg, runtime = load_for_evaluation([checkpoint], device="cpu", threads=1)
+    models, cfg, runtime = load_for_evaluation([checkpoint], eval_overrides={"pairs": pairs}, device="cpu", threads=1)
     digit, fashion = load_test(cfg.data)
     return models_draws(models, digit, fashion, cfg.eval, runtime, subset)
 
@@ -199,7 +234,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default=str(ROOT / "build" / "time-to-quality"))
     p.add_argument("--json", default=str(RESULTS / "time-to-quality-cpu.json"))
     p.add_argument("--plot", default=str(RESULTS / "time-to-quality-cpu.png"))
+    p.add_argument(
+        "--reference-pairs",
+        type=int,
+        default=20000,
+        help="test pairs per draw for the reference's snapshots (the protocol's 20,000 by default)",
+    )
+    p.add_argument("--reference-worker", default=None, help=argparse.SUPPRESS)  # the reference run's own process
+    p.add_argument("--slices", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--limit", type=float, default=0.0, help=argparse.SUPPRESS)
+    p.add_argument("--keep", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.reference_worker:
+        keep = [int(k) for k in args.keep.split(",")]
+        return reference_worker(Path(args.reference_worker), args.slices, args.limit, keep)
     from search.config import load_search_config
 
     share = args.share if args.share is not None else load_search_config(args.config).plan.search_share
@@ -226,15 +274,16 @@ def main(argv: list[str] | None = None) -> int:
         )
     if not args.no_reference:
         refs = data.setdefault("reference", {})
-        for budget in args.budgets:  # the timed part first, then the protocol (untimed) for each
-            if budget not in refs:
-                print(f"reference recipe for {budget} ...", flush=True)
-                refs[budget] = reference_unit(budget, work)
-                atomic_write_json(out, data)
+        missing = [b for b in args.budgets if b not in refs]
+        if missing:  # the timed part first, then the protocol (untimed) for each snapshot
+            print(f"reference recipe for {', '.join(args.budgets)} (one run, a snapshot at each) ...", flush=True)
+            refs.update(reference_run(args.budgets, work))
+            atomic_write_json(out, data)
         for budget, unit in refs.items():
             if "test_mse_mean" not in unit:
-                print(f"reference at {budget}: the protocol ...", flush=True)
-                unit.update(evaluate_reference(unit, data["machine"]["cpus"]))
+                pairs = args.reference_pairs
+                print(f"reference at {budget}: the protocol's draws ({pairs} pairs each) ...", flush=True)
+                unit.update(evaluate_reference(unit, data["machine"]["cpus"], args.reference_pairs))
                 atomic_write_json(out, data)
     plot(data, Path(args.plot))
     print(table(data))

@@ -4,14 +4,16 @@
 
 A budgeted search time-boxes its trials (search/budget.py), so every second a trial spends starting is a
 second it does not train. This runs the project's own trainable (search/trainable.py) through Tune on a
-local Ray, with trials that train a tiny model for a fraction of a second, four ways:
+local Ray, with trials that train a tiny model for a fraction of a second, two ways:
 
-    fresh           a new actor per trial, each trial reading and checking the data files (the default)
-    reuse           Tune's reuse_actors: the next trial runs in the actor the last one used
-    shared          the data loaded once in the driver and passed through Ray's object store
-    reuse+shared    both (what a budgeted search on CPUs does)
+    fresh           a new actor per trial, each trial reading and checking the data files
+    shared          the data loaded once in the driver and passed through Ray's object store (what a
+                    search does on a local Ray)
 
-Per trial: overhead = (workers x the search's wall time - the trials' own epoch time) / trials. The four
+Tune's ``reuse_actors`` is not among them: a function trainable has no ``reset_config``, and Ray 2.60 errors
+the trial it would reuse an actor for.
+
+Per trial: overhead = (workers x the search's wall time - the trials' own epoch time) / trials. The two
 are run round-robin, ``--rounds`` times, in one process on one Ray: ratios side by side, as the machine's
 load drifts.
 """
@@ -34,7 +36,7 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout
 
 from bss_model.io import atomic_write_json  # noqa: E402
 
-VARIANTS = {"fresh": (False, False), "reuse": (True, False), "shared": (False, True), "reuse+shared": (True, True)}
+VARIANTS = {"fresh": (False, False), "shared": (False, True)}
 TINY = ["model.variant=tiny", "train.epochs=1", "train.samples_per_epoch=640", "data.val_pairs=200",
         "train.tensorboard=false", "train.image_every=0"]  # fmt: skip
 

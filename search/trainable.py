@@ -149,6 +149,7 @@ def train_trial(
     gpu_share: float = 0.0,
     deadline: float | None = None,
     splits: Splits | None = None,
+    cpus: float = 0.0,
 ) -> None:
     """Ray Tune function trainable. ``params``: sampled dotted keys; ``base``: a resolved config dict;
     ``gpu_share``: the GPUs Ray gave the trial (``tune.gpus_per_trial``, 0 on a cluster without GPUs);
@@ -156,8 +157,14 @@ def train_trial(
     checkpoint (a --resume, a retry) that can no longer finish its time box by then ends at its next epoch
     as "cut" (a new trial is only started when it can finish: search/deadline.py DeadlineSearcher);
     ``splits``: the training and validation images, shared by every trial through Ray's object store (a
-    local Ray), else each trial reads its node's files."""
+    local Ray), else each trial reads its node's files. ``cpus``: the CPUs Ray gave the trial
+    (``tune.cpus_per_trial``)."""
     cfg = with_overrides(base, params)
+    if not cfg.train.threads and cpus >= 1 and resolve_device(cfg.train.device).type == "cpu":
+        # Torch's default is one thread per core of the machine, whatever Ray reserved: two 1-CPU trials side by
+        # side each ran 2 OpenMP threads on 2 cores, and such processes slow down many times when they contend
+        # (README "The job on a time budget"). A CPU trial's threads are its CPUs, and its config says so.
+        cfg = with_overrides(cfg.to_dict(), {"train.threads": int(cpus)})
     if splits is not None:
         # Ray's object store hands out read-only arrays; torch wants to own writable memory (a copy takes
         # ~50 ms, reading and checking the files ~1-2 s).
@@ -182,7 +189,8 @@ def train_trial(
     last_checkpoint = [time.monotonic()]
 
     def on_epoch(metrics: dict[str, Any], checkpoint_dir: Path) -> None:
-        out = {**metrics, **info, "diverged": False, "budget_epochs": cfg.train.epochs}
+        out = {**metrics, **info, "diverged": False, "budget_epochs": cfg.train.epochs,
+               "torch_threads": torch.get_num_threads()}  # fmt: skip
         now = time.monotonic()
         final = metrics["epoch"] >= cfg.train.epochs
         cut = (

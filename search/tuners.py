@@ -50,7 +50,8 @@ def _trainable(cfg: SearchConfig, base: Config, trial_kwargs: dict[str, Any] | N
     if cfg.tune.gpus_per_trial and not gpus:
         log.warning("tune.gpus_per_trial=%s but the cluster has no GPU: trials run on CPU", cfg.tune.gpus_per_trial)
     warn_unschedulable(cfg.tune.cpus_per_trial, gpus)
-    fn = tune.with_parameters(train_trial, base=base.to_dict(), gpu_share=gpus, **(trial_kwargs or {}))
+    fn = tune.with_parameters(train_trial, base=base.to_dict(), gpu_share=gpus, cpus=cfg.tune.cpus_per_trial,
+                              **(trial_kwargs or {}))  # fmt: skip
     return tune.with_resources(fn, {"cpu": cfg.tune.cpus_per_trial, "gpu": gpus})
 
 
@@ -183,10 +184,9 @@ def run_search(
 ) -> tune.ResultGrid:
     """The search. With ``trial_kwargs`` (a budget: search/budgeted.py) its trials are time-boxed, no trial
     starts once it could not finish by the deadline the ledger holds (DeadlineSearcher), Tune stops what
-    overruns it (DeadlineStopper), and on CPUs actors are reused between trials: a time-boxed trial pays for
-    its start in its own time, so on a small budget the start matters (benchmarks/trial_overhead.py). Not on
-    GPUs: a reused process keeps torch.compile's caches, and past its 8 graphs per function dynamo would run
-    a trial eagerly, not time-fair."""
+    overruns it (DeadlineStopper), and the trials take the datasets from Ray's object store: a time-boxed
+    trial pays for its start in its own time, so on a small budget the start matters
+    (benchmarks/trial_overhead.py)."""
     budgeted = trial_kwargs is not None
     trainable = _trainable(cfg, cfg.base, trial_kwargs)
     path = tune_path(root, "search")
@@ -212,7 +212,10 @@ def run_search(
                 max_concurrent_trials=cfg.tune.max_concurrent,
                 trial_dirname_creator=trial_label,  # also its TensorBoard run: search/007-f785168e
                 trial_name_creator=trial_label,  # ... and its name in Ray's own views (console, dashboard, ResultGrid)
-                reuse_actors=budgeted and not trial_gpus(cfg.tune.gpus_per_trial),
+                # No actor reuse: a function trainable has no reset_config, and Ray 2.60 errors the trial it
+                # would reuse an actor for ("Trainable runner reuse requires reset_config()"), seen in a
+                # budgeted laptop search; the datasets come from the object store instead.
+                reuse_actors=False,
             ),
             # Tune pickles these into the experiment (tuner.pkl), so a --resume restores them, the
             # study recorder with the epochs it had seen.

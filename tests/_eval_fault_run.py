@@ -19,17 +19,17 @@ LIMIT = int(sys.argv[1])
 
 
 # Defined in __main__, it reaches the Ray worker of the evaluation task by value, with LIMIT.
-def evaluate_seeds(seeds: Any, eval_overrides: dict[str, Any] | None = None, *args: Any, **kwargs: Any) -> Any:
-    """search.best_model.evaluate_seeds, refusing batches above LIMIT."""
-    from search.best_model import evaluate_seeds as real_evaluate_seeds
+def seed_draws(seeds: Any, eval_overrides: dict[str, Any] | None = None, *args: Any, **kwargs: Any) -> Any:
+    """search.best_model.seed_draws (what each evaluation task runs), refusing batches above LIMIT."""
+    from search.best_model import seed_draws as real_seed_draws
 
     if (eval_overrides or {}).get("batch_size", 0) > LIMIT:
         raise RuntimeError(
             f"injected: eval.batch_size={eval_overrides['batch_size']} does not fit (tests/_eval_fault_run.py)"
         )
-    return real_evaluate_seeds(seeds, eval_overrides, *args, **kwargs)
+    return real_seed_draws(seeds, eval_overrides, *args, **kwargs)
 
 
 if __name__ == "__main__":
-    search.best_model.evaluate_seeds = evaluate_seeds  # what the evaluation task runs, in this driver only
+    search.best_model.seed_draws = seed_draws  # what the evaluation tasks run, in this driver only
     raise SystemExit(main(sys.argv[2:]))

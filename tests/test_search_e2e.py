@@ -160,6 +160,10 @@ def test_search_trials_never_touch_the_test_set(experiment: tuple[Path, subproce
     for trial in trial_dirs(exp, "search"):
         for line in result_lines(trial):
             assert not [k for k in line if k.startswith(("test_", "baseline_"))], trial.name
+    # A CPU trial runs as many torch threads as the CPUs Ray gave it (tune.cpus_per_trial: 1), not torch's
+    # default of one per core of the machine: 1-CPU trials side by side contended with 2 threads each.
+    for trial in [*trial_dirs(exp, "search"), *trial_dirs(exp, "retrain")]:
+        assert {line["torch_threads"] for line in result_lines(trial)} == {1}, trial.name
     # Nor do the retrain's seeds: the evaluation step scores every finished seed and their ensemble in one pass
     # over the protocol, after the retrain (evaluation.json), and the report takes each seed's figure from it.
     seeds = trial_dirs(exp, "retrain")
