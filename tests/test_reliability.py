@@ -371,6 +371,27 @@ def test_a_process_killed_mid_write_leaves_the_previous_file(tmp_path: Path) -> 
     assert all(p.name.startswith(".report.json.") and p.suffix == ".tmp" for p in tmp_path.iterdir() if p != report)
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_atomic_outputs_get_the_users_umask(tmp_path: Path, umask: int) -> None:
+    """Issue 21: every atomically written output (best_model.pt, the reports, search_config.yaml) was mode 0600
+    (tempfile.mkstemp's), so other users of a shared NFS experiment folder could not read them."""
+    import torch
+
+    from bss_model.io import atomic_torch_save, atomic_write_all, atomic_write_json, atomic_write_text
+
+    before = os.umask(umask)
+    try:
+        atomic_write_json(tmp_path / "report.json", {"a": 1})
+        atomic_write_text(tmp_path / "search_config.yaml", "a: 1\n")
+        atomic_torch_save({"w": torch.ones(1)}, tmp_path / "best_model.pt")
+        atomic_write_all([(tmp_path / "panel.png", b"png")])
+        (tmp_path / "plain.txt").write_text("as any tool writes it")
+    finally:
+        os.umask(before)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == dict.fromkeys(modes, 0o666 & ~umask), modes
+
+
 # --------------------------------------------------------------------------------------
 # Bad input: one line "error: ...", exit 2, no traceback, Ray never started, nothing overwritten.
 # The real CLI mains run in-process (seconds, not a Python start each) with ray.init booby-trapped.
