@@ -12,6 +12,7 @@ without retraining seeds that had finished.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 from bss_model.errors import ConfigError, cli_entry
@@ -64,8 +65,9 @@ def main(argv: list[str] | None = None) -> int:
                 setattr(section, key, getattr(args, flag))
         if args.verbose:
             cfg.tune.verbose = 2
-        cmd = " ".join([prog, *(argv if argv is not None else sys.argv[1:])])
-        resume_cmd = cmd if "--resume" in cmd or args.experiment else cmd + " --resume"
+        raw = list(argv if argv is not None else sys.argv[1:])
+        again = "--resume" in raw or args.experiment  # --experiment continues its retrain without the flag
+        resume_cmd = shlex.join([*prog.split(), *raw] + ([] if again else ["--resume"]))  # pasted back as typed
         with entry_point(cfg.tune.verbose):
             retrain_report(cfg, summary, root, args.resume, args.address, args.data_dir, resume_cmd)
         return 0

@@ -14,6 +14,7 @@ so this file needs no sys.path lines.)
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 from bss_model.errors import ConfigError, cli_entry
@@ -52,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"--name {args.name!r} " + str(exc).split(" ", 1)[1]) from None
             raise
         raw = argv if argv is not None else sys.argv[1:]
-        resume_cmd = " ".join([prog, *raw] + ([] if args.resume else ["--resume"]))
+        # Shell-quoted: pasted back, an argument with a space or a quote is the same argument.
+        resume_cmd = shlex.join([*prog.split(), *raw] + ([] if args.resume else ["--resume"]))
         with entry_point(cfg.tune.verbose):
             search_retrain_report(cfg, args.resume, args.address, args.data_dir, resume_cmd)
         return 0
