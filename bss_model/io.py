@@ -160,6 +160,23 @@ def logging_to(log_file: Path | None = None, level: int = logging.INFO) -> Itera
         logger.propagate = propagate_before
 
 
+class _LogFile(logging.FileHandler):
+    """A log file that, once it cannot be written (a full disk), says so in one line and stops trying: not a
+    "--- Logging error ---" traceback per record on the console, which keeps every line."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        if getattr(self, "_failed", False):
+            return
+        self._failed = True
+        exc = sys.exc_info()[1]
+        print(f"notice: {self.baseFilename} can no longer be written ({exc}): the console has the rest of the log",
+              file=sys.stderr)  # fmt: skip
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not getattr(self, "_failed", False):
+            super().emit(record)
+
+
 @contextlib.contextmanager
 def log_file(path: Path) -> Iterator[None]:
     """The ``bss`` logger also to the file ``path`` while the block runs (what reaches it is the logger's
@@ -170,7 +187,7 @@ def log_file(path: Path) -> Iterator[None]:
         yield
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path)
+    handler = _LogFile(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
     logger.addHandler(handler)
     try:

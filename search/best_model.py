@@ -132,3 +132,27 @@ def seed_ensemble(seeds: list[SeedResult], device: str, cpus: float, gpus: float
         members = ensemble_members(seeds)
         checkpoints = [str(s.checkpoint) for s in members]
         return EnsembleResult([s.seed for s in members], math.nan, math.nan, [], checkpoints, error=error)
+
+
+def unreadable(path: Path) -> str | None:
+    """Why ``path`` is not a loadable best_model.pt ("missing", "unreadable: ..."), else None."""
+    if not path.is_file():
+        return "missing"
+    try:
+        model, _ = ckpt.load_model(path)
+    except Exception as exc:  # noqa: BLE001 - a CheckpointError, or what a damaged file raises
+        return f"unreadable ({one_line(exc)[:160]})"
+    del model
+    return None
+
+
+def best_retrained(root: str) -> SeedResult:
+    """The retrain's best seed, chosen from its Tune results as the retrain chose it (no Ray needed)."""
+    from ray.tune import ExperimentAnalysis, ResultGrid
+
+    from search.selection import retrain_summary, summarize_retrain
+    from search.storage import tune_path
+    from search.tunefiles import tune_filesystem
+
+    analysis = ExperimentAnalysis(tune_path(root, "retrain"), storage_filesystem=tune_filesystem(root))
+    return retrain_summary(summarize_retrain(ResultGrid(analysis))).best

@@ -16,8 +16,10 @@ import shlex
 import sys
 
 from bss_model.errors import ConfigError, cli_entry
+from search import lock
 from search.console import command_name, entry_point
 from search.pipeline import finished_search, named_config, retrain_report
+from search.storage import experiment_root, root_of
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,23 +55,30 @@ def main(argv: list[str] | None = None) -> int:
                     "experiment's own settings, in its own folder, continuing whatever retrain it has; drop "
                     f"{flags} (to change settings, use `search/run.py --resume` or a new search)"
                 )
-            root, cfg, summary = finished_search(args.experiment)
+            target = root_of(args.experiment)
         else:
             storage_path = args.storage_path or "results"
-            root, cfg, summary = None, named_config(args.config, args.sets, args.name, storage_path), None
-        for flag, section, key in (("seeds", cfg.retrain, "seeds"),
-                                   ("max_concurrent", cfg.retrain, "max_concurrent"),
-                                   ("cpus_per_trial", cfg.tune, "cpus_per_trial"),
-                                   ("gpus_per_trial", cfg.tune, "gpus_per_trial")):  # fmt: skip
-            if getattr(args, flag) is not None:
-                setattr(section, key, getattr(args, flag))
-        if args.verbose:
-            cfg.tune.verbose = 2
-        raw = list(argv if argv is not None else sys.argv[1:])
-        again = "--resume" in raw or args.experiment  # --experiment continues its retrain without the flag
-        resume_cmd = shlex.join([*prog.split(), *raw] + ([] if again else ["--resume"]))  # pasted back as typed
-        with entry_point(cfg.tune.verbose):
-            retrain_report(cfg, summary, root, args.resume, args.address, args.data_dir, resume_cmd)
+            named = named_config(args.config, args.sets, args.name, storage_path)
+            target = experiment_root(named)
+        # One driver per experiment, held before its files are read: a search still running there is named.
+        with lock.hold(target):
+            if args.experiment:
+                root, cfg, summary = finished_search(args.experiment)
+            else:
+                root, cfg, summary = None, named, None
+            for flag, section, key in (("seeds", cfg.retrain, "seeds"),
+                                       ("max_concurrent", cfg.retrain, "max_concurrent"),
+                                       ("cpus_per_trial", cfg.tune, "cpus_per_trial"),
+                                       ("gpus_per_trial", cfg.tune, "gpus_per_trial")):  # fmt: skip
+                if getattr(args, flag) is not None:
+                    setattr(section, key, getattr(args, flag))
+            if args.verbose:
+                cfg.tune.verbose = 2
+            raw = list(argv if argv is not None else sys.argv[1:])
+            again = "--resume" in raw or args.experiment  # --experiment continues its retrain without the flag
+            resume_cmd = shlex.join([*prog.split(), *raw] + ([] if again else ["--resume"]))  # pasted back as typed
+            with entry_point(cfg.tune.verbose):
+                retrain_report(cfg, summary, root, args.resume, args.address, args.data_dir, resume_cmd)
         return 0
 
     return _main()

@@ -18,9 +18,11 @@ import shlex
 import sys
 
 from bss_model.errors import ConfigError, cli_entry
+from search import lock
 from search.config import load_search_config
 from search.console import command_name, entry_point
 from search.pipeline import search_retrain_report
+from search.storage import experiment_root
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         raw = argv if argv is not None else sys.argv[1:]
         # Shell-quoted: pasted back, an argument with a space or a quote is the same argument.
         resume_cmd = shlex.join([*prog.split(), *raw] + ([] if args.resume else ["--resume"]))
-        with entry_point(cfg.tune.verbose):
+        # One driver per experiment, for the whole run: a second is refused in one line naming this one.
+        with entry_point(cfg.tune.verbose), lock.hold(experiment_root(cfg)):
             search_retrain_report(cfg, args.resume, args.address, args.data_dir, resume_cmd)
         return 0
 

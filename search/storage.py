@@ -359,8 +359,20 @@ def prepare_experiment(cfg: SearchConfig, resume: bool) -> str:
             raise ConfigError(
                 f"cannot --resume: no experiment at {root}: drop --resume to start it, or fix tune.name/storage_path"
             )
+        if saved is None and has_started(root):
+            # The settings it ran with are gone: resuming with today's would overwrite the record, half apply.
+            raise ConfigError(
+                f"cannot --resume {root}: its {CONFIG_FILE} (the settings the experiment ran with) is missing, so "
+                "another config could not be told apart from its own: restore the file from a copy, or start a new "
+                "experiment with --name NEW; nothing was changed"
+            )
         if saved is not None:
             resume_changes(saved, cfg, root)
+        if not is_finished(root):  # Tune's own files, before Tune would quietly start the experiment over
+            from search.tunefiles import check_resumable
+
+            for phase in ("search", "retrain"):
+                check_resumable(root, phase)
     elif has_started(root):
         raise ConfigError(
             f"experiment {root} already exists: pass --resume to continue it, or choose another name with "

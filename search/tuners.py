@@ -25,12 +25,16 @@ from bss_model.errors import BssError
 from search.cluster import trial_gpus
 from search.config import SearchConfig
 from search.console import STATUS_EVERY_S, SearchProgress, seed_label, trial_label
+from search.guard import FitGuard, terminated
+from search.lock import ExperimentLost
+from search.lock import check as check_held
 from search.selection import METRIC, MODE
 from search.space import param_space
-from search.storage import check_writable, is_uri, storage_failure, storage_lost, tune_path
+from search.storage import StorageUnavailable, check_writable, is_uri, storage_failure, storage_lost, tune_path
 from search.study import StudyRecorder
 from search.tb_logger import TensorBoardLogger
 from search.trainable import train_trial
+from search.tunefiles import restore_mode, tune_filesystem
 
 log = logging.getLogger("bss")
 
@@ -110,6 +114,7 @@ def _run_config(cfg: SearchConfig, root: str, name: str, callbacks: list[Callbac
     return tune.RunConfig(
         name=name,
         storage_path=root if is_uri(root) else str(Path(root)),
+        storage_filesystem=tune_filesystem(root),  # a local experiment's files: whole or not at all
         failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.tune.checkpoints_to_keep),
         # Trials' own TensorBoard events and metrics live in their working dirs: sync them
@@ -130,15 +135,30 @@ def _fit(tuner: tune.Tuner, root: str, what: str, expected: int, resume_cmd: str
     summarised, and a --resume restores the state saved before the failure and reruns no finished trial.
     """
     try:
-        results = _finish(tuner.fit(), expected, what, resume_cmd)
+        with FitGuard(root) as watch:  # SIGTERM, a full disk, a lost folder: stopped as Ctrl-C stops it
+            fitted = tuner.fit()
+        _stopped(watch, root, what, resume_cmd)
+        results = _finish(fitted, expected, what, resume_cmd)
     except OSError as exc:  # pyarrow's errors for storage that does not answer
         raise storage_lost(root, what, exc, resume_cmd) from None
     _check_storage_after(results, root, what, resume_cmd)
     return results
 
 
+def _stopped(watch: FitGuard, root: str, what: str, resume_cmd: str) -> None:
+    """The one line for an experiment the guard stopped (search/guard.py)."""
+    if watch.reason == "disk full":
+        raise StorageUnavailable(
+            f"the storage of {root} is full ({watch.detail}): the {what} was stopped, and Tune's state saved before "
+            f"is kept, whole; free some space there, then resume with `{resume_cmd}`"
+        )
+    if watch.reason == "lost":
+        raise ExperimentLost(f"{watch.detail}: the {what} was stopped, and nothing more is written there")
+
+
 def _check_storage_after(results: tune.ResultGrid, root: str, what: str, resume_cmd: str) -> None:
     """Refuse to summarise trials that failed because the storage did (see :func:`_fit`)."""
+    check_held(root)  # the folder deleted (or the lease taken) in the last moments of the fit
     failed = [r.error for r in results if r.error is not None and storage_failure(str(r.error))]
     if failed:
         raise storage_lost(root, what, str(failed[0]).strip().splitlines()[-1], resume_cmd)
@@ -157,19 +177,22 @@ def _finish(results: tune.ResultGrid, expected: int, what: str, resume_cmd: str)
     trials = ExperimentAnalysis(results.experiment_path, storage_filesystem=results.filesystem).trials
     unfinished = [t for t in trials if t.status not in ("TERMINATED", "ERROR")]
     if unfinished or len(trials) < expected:
-        raise Interrupted(
-            f"{what} interrupted with {len(trials) - len(unfinished)}/{expected} trials finished; "
-            f"the state is saved: resume with `{resume_cmd}`"
+        exc = Interrupted(
+            f"{what} interrupted{' (SIGTERM)' if terminated() else ''} with {len(trials) - len(unfinished)}/{expected}"
+            f" trials finished; the state is saved: resume with `{resume_cmd}`"
         )
+        exc.exit_code = 143 if terminated() else Interrupted.exit_code  # 128 + the signal, as a shell reports it
+        raise exc
     return results
 
 
 def run_search(cfg: SearchConfig, root: str, resume: bool, resume_cmd: str) -> tune.ResultGrid:
     trainable = _trainable(cfg, cfg.base, evaluate_test=False)
     path = tune_path(root, "search")
-    if resume and tune.Tuner.can_restore(path):
+    mode = restore_mode(root, "search") if resume else "new"  # "rebuild": tuner.pkl lost, Tune's state there
+    if mode == "restore":
         log.info("resuming the search at %s", path)
-        tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+        tuner = _restore(root, path, trainable)
     else:
         budget = cfg.base.train.epochs
         sampler = make_sampler(cfg.tune.seed, cfg.tune.n_startup_trials)
@@ -199,7 +222,13 @@ def run_search(cfg: SearchConfig, root: str, resume: bool, resume_cmd: str) -> t
                 ],
             ),
         )
+        if mode == "rebuild":  # the new Tuner wrote tuner.pkl as the search first did: restore the saved state
+            tuner = _restore(root, path, trainable)
     return _fit(tuner, root, "search", cfg.tune.num_samples, resume_cmd)
+
+
+def _restore(root: str, path: str, trainable: Any) -> tune.Tuner:
+    return tune.Tuner.restore(path, trainable=trainable, resume_errored=True, storage_filesystem=tune_filesystem(root))
 
 
 class RetrainProgress(Callback):
@@ -236,9 +265,10 @@ def run_retrain(cfg: SearchConfig, best_cfg: Config, root: str, resume_cmd: str)
     seeds = cfg.retrain.seed_list
     trainable = _trainable(cfg, best_cfg, evaluate_test=True)
     path = tune_path(root, "retrain")
-    if tune.Tuner.can_restore(path):
+    mode = restore_mode(root, "retrain")
+    if mode == "restore":
         log.info("resuming the retrain at %s", path)
-        tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+        tuner = _restore(root, path, trainable)
     else:
         tuner = tune.Tuner(
             trainable,
@@ -252,6 +282,8 @@ def run_retrain(cfg: SearchConfig, best_cfg: Config, root: str, resume_cmd: str)
             ),
             run_config=_run_config(cfg, root, "retrain", [RetrainProgress(len(seeds), best_cfg.train.epochs)]),
         )
+        if mode == "rebuild":
+            tuner = _restore(root, path, trainable)
     t0 = time.time()
     results = _fit(tuner, root, "retrain", len(seeds), resume_cmd)
     log.info("retrain finished in %.0f s", time.time() - t0)
