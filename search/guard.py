@@ -82,7 +82,8 @@ def reinstall(handler: Any) -> None:
 
 class _DropAndTrip(logging.Filter):
     """On Ray's log handlers while Tune runs: a record that says the disk is full stops the experiment and is
-    dropped; once it is stopping, so is every traceback that follows from it."""
+    dropped; once the experiment is stopping (that, or Tune's own interrupt), so is every traceback that follows
+    from the stop."""
 
     def __init__(self, guard: FitGuard) -> None:
         super().__init__()
@@ -95,7 +96,13 @@ class _DropAndTrip(logging.Filter):
         if disk_full(text):
             self.guard.stop("disk full", _detail(text))
             return False
-        return not (self.guard.reason and (record.exc_info or "Traceback (most recent call last)" in text))
+        if "Stop signal received" in text:  # Tune's interrupt (Ctrl-C, SIGTERM, ours): what follows is its wake
+            self.guard.stopping = True
+        if not (self.guard.reason or self.guard.stopping):
+            return True
+        # The trials' actors Tune stops mid-call raise in their threads ("Unhandled error ... release unlocked
+        # lock"): the stop, not a fault. The tuners print the one line that matters.
+        return not (record.exc_info or "Traceback (most recent call last)" in text or "Unhandled error" in text)
 
 
 def _detail(text: str) -> str:
@@ -111,6 +118,7 @@ class FitGuard:
     def __init__(self, root: str) -> None:
         self.root = root
         self.reason: str | None = None  # "disk full" | "lost"
+        self.stopping = False  # Tune is being interrupted (by the user, a signal, or this guard)
         self.detail = ""
         self._asked = False
         self._done = threading.Event()

@@ -59,9 +59,16 @@ class _WholeFile:
             while view:
                 view = view[os.write(self.fd, view) :]
         except BaseException:
-            self.failed = True
+            self._discard()  # now: pyarrow may never close a stream whose write failed
             raise
         return len(data)
+
+    def _discard(self) -> None:
+        self.failed = self.closed = True
+        try:
+            os.close(self.fd)
+        finally:
+            self.tmp.unlink(missing_ok=True)
 
     def flush(self) -> None:
         pass
@@ -188,7 +195,7 @@ def _damage(path: str, name: str) -> str | None:
         data = _read(f"{path}/{name}")
     except OSError as exc:
         return " ".join(str(exc).split())[:200]
-    if name.endswith(".pkl"):
+    if not name.startswith("experiment_state-"):  # Tune pickles the others (search_gen_state-*.json too)
         return None if _whole_pickle(data) else "a cut-off pickle"
     try:
         state = json.loads(data)
