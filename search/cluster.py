@@ -64,6 +64,12 @@ def _init_ray(address: str | None) -> None:
                 runtime_env={"py_modules": modules, **WORKER_SETUP},
                 logging_level=logging.WARNING,
             )
+        except ray.exceptions.AuthenticationError as exc:
+            raise ConfigError(
+                f"the Ray cluster at {address} refused this driver's authentication ({' '.join(str(exc).split())[:300]}"
+                "): export RAY_AUTH_MODE=token, with the cluster's token in ~/.ray/auth_token or RAY_AUTH_TOKEN "
+                "(README: token authentication)"
+            ) from None
         except (ConnectionError, RuntimeError) as exc:
             raise ConfigError(f"cannot connect to the Ray cluster at {address} ({exc}): check --address") from None
         return
