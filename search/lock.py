@@ -13,10 +13,11 @@ that names the first: its host, pid and start time.
 - **Object storage (s3://, gs://):** nothing there can be locked, so ``<experiment>/driver.lease`` holds the
   holder and an expiry (``LEASE_TTL_S``), renewed by a thread every ``RENEW_EVERY_S``. A driver that crashed
   stops renewing, and its lease lapses: a ``--resume`` then takes the experiment over, at most
-  ``LEASE_TTL_S`` later. Stores offer no compare-and-swap through pyarrow, so two drivers starting within
-  ``SETTLE_S`` of each other both write a lease: each reads it back after ``SETTLE_S``, and only the one whose
-  lease is there goes on. Expiry is judged by the reader's clock against the writer's; TTL is minutes, clock
-  skew between machines is usually well under a second.
+  ``LEASE_TTL_S`` later -- at once on the machine it ran on, where its process can be seen to be gone (a
+  `ray job submit` job's driver always runs on the head). Stores offer no compare-and-swap through pyarrow,
+  so two drivers starting within ``SETTLE_S`` of each other both write a lease: each reads it back after
+  ``SETTLE_S``, and only the one whose lease is there goes on. Expiry is judged by the reader's clock against
+  the writer's: the TTL is a minute, clock skew between machines is usually well under a second.
 
 The lock also tells the driver when its experiment went away under it: a deleted (or moved) folder takes the
 lock file with it, and a deleted prefix or another driver's lease replaces the lease. :func:`check` then
@@ -47,8 +48,8 @@ log = logging.getLogger("bss")
 
 LOCK_FILE = ".driver.lock"
 LEASE_FILE = "driver.lease"
-LEASE_TTL_S = 120.0
-RENEW_EVERY_S = 30.0
+LEASE_TTL_S = 60.0
+RENEW_EVERY_S = 15.0
 SETTLE_S = 1.0
 
 
@@ -66,8 +67,25 @@ def _now_text(t: float) -> str:
     return datetime.fromtimestamp(t).astimezone().isoformat(timespec="seconds")
 
 
+def _process_start(pid: int) -> str | None:
+    """The start time of process ``pid`` (Linux: /proc/<pid>/stat's 22nd field), None if there is no such
+    process: with the pid, it names one process, never a later one that got the same pid."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
 def _holder() -> dict[str, Any]:
-    return {"host": socket.gethostname(), "pid": os.getpid(), "started": _now_text(time.time())}
+    pid = os.getpid()
+    return {"host": socket.gethostname(), "pid": pid, "started": _now_text(time.time()), "proc": _process_start(pid)}
+
+
+def _dead_here(holder: dict[str, Any]) -> bool:
+    """Whether ``holder`` ran on this machine and is gone (killed, crashed): its lease need not lapse."""
+    if holder.get("host") != socket.gethostname() or not holder.get("proc") or not Path("/proc/self/stat").exists():
+        return False
+    return _process_start(int(holder.get("pid", 0))) != holder["proc"]
 
 
 def _describe(holder: dict[str, Any] | None) -> str:
@@ -191,7 +209,10 @@ class StorageLease:
 
     def acquire(self) -> None:
         current = self.read()
-        if current and current.get("token") != self.token and float(current.get("expires", 0)) > time.time():
+        live = current and current.get("token") != self.token and float(current.get("expires", 0)) > time.time()
+        if live and _dead_here(current):
+            log.info("taking over %s from %s, which is no longer running", self.root, _describe(current))
+        elif live:
             raise _in_use(self.root, current, self._lapse(current))
         self._write()
         time.sleep(SETTLE_S)  # a driver that read "free" at the same moment has written its lease by now
