@@ -226,8 +226,8 @@ def finished_experiment(root: str, cfg: SearchConfig) -> None:
         storage.save_summary(root, summary)
         rebuilt.append(f"{storage.SUMMARY_FILE} (from report.json's trials)")
     model = out / best_model.FILENAME
-    storage.download(root, out, [best_model.FILENAME])
-    problem = best_model.unreadable(model)
+    in_storage = best_model.FILENAME in storage.download(root, out, [best_model.FILENAME])  # the truth, not the mirror
+    problem = best_model.unreadable(model) if in_storage else "missing"
     if problem:
         best = best_model.best_retrained(root)
         if best.seed != result["best_seed"]:

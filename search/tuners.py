@@ -174,7 +174,14 @@ def _finish(results: tune.ResultGrid, expected: int, what: str, resume_cmd: str)
     # Judge by the experiment state Tune saved, not by the in-memory Trial objects: on Ctrl-C
     # Tune saves the state (running trials RUNNING, which is what --resume restores) and *then*
     # stops the running trials, which marks them TERMINATED in memory as if they had finished.
-    trials = ExperimentAnalysis(results.experiment_path, storage_filesystem=results.filesystem).trials
+    # (Quietly: trials Tune had not started yet have no results, which Ray warns about for each, twice.)
+    analysis_log = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    level = analysis_log.level
+    analysis_log.setLevel(logging.ERROR)
+    try:
+        trials = ExperimentAnalysis(results.experiment_path, storage_filesystem=results.filesystem).trials
+    finally:
+        analysis_log.setLevel(level)
     unfinished = [t for t in trials if t.status not in ("TERMINATED", "ERROR")]
     if unfinished or len(trials) < expected:
         exc = Interrupted(
