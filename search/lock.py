@@ -42,7 +42,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from bss_model.errors import BssError
+from bss_model.errors import BssError, ConfigError
 
 log = logging.getLogger("bss")
 
@@ -112,8 +112,14 @@ class FolderLock:
 
     def acquire(self) -> None:
         folder = Path(self.root)
-        self.created = not folder.exists()
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            self.created = not folder.exists()
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a file of that name, a name too long for the filesystem...
+            raise ConfigError(
+                f"the experiment folder {self.root} cannot be made ({exc.strerror or exc}): choose another --name or "
+                "--storage-path"
+            ) from None
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
             try:
