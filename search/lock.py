@@ -42,7 +42,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from bss_model.errors import BssError, ConfigError
+from bss_model.errors import BssError
 
 log = logging.getLogger("bss")
 
@@ -115,11 +115,11 @@ class FolderLock:
         try:
             self.created = not folder.exists()
             folder.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:  # a file of that name, a name too long for the filesystem...
-            raise ConfigError(
-                f"the experiment folder {self.root} cannot be made ({exc.strerror or exc}): choose another --name or "
-                "--storage-path"
-            ) from None
+        except OSError:
+            # No folder to lock (a file of that name, a name too long for the filesystem): the experiment's own
+            # checks (storage.prepare_experiment) refuse it next, in their words; nothing can be written there.
+            self.created = False
+            return
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
             try:
