@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -147,10 +148,16 @@ def _fit(tuner: tune.Tuner, root: str, what: str, expected: int, resume_cmd: str
 
 def _stopped(watch: FitGuard, root: str, what: str, resume_cmd: str) -> None:
     """The one line for an experiment the guard stopped (search/guard.py)."""
-    if watch.reason == "disk full":
+    if watch.reason == "disk full" and _nearly_full(root):
         raise StorageUnavailable(
             f"the storage of {root} is full ({watch.detail}): the {what} was stopped, and Tune's state saved before "
             f"is kept, whole; free some space there, then resume with `{resume_cmd}`"
+        )
+    if watch.reason == "disk full":  # not the experiment's own disk: Ray's temp folder, a trial's staging folder
+        raise StorageUnavailable(
+            f"a disk the {what} writes to is full ({watch.detail}; the storage of {root} is not): the {what} was "
+            f"stopped, with Tune's state saved; free some space (Ray's temp folder, /tmp?), then resume with "
+            f"`{resume_cmd}`"
         )
     if watch.reason == "lost":
         raise ExperimentLost(f"{watch.detail}: the {what} was stopped, and nothing more is written there")
@@ -167,6 +174,17 @@ def _check_storage_after(results: tune.ResultGrid, root: str, what: str, resume_
             check_writable(root)
         except BssError as exc:
             raise storage_lost(root, what, exc, resume_cmd) from None
+
+
+def _nearly_full(root: str) -> bool:
+    """Whether a local experiment's own filesystem has (next to) no space left."""
+    if is_uri(root):
+        return False
+    try:
+        st = os.statvfs(root)
+    except OSError:
+        return True  # cannot tell: say it is the storage, which the user can check
+    return st.f_bavail * st.f_frsize < 16 * 1024 * 1024
 
 
 def _finish(results: tune.ResultGrid, expected: int, what: str, resume_cmd: str) -> tune.ResultGrid:
