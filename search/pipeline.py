@@ -105,6 +105,12 @@ def retrain_step(
     )
     storage.upload(root, out, ["report.json", "report.md", best_model.FILENAME, *figures.PICTURES.values()])
     print(f"report: {out / 'report.md'}")
+    print_result(result)
+    return result
+
+
+def print_result(result: dict[str, Any]) -> None:
+    """The report's two headline figures, as the console shows them."""
     mean, std, n = result["test_mse_mean"], result["test_mse_std"], len(result["seeds"])
     print(f"test MSE {mean:.3e} ± {std:.1e}: single model, mean ± std over {n} seeds")
     if result["test_mse_ensemble"] is not None:
@@ -112,7 +118,6 @@ def retrain_step(
             f"test MSE {result['test_mse_ensemble']:.3e} ± {result['test_mse_ensemble_std']:.1e}: ensemble of "
             f"{len(result['ensemble_seeds'])} seeds (predictions averaged), ± std over the protocol's draws"
         )
-    return result
 
 
 def search_retrain_report(
@@ -244,6 +249,7 @@ def finished_experiment(root: str, cfg: SearchConfig) -> None:
         )
     done = "nothing was rerun or rewritten" + (f"; rebuilt {' and '.join(rebuilt)}" if rebuilt else "")
     print(f"experiment {root} is already finished: {done}; report: {out / 'report.md'}")
+    print_result(result)
 
 
 def check_retrain_seeds(root: str, cfg: SearchConfig) -> None:
