@@ -604,3 +604,47 @@ def test_a_folder_deleted_under_a_running_search_ends_non_zero_in_one_line(tmp_p
         errors[0], proc.err[-3000:]  # fmt: skip
     assert "Traceback (most recent call last)" not in proc.err, proc.err[-3000:]
     assert not (exp / "report.json").exists() and "report:" not in proc.out
+
+
+# --------------------------------------------------------------------------------------
+# SIGTERM and a full disk at the command line (the real signal: the chain below)
+
+
+def test_sigterm_is_ctrl_c_inside_tune_and_exit_143_outside(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inside tuner.fit() SIGTERM calls the SIGINT handler Tune installed (Tune saves its state and stops); outside
+    it, it raises Terminated, which the entry points turn into exit 143."""
+    from bss_model.errors import Terminated
+    from search import guard
+
+    calls = []
+    monkeypatch.setitem(guard._state, "in_fit", True)
+    before = signal.signal(signal.SIGINT, lambda signum, frame: calls.append(signum))
+    try:
+        guard.on_sigterm(signal.SIGTERM, None)
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert calls == [signal.SIGINT] and guard.terminated()
+    monkeypatch.setitem(guard._state, "in_fit", False)
+    with pytest.raises(Terminated):
+        guard.on_sigterm(signal.SIGTERM, None)
+
+
+def test_the_commands_say_sigterm_and_a_full_disk_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    import errno
+
+    from bss_model.errors import Terminated, cli_entry
+
+    def failing(exc: BaseException) -> Any:
+        @cli_entry
+        def command() -> int:
+            raise exc
+
+        return command
+
+    full = OSError(errno.ENOSPC, "No space left on device", "/x/report.json")
+    said = "error: no space left on the device writing /x/report.json (No space left on device)"
+    for exc, code, words in ((Terminated(), 143, "interrupted (SIGTERM)"), (full, 75, said)):
+        with pytest.raises(SystemExit) as info:
+            failing(exc)()
+        err = capsys.readouterr().err
+        assert info.value.code == code and err.count("\n") == 1 and err.startswith(words), err
