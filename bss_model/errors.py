@@ -40,9 +40,21 @@ class Terminated(KeyboardInterrupt):
     exit_code = 143
 
 
+# A line a person reads: a message that quotes a huge value (a list of millions) is cut to this length.
+MAX_LINE = 2000
+
+
 def one_line(message: str) -> str:
     """Collapse a message onto one line so the CLI contract ("one line") holds."""
     return " ".join(str(message).split())
+
+
+def error_line(message: str) -> str:
+    """:func:`one_line`, cut to about MAX_LINE characters."""
+    line = one_line(message)
+    if len(line) <= MAX_LINE:
+        return line
+    return f"{line[: MAX_LINE - 40]} ... [{len(line) - MAX_LINE + 40:,} more characters]"
 
 
 def cli_entry(main: Callable[..., Any]) -> Callable[..., Any]:
@@ -57,7 +69,7 @@ def cli_entry(main: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return main(*args, **kwargs)
         except BssError as exc:
-            print(f"error: {one_line(exc)}", file=sys.stderr)
+            print(f"error: {error_line(exc)}", file=sys.stderr)
             raise SystemExit(exc.exit_code) from None
         except KeyboardInterrupt as exc:
             print("interrupted" + (" (SIGTERM)" if isinstance(exc, Terminated) else ""), file=sys.stderr)

@@ -14,12 +14,10 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from typing import Any
 
+from bss_model.cli import add_common_flags, command_name, overrides, print_config, require_extra, resolve_config
 from bss_model.errors import ConfigError, cli_entry
-from search import lock
-from search.console import command_name, entry_point
-from search.pipeline import finished_search, named_config, retrain_report
-from search.storage import experiment_root, root_of
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
         src = p.add_mutually_exclusive_group(required=True)
         src.add_argument("--experiment", help="a finished search's folder (results/<name>)")
-        src.add_argument("--config", help="a bss_model config (e.g. configs/seed.yaml) to retrain directly")
+        src.add_argument("--config", help="a bss_model config to retrain directly: a YAML file or a shipped name")
         p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                        help="with --config: override a config key (repeatable)")  # fmt: skip
         p.add_argument("--seeds", type=int, default=None, help="number of seeds (default: the config's, else 5)")
@@ -43,8 +41,22 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--verbose", action="store_true", help="Ray Tune's own trial tables too (tune.verbose=2)")
         p.add_argument("--address", default=None, help="Ray cluster address (else $RAY_ADDRESS, else local Ray)")
         p.add_argument("--data-dir", default=None, help="folder with mnist/ and fashion-mnist/")
+        add_common_flags(p, "bss-retrain", "model")
         args = p.parse_args(argv)
-        if args.experiment:
+        require_extra("search", prog)
+        from search import lock
+        from search.console import entry_point
+        from search.pipeline import finished_search, named_config, retrain_report
+        from search.storage import experiment_root, root_of
+
+        args.sets = overrides(args)  # bare KEY=VALUE arguments are --set items
+        given = {"--experiment": (args.experiment, "a finished search's folder (results/<name>)"),
+                 "--config": (args.config, "a bss_model config file"), "--name": (args.name, "a name"),
+                 "--storage-path": (args.storage_path, "a folder")}  # fmt: skip
+        for flag, (value, what) in given.items():
+            if value is not None and not value.strip():
+                raise ConfigError(f"{flag} {value!r} is empty: pass {what}")
+        if args.experiment is not None:
             # These shape a new experiment from --config; a finished search's retrain has its own (never ignore them).
             given = [flag for flag, value in (("--set", args.sets), ("--name", args.name),
                      ("--storage-path", args.storage_path), ("--resume", args.resume)) if value]  # fmt: skip
@@ -58,14 +70,11 @@ def main(argv: list[str] | None = None) -> int:
             target = root_of(args.experiment)
         else:
             storage_path = args.storage_path or "results"
-            named = named_config(args.config, args.sets, args.name, storage_path)
+            config = resolve_config(args.config, "model")
+            named = named_config(config, args.sets, args.name, storage_path)
             target = experiment_root(named)
-        # One driver per experiment, held before its files are read: a search still running there is named.
-        with lock.hold(target):
-            if args.experiment:
-                root, cfg, summary = finished_search(args.experiment)
-            else:
-                root, cfg, summary = None, named, None
+
+        def with_flags(cfg: Any) -> Any:
             for flag, section, key in (("seeds", cfg.retrain, "seeds"),
                                        ("max_concurrent", cfg.retrain, "max_concurrent"),
                                        ("cpus_per_trial", cfg.tune, "cpus_per_trial"),
@@ -74,6 +83,18 @@ def main(argv: list[str] | None = None) -> int:
                     setattr(section, key, getattr(args, flag))
             if args.verbose:
                 cfg.tune.verbose = 2
+            return cfg
+
+        if args.print_config:  # reads and writes nothing: no lock (which would make the folder)
+            print_config(with_flags(finished_search(args.experiment)[1] if args.experiment else named).to_dict())
+            return 0
+        # One driver per experiment, held before its files are read: a search still running there is named.
+        with lock.hold(target):
+            if args.experiment:
+                root, cfg, summary = finished_search(args.experiment)
+            else:
+                root, cfg, summary = None, named, None
+            cfg = with_flags(cfg)
             raw = list(argv if argv is not None else sys.argv[1:])
             again = "--resume" in raw or args.experiment  # --experiment continues its retrain without the flag
             resume_cmd = shlex.join([*prog.split(), *raw] + ([] if again else ["--resume"]))  # pasted back as typed
