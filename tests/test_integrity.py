@@ -53,7 +53,7 @@ def _captured(monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> dict[s
     seen: dict[str, Any] = {}
 
     def capture(*args: Any) -> dict:
-        seen["resume_cmd"] = args[-1]
+        (seen["resume_cmd"],) = [a for a in args if isinstance(a, str) and a.startswith("python ")]
         return {}
 
     monkeypatch.setattr(module, name, capture)
@@ -62,16 +62,17 @@ def _captured(monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> dict[s
 
 def test_resume_lines_are_shell_quoted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue 21: `resume with ...` joined the arguments with spaces, so one holding a space failed when pasted."""
+    import search.pipeline
     import search.retrain
     import search.run
 
     storage = str(tmp_path / "my results")
     argv = ["--config", SMOKE, "--storage-path", storage, "--name", "exp", *sets(*TINY, "base.train.lr=1e-3")]
-    seen = _captured(monkeypatch, search.run, "search_retrain_report")
+    seen = _captured(monkeypatch, search.pipeline, "search_retrain_report")  # imported at run time
     assert search.run.main(argv) == 0
     assert shlex.split(seen["resume_cmd"]) == ["python", "search/run.py", *argv, "--resume"]
 
-    seen = _captured(monkeypatch, search.retrain, "retrain_report")
+    seen = _captured(monkeypatch, search.pipeline, "retrain_report")
     argv = ["--config", str(Path(__file__).parents[1] / "configs" / "seed.yaml"), "--name", "it's mine",
             "--storage-path", storage, "--seeds", "2"]  # fmt: skip
     assert search.retrain.main(argv) == 0
