@@ -158,3 +158,24 @@ class FitGuard:
         self._done.set()
         for h in self._handlers:
             h.removeFilter(self._filter)
+
+
+@contextlib.contextmanager
+def resume_said(root: str, resume_cmd: str) -> Iterator[None]:
+    """Ctrl-C or SIGTERM outside ``tuner.fit()`` (Ray starting, the evaluation after the retrain, the report): once
+    the experiment has its settings (search_config.yaml), the resume command is said as the tuners say it inside
+    a fit, exit 143 for SIGTERM, 130 for Ctrl-C. Before that there is nothing to resume: "interrupted" alone."""
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        from search import storage
+        from search.tuners import Interrupted
+
+        if not (storage.local_dir(root) / storage.CONFIG_FILE).is_file():
+            raise
+        sigterm = isinstance(exc, Terminated)
+        stopped = Interrupted(
+            f"interrupted{' (SIGTERM)' if sigterm else ''}; what had finished is saved: resume with `{resume_cmd}`"
+        )
+        stopped.exit_code = Terminated.exit_code if sigterm else Interrupted.exit_code
+        raise stopped from None

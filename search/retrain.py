@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         add_common_flags(p, "bss-retrain", "model")
         args = p.parse_args(argv)
         require_extra("search", prog)
-        from search import lock
+        from search import guard, lock
         from search.console import entry_point
         from search.pipeline import finished_search, named_config, retrain_report
         from search.storage import experiment_root, root_of
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             raw = list(argv if argv is not None else sys.argv[1:])
             again = "--resume" in raw or args.experiment  # --experiment continues its retrain without the flag
             resume_cmd = shlex.join([*prog.split(), *raw] + ([] if again else ["--resume"]))  # pasted back as typed
-            with entry_point(cfg.tune.verbose):
+            with entry_point(cfg.tune.verbose), guard.resume_said(target, resume_cmd):
                 retrain_report(cfg, summary, root, args.resume, args.address, args.data_dir, resume_cmd)
         return 0
 

@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print_config(cfg.to_dict())
             return 0
-        from search import lock
+        from search import guard, lock
         from search.console import entry_point
         from search.pipeline import search_retrain_report
         from search.storage import experiment_root
@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         # Shell-quoted: pasted back, an argument with a space or a quote is the same argument.
         resume_cmd = shlex.join([*prog.split(), *raw] + ([] if args.resume else ["--resume"]))
         # One driver per experiment, for the whole run: a second is refused in one line naming this one.
-        with entry_point(cfg.tune.verbose), lock.hold(experiment_root(cfg)):
+        root = experiment_root(cfg)
+        with entry_point(cfg.tune.verbose), lock.hold(root), guard.resume_said(root, resume_cmd):
             search_retrain_report(cfg, args.resume, args.address, args.data_dir, resume_cmd, started_at)
         return 0
 

@@ -649,3 +649,37 @@ def test_the_commands_say_sigterm_and_a_full_disk_in_one_line(capsys: pytest.Cap
             failing(exc)()
         err = capsys.readouterr().err
         assert info.value.code == code and err.count("\n") == 1 and err.startswith(words), err
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+def test_an_interrupt_outside_tune_says_the_resume_command_once_there_is_an_experiment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], signal_name: str
+) -> None:
+    """Issue 21: SIGTERM (or Ctrl-C) outside tuner.fit() -- Ray starting, the evaluation after the retrain (which
+    takes minutes on CPUs), the report -- printed a bare "interrupted (SIGTERM)", no resume command. Now the
+    command is said as inside a fit, once the experiment has its settings; before that, "interrupted" alone."""
+    import search.pipeline
+    import search.run
+    from bss_model.errors import Terminated
+
+    exp = tmp_path / "results" / "exp"
+    argv = ["--config", SMOKE, "--storage-path", str(tmp_path / "results"), "--name", "exp", *sets(*TINY)]
+    for saved in (False, True):
+
+        def stopped(*args: Any, saved: bool = saved) -> dict:
+            if saved:  # as search_retrain_report writes it before the search
+                (exp / "search_config.yaml").write_text("tune: {}\n")
+            raise Terminated() if signal_name == "SIGTERM" else KeyboardInterrupt()
+
+        monkeypatch.setattr(search.pipeline, "search_retrain_report", stopped)
+        with pytest.raises(SystemExit) as info:
+            search.run.main(argv)
+        err = capsys.readouterr().err.strip()
+        assert info.value.code == (143 if signal_name == "SIGTERM" else 130), err
+        words = "interrupted (SIGTERM)" if signal_name == "SIGTERM" else "interrupted"
+        if not saved:
+            assert err == words, err
+            continue
+        assert err.count("\n") == 0 and err.startswith(f"error: {words}; what had finished is saved"), err
+        assert shlex.split(err.split("resume with `", 1)[1].rstrip("`")) == [
+            "python", "search/run.py", *argv, "--resume"]  # fmt: skip
