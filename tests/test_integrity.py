@@ -683,3 +683,16 @@ def test_an_interrupt_outside_tune_says_the_resume_command_once_there_is_an_expe
         assert err.count("\n") == 0 and err.startswith(f"error: {words}; what had finished is saved"), err
         assert shlex.split(err.split("resume with `", 1)[1].rstrip("`")) == [
             "python", "search/run.py", *argv, "--resume"]  # fmt: skip
+
+    # The retrain of a config named directly, the same way.
+    import search.retrain
+
+    monkeypatch.setattr(search.pipeline, "retrain_report", stopped)
+    argv = ["--config", str(Path(__file__).parents[1] / "configs" / "seed.yaml"), "--name", "exp",
+            "--storage-path", str(tmp_path / "results"), "--seeds", "2"]  # fmt: skip
+    with pytest.raises(SystemExit) as info:
+        search.retrain.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == (143 if signal_name == "SIGTERM" else 130), err
+    assert shlex.split(err.split("resume with `", 1)[1].rstrip("`")) == [
+        "python", "search/retrain.py", *argv, "--resume"]  # fmt: skip
