@@ -98,11 +98,18 @@ class _DropAndTrip(logging.Filter):
             return False
         if "Stop signal received" in text:  # Tune's interrupt (Ctrl-C, SIGTERM, ours): what follows is its wake
             self.guard.stopping = True
+        traceback = bool(record.exc_info) or "Traceback (most recent call last)" in text
+        if traceback and not (self.guard.reason or self.guard.stopping):
+            # A trial that failed because the folder went (its checkpoint had nowhere to go) can be reported
+            # before the watch looks again: look now, and say the one line, not the trial's traceback.
+            why = lock.lost(self.guard.root)
+            if why:
+                self.guard.stop("lost", why)
         if not (self.guard.reason or self.guard.stopping):
             return True
         # The trials' actors Tune stops mid-call raise in their threads ("Unhandled error ... release unlocked
         # lock"): the stop, not a fault. The tuners print the one line that matters.
-        return not (record.exc_info or "Traceback (most recent call last)" in text or "Unhandled error" in text)
+        return not (traceback or "Unhandled error" in text)
 
 
 def _detail(text: str) -> str:

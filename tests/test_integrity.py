@@ -696,3 +696,36 @@ def test_an_interrupt_outside_tune_says_the_resume_command_once_there_is_an_expe
     assert info.value.code == (143 if signal_name == "SIGTERM" else 130), err
     assert shlex.split(err.split("resume with `", 1)[1].rstrip("`")) == [
         "python", "search/retrain.py", *argv, "--resume"]  # fmt: skip
+
+
+def test_a_trial_traceback_from_a_deleted_folder_stops_the_experiment_as_lost(tmp_path: Path) -> None:
+    """Issue 21 (a folder deleted under a running search): a trial whose checkpoint found no folder could be
+    reported, with Ray's traceback, before the guard's watch (every 2 s) looked again, so the driver printed the
+    trial's traceback before its one line. The guard now looks when a traceback comes, and drops it."""
+    import logging
+
+    from search import guard, lock
+
+    root = tmp_path / "exp"
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handler = Keep()
+    ray_log = logging.getLogger("ray")
+    ray_log.addHandler(handler)
+    try:
+        with lock.hold(str(root)):
+            watch = guard.FitGuard(str(root))
+            watch._asked = True  # no Tune here to interrupt
+            with watch:
+                logging.getLogger("ray.tune").error("a trial failed: Traceback (most recent call last): a fault")
+                assert watch.reason is None and len(records) == 1  # the folder is there: the trial's own fault
+                shutil.rmtree(root)
+                logging.getLogger("ray.tune").error("Traceback (most recent call last): Unable to set up storage")
+            assert watch.reason == "lost" and "was deleted or moved while this driver ran" in watch.detail
+            assert len(records) == 1, [r.getMessage() for r in records]
+    finally:
+        ray_log.removeHandler(handler)
