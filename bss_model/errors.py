@@ -9,6 +9,7 @@ keep their tracebacks.
 
 from __future__ import annotations
 
+import errno
 import functools
 import sys
 from collections.abc import Callable
@@ -33,6 +34,12 @@ class CheckpointError(BssError):
     """A checkpoint that is missing, not a checkpoint, or from an incompatible config."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C (``search.guard``); exits 143 (128 + SIGTERM), as a shell reports it."""
+
+    exit_code = 143
+
+
 # A line a person reads: a message that quotes a huge value (a list of millions) is cut to this length.
 MAX_LINE = 2000
 
@@ -53,7 +60,8 @@ def error_line(message: str) -> str:
 def cli_entry(main: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap a CLI ``main`` so user errors print one line and exit 2.
 
-    KeyboardInterrupt exits 130 quietly (the conventional status for SIGINT).
+    KeyboardInterrupt exits 130 quietly (the conventional status for SIGINT), SIGTERM (:class:`Terminated`) 143;
+    a full disk (ENOSPC, EDQUOT) is one line too, exit 75 (EX_TEMPFAIL).
     """
 
     @functools.wraps(main)
@@ -63,8 +71,16 @@ def cli_entry(main: Callable[..., Any]) -> Callable[..., Any]:
         except BssError as exc:
             print(f"error: {error_line(exc)}", file=sys.stderr)
             raise SystemExit(exc.exit_code) from None
-        except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
-            raise SystemExit(130) from None
+        except KeyboardInterrupt as exc:
+            print("interrupted" + (" (SIGTERM)" if isinstance(exc, Terminated) else ""), file=sys.stderr)
+            raise SystemExit(getattr(exc, "exit_code", 130)) from None
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # A full disk is the machine's state, not a bug: one line, like the user errors.
+            where = f" writing {exc.filename}" if exc.filename else ""
+            print(f"error: no space left on the device{where} ({exc.strerror}): free some space, then run the "
+                  "command again (with --resume where it has one, to continue)", file=sys.stderr)  # fmt: skip
+            raise SystemExit(75) from None
 
     return wrapper

@@ -12,27 +12,72 @@ import json
 import logging
 import os
 import re
+import secrets
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any, TextIO
 
 
-def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Call ``write(f)`` on a temp file beside ``path``, fsync, then rename over ``path``."""
-    path = Path(path)
+def _temp_beside(path: Path) -> tuple[int, Path]:
+    """A new, empty hidden file beside ``path``, opened for writing: ``(fd, its path)``.
+
+    Created with mode 0o666 so that the process's umask applies, as for any file the user's tools
+    create (``tempfile.mkstemp`` makes 0o600 files: other users of a shared NFS experiment folder
+    could not read the reports and models renamed from them)."""
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666), tmp
+        except FileExistsError:  # another writer's temp file: draw another name
+            continue
+
+
+def _write_temp(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
+    """``write(f)`` into a fsynced temp file beside ``path``; returns it (removed again if anything fails)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _temp_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Call ``write(f)`` on a temp file beside ``path``, fsync, then rename over ``path``."""
+    path = Path(path)
+    tmp = _write_temp(path, write)
+    try:
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write_all(files: list[tuple[Path, bytes]]) -> None:
+    """Write several files as one: every one to a temp file beside it first, and only once all of them are
+    written (a full disk fails here), rename each into place. A failure leaves every target as it was
+    (what renames remain after the first can only fail on a folder that vanished meanwhile)."""
+    done: list[tuple[Path, Path]] = []
+    try:
+        for path, data in files:
+            done.append((_write_temp(Path(path), lambda f, data=data: f.write(data)), Path(path)))
+    except BaseException:
+        for tmp, _ in done:
+            tmp.unlink(missing_ok=True)
+        raise
+    for i, (tmp, path) in enumerate(done):
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            for left, _ in done[i:]:
+                left.unlink(missing_ok=True)
+            raise
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -119,6 +164,23 @@ def logging_to(
         logger.propagate = propagate_before
 
 
+class _LogFile(logging.FileHandler):
+    """A log file that, once it cannot be written (a full disk), says so in one line and stops trying: not a
+    "--- Logging error ---" traceback per record on the console, which keeps every line."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        if getattr(self, "_failed", False):
+            return
+        self._failed = True
+        exc = sys.exc_info()[1]
+        print(f"notice: {self.baseFilename} can no longer be written ({exc}): the console has the rest of the log",
+              file=sys.stderr)  # fmt: skip
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not getattr(self, "_failed", False):
+            super().emit(record)
+
+
 @contextlib.contextmanager
 def log_file(path: Path) -> Iterator[None]:
     """The ``bss`` logger also to the file ``path`` while the block runs (what reaches it is the logger's
@@ -129,7 +191,7 @@ def log_file(path: Path) -> Iterator[None]:
         yield
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path)
+    handler = _LogFile(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
     logger.addHandler(handler)
     try:

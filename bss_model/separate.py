@@ -7,14 +7,15 @@ Each IMAGE (PNG, JPEG or BMP through Pillow, or a 2-D ``.npy``) is one mixture `
 with light shapes on black, as in training. For each, ``<stem>.digit.png`` and ``<stem>.fashion.png`` are
 written at the input's size, plus one ``panel.png`` with a row per input (mixture | digit | fashion).
 
-Everything is read and checked, and every output computed, before the first file is written; each file is
-written atomically. So a bad input (or a bad checkpoint) stops the command with one line and leaves ``--out``
-exactly as it was.
+Everything is read and checked, and every output computed, before the first file is written; then every
+file is written to a temp file beside it, and only once all are written are they renamed into place. So a bad
+input, a bad checkpoint or a full disk stops the command with one line and leaves ``--out`` exactly as it was.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -219,7 +220,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from bss_model.checkpoint import load_model
     from bss_model.evaluate import inference_runtime
-    from bss_model.io import atomic_write_bytes
+    from bss_model.io import atomic_write_all
     from bss_model.runtime import resolve_device
 
     notices: list[str] = []
@@ -278,12 +279,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     for line in notices:
         print(f"notice: {one_line(line)}", file=sys.stderr)
+    fresh = not out.exists()
     try:
-        for path, data in files:
-            atomic_write_bytes(path, data)
+        # All or nothing: a full disk fails while the temp files are written, before any output is replaced,
+        # so --out is never left half old, half new (new images beside an old panel.png).
+        atomic_write_all(files)
     except OSError as exc:
         why = one_line(exc)
-        raise BssError(f"writing into --out {out} failed ({why}): free some space or pass another --out") from None
+        if fresh:  # the folder this run made, now empty again
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise BssError(
+            f"writing into --out {out} failed ({why}): nothing in it was changed; free some space or pass another --out"
+        ) from None
 
     doc: dict[str, Any] = {"checkpoint": str(args.checkpoint), "out": str(out), "panel": str(out / PANEL_NAME)}
     doc["images"] = report

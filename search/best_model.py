@@ -177,3 +177,29 @@ class EvaluationFailed(BssError):
     """The protocol could not be run on the retrained seeds (their checkpoints are kept)."""
 
     exit_code = 1
+
+
+def unreadable(path: Path) -> str | None:
+    """Why ``path`` is not a loadable best_model.pt ("missing", "unreadable: ..."), else None."""
+    if not path.is_file():
+        return "missing"
+    try:
+        model, _ = ckpt.load_model(path)
+    except Exception as exc:  # noqa: BLE001 - a CheckpointError, or what a damaged file raises
+        return f"unreadable ({one_line(exc)[:160]})"
+    del model
+    return None
+
+
+def best_retrained(root: str, evaluation: Evaluation | None = None) -> SeedResult:
+    """The retrain's best seed, chosen from its Tune results as the retrain chose it (no Ray needed), with the
+    test figures of ``evaluation`` (the experiment's evaluation.json), as the run exported it."""
+    from ray.tune import ExperimentAnalysis, ResultGrid
+
+    from search.selection import retrain_summary, summarize_retrain
+    from search.storage import tune_path
+    from search.tunefiles import tune_filesystem
+
+    analysis = ExperimentAnalysis(tune_path(root, "retrain"), storage_filesystem=tune_filesystem(root))
+    seeds = summarize_retrain(ResultGrid(analysis))
+    return retrain_summary(evaluation.apply(seeds) if evaluation else seeds).best

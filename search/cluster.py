@@ -13,6 +13,7 @@ import ray
 
 from bss_model.config import Config
 from bss_model.errors import ConfigError
+from search import guard
 
 # Every Ray worker of the job runs this first (search/trainable.py): the worker process's own settings,
 # made once where the process starts rather than by each trial function.
@@ -36,9 +37,20 @@ def check_reachable(address: str) -> None:
 
 
 def init_ray(address: str | None) -> None:
-    """Connect to ``address`` (or $RAY_ADDRESS), else start a local Ray with this machine's CPUs/GPUs."""
+    """Connect to ``address`` (or $RAY_ADDRESS), else start a local Ray with this machine's CPUs/GPUs.
+
+    ``ray.init`` replaces the SIGTERM handler with one that calls ``sys.exit`` wherever the driver is; the
+    entry point's (search.guard: SIGTERM as Ctrl-C, Tune's state saved) is put back."""
     if ray.is_initialized():
         return
+    sigterm = guard.keep_sigterm_handler()
+    try:
+        _init_ray(address)
+    finally:
+        guard.reinstall(sigterm)
+
+
+def _init_ray(address: str | None) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         check_reachable(address)
@@ -55,6 +67,12 @@ def init_ray(address: str | None) -> None:
                 runtime_env={"py_modules": modules, **WORKER_SETUP},
                 logging_level=logging.WARNING,
             )
+        except ray.exceptions.AuthenticationError as exc:
+            raise ConfigError(
+                f"the Ray cluster at {address} refused this driver's authentication ({' '.join(str(exc).split())[:300]}"
+                "): export RAY_AUTH_MODE=token, with the cluster's token in ~/.ray/auth_token or RAY_AUTH_TOKEN "
+                "(README: token authentication)"
+            ) from None
         except (ConnectionError, RuntimeError) as exc:
             raise ConfigError(f"cannot connect to the Ray cluster at {address} ({exc}): check --address") from None
         return

@@ -23,6 +23,7 @@ from ray.tune import Callback
 
 from bss_model.cli import command_name  # noqa: F401  (its old home: search.console.command_name)
 from bss_model.io import logging_to
+from search.guard import sigterm_as_ctrl_c
 from search.results import CUT, STOPPED
 from search.selection import METRIC, trial_status
 
@@ -228,7 +229,8 @@ def entry_point(verbose: int) -> Iterator[None]:
       search. Ray's warning that a snapshot was *slow* (storage trouble) stays;
     - Optuna at WARNING: its INFO "A new study created in memory" is OptunaSearch's in-memory copy, not the
       experiment's optuna.db;
-    - $BSS_DATA_DIR made absolute: a local Ray's workers inherit it and run in their trial folders.
+    - $BSS_DATA_DIR made absolute: a local Ray's workers inherit it and run in their trial folders;
+    - SIGTERM handled as Ctrl-C (``search.guard``): Tune saves its state, the resume command is printed, exit 143.
     """
     import optuna
 
@@ -241,7 +243,7 @@ def entry_point(verbose: int) -> Iterator[None]:
         if os.environ.get("BSS_DATA_DIR"):
             os.environ["BSS_DATA_DIR"] = str(Path(os.environ["BSS_DATA_DIR"]).expanduser().resolve())
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        with logging_to():
+        with logging_to(), sigterm_as_ctrl_c():
             yield
     finally:
         optuna.logging.set_verbosity(optuna_before)

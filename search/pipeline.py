@@ -22,12 +22,13 @@ import ray
 from bss_model.config import Config, describe_diff, load_config
 from bss_model.errors import ConfigError
 from bss_model.io import atomic_write_json, log_file
-from search import best_model, figures, report, selection, storage, study, tuners
+from search import best_model, figures, lock, report, selection, storage, study, tuners
 from search.budgeted import Budgeted, eval_workers, local_cpus
 from search.cluster import check_local_run, cluster_gpus, init_ray, local_gpus
 from search.config import SearchConfig, TuneSection, with_overrides
 from search.console import where_lines
 from search.results import Evaluation, SearchSummary, SeedResult, TrialRow
+from search.tunefiles import check_resumable
 
 EVALUATION_FILE = "evaluation.json"
 
@@ -175,6 +176,7 @@ def retrain_step(
         pairs = cfg.base.eval.draws * cfg.base.eval.pairs
         job.ledger.end("eval", pairs=pairs * len(evaluation.seeds))
         job.ledger.begin("report", job.plan.report_s)
+    lock.check(root)  # deleted or taken over meanwhile: write no report into a folder that lost its experiment
     best_model.export_best_model(retrain.best, out / best_model.FILENAME)
     separations = best_model.predict_separations(out / best_model.FILENAME, cfg.retrain.images, best_cfg.data.dir)
     result = report.write_report(
@@ -185,6 +187,14 @@ def retrain_step(
     if job is not None:
         job.ledger.end("report")
     print(f"report: {out / 'report.md'}")
+    print_result(result)
+    if job is not None:
+        print(job.summary_line(), flush=True)
+    return result
+
+
+def print_result(result: dict[str, Any]) -> None:
+    """The report's two headline figures, as the console shows them."""
     mean, std, n = result["test_mse_mean"], result["test_mse_std"], len(result["seeds"])
     print(f"test MSE {mean:.3e} ± {std:.1e}: single model, mean ± std over {n} seeds")
     if result["test_mse_ensemble"] is not None:
@@ -192,9 +202,6 @@ def retrain_step(
             f"test MSE {result['test_mse_ensemble']:.3e} ± {result['test_mse_ensemble_std']:.1e}: ensemble of "
             f"{len(result['ensemble_seeds'])} seeds (predictions averaged), ± std over the protocol's draws"
         )
-    if job is not None:
-        print(job.summary_line(), flush=True)
-    return result
 
 
 def search_retrain_report(
@@ -218,11 +225,9 @@ def search_retrain_report(
     root = storage.prepare_experiment(cfg, resume)
     saved = storage.load_saved_config(root) if resume else None
     if saved is not None and storage.is_finished(root):
-        # Nothing to run: the report, figures and wall time stay as the finished run wrote them.
         if address or os.environ.get("RAY_ADDRESS"):
             init_ray(address)  # an address the user gave is still checked, not silently ignored
-        print(f"experiment {root} is already finished: nothing was rerun or rewritten; report: "
-              f"{storage.local_dir(root) / 'report.md'}")  # fmt: skip
+        finished_experiment(root, saved)
         return {}
     if cfg.tune.study_storage:  # a shared database: it answers, and the study of this name is this experiment's
         study.claim_study(cfg.tune.study_storage, cfg.tune.name, root, resume)
@@ -300,6 +305,12 @@ def retrain_report(
     t0 = time.time()
     cfg.retrain.validate()
     cfg.tune.validate()
+    if root is not None:  # a finished search's: its retrain continues with the seeds it began with
+        check_retrain_seeds(root, cfg)
+        if storage.is_finished(root):
+            finished_experiment(root, storage.load_saved_config(root) or cfg)
+            return {}
+        check_resumable(root, "retrain")
     best_cfg = best_config(cfg, summary) if summary is not None else cfg.base
     if not on_cluster(address):
         check_local_run(cfg.tune.cpus_per_trial, cfg.tune.gpus_per_trial, {"": best_cfg})
@@ -312,3 +323,75 @@ def retrain_report(
         print("\n".join(where_lines(root, cfg.tune.name)), flush=True)
         init_ray(address)
         return retrain_step(cfg, best_cfg, root, summary, resume_cmd, t0)
+
+
+def finished_experiment(root: str, cfg: SearchConfig) -> None:
+    """A finished experiment is left as it is: nothing is rerun, and its report, figures and wall times stay as
+    the run wrote them. What it lost that can be rebuilt exactly from what it holds is rebuilt, and said:
+
+    - ``search_summary.json``, from report.json's trial table (the same rows, the same rule picks the same best,
+      the search's own wall time): ``retrain.py --experiment`` needs it;
+    - ``best_model.pt`` (missing or unreadable; a damaged one is kept as best_model.pt.damaged), re-exported
+      from the retrain's checkpoint of the report's best seed, as the run exported it.
+    """
+    import json
+
+    out = storage.local_dir(root)
+    report_file = out / "report.json"  # is_finished brought it from storage
+    result = json.loads(report_file.read_text())
+    rebuilt = []
+    if result.get("trials") and storage.load_summary(root) is None:
+        rows = [TrialRow.from_dict(t) for t in result["trials"]]
+        summary = selection.search_summary(cfg.base, rows, result["search_wall_s"])
+        if summary.best_params != result["best_params"]:
+            raise ConfigError(
+                f"{root}: report.json does not match its own trials: restore search_summary.json from a copy"
+            )
+        storage.save_summary(root, summary)
+        rebuilt.append(f"{storage.SUMMARY_FILE} (from report.json's trials)")
+    model = out / best_model.FILENAME
+    in_storage = best_model.FILENAME in storage.download(root, out, [best_model.FILENAME])  # the truth, not the mirror
+    problem = best_model.unreadable(model) if in_storage else "missing"
+    if problem:
+        saved = storage.load_json(root, EVALUATION_FILE)  # the seeds' test figures, which best_model.pt carries
+        best = best_model.best_retrained(root, Evaluation.from_dict(saved["evaluation"]) if saved else None)
+        if best.seed != result["best_seed"]:
+            raise ConfigError(
+                f"{root}: {best_model.FILENAME} is {problem}, and the retrain's best seed ({best.seed}) is not the "
+                f"report's ({result['best_seed']}): restore it from a copy"
+            )
+        if model.exists():
+            os.replace(model, model.with_name(model.name + ".damaged"))
+        best_model.export_best_model(best, model)
+        storage.upload(root, out, [best_model.FILENAME])
+        rebuilt.append(
+            f"{best_model.FILENAME} ({problem}: re-exported from the retrain's checkpoint of seed {best.seed})"
+        )
+    done = "nothing was rerun or rewritten" + (f"; rebuilt {' and '.join(rebuilt)}" if rebuilt else "")
+    print(f"experiment {root} is already finished: {done}; report: {out / 'report.md'}")
+    print_result(result)
+
+
+def check_retrain_seeds(root: str, cfg: SearchConfig) -> None:
+    """``retrain.py --experiment --seeds N``: a retrain not yet started takes them (and the experiment's config
+    records them); one that started is refused. Tune continues a retrain with the seeds it began with, so it
+    could never count N finished, and printed the same resume command forever."""
+    saved = storage.load_saved_config(root)
+    if saved is None or saved.retrain.seed_list == cfg.retrain.seed_list:
+        return
+    began = storage.is_finished(root) or bool(storage._tune_entries(storage.tune_path(root, "retrain")))
+    if not began:
+        log.info("retrain.seeds: was %d, now %d (recorded in %s)", saved.retrain.seeds, cfg.retrain.seeds,
+                 storage.CONFIG_FILE)  # fmt: skip
+        saved.retrain.seeds = cfg.retrain.seeds
+        storage.save_resolved_config(saved, root)
+        return
+    seeds, first = saved.retrain.seed_list, saved.retrain.first_seed
+    local = storage.local_dir(root) / "retrain" / f"seed-{first}" / "config.yaml"
+    config = local if local.is_file() and not storage.is_uri(root) else "<a config>"
+    raise ConfigError(
+        f"the retrain of {root} began with {len(seeds)} seed(s) ({', '.join(map(str, seeds))}): --seeds "
+        f"{cfg.retrain.seeds} cannot change it (Tune continues a retrain with the seeds it began with); drop --seeds "
+        f"to continue it, or retrain over {cfg.retrain.seeds} seeds as a new experiment: `python search/retrain.py "
+        f"--config {config} --seeds {cfg.retrain.seeds} --name {cfg.tune.name}-{cfg.retrain.seeds}-seeds`"
+    )

@@ -12,7 +12,9 @@ without retraining seeds that had finished.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
+from typing import Any
 
 from bss_model.cli import add_common_flags, command_name, overrides, print_config, require_extra, resolve_config
 from bss_model.errors import ConfigError, cli_entry
@@ -42,8 +44,10 @@ def main(argv: list[str] | None = None) -> int:
         add_common_flags(p, "bss-retrain", "model")
         args = p.parse_args(argv)
         require_extra("search", prog)
+        from search import guard, lock
         from search.console import entry_point
         from search.pipeline import finished_search, named_config, retrain_report
+        from search.storage import experiment_root, root_of
 
         args.sets = overrides(args)  # bare KEY=VALUE arguments are --set items
         given = {"--experiment": (args.experiment, "a finished search's folder (results/<name>)"),
@@ -63,26 +67,39 @@ def main(argv: list[str] | None = None) -> int:
                     "experiment's own settings, in its own folder, continuing whatever retrain it has; drop "
                     f"{flags} (to change settings, use `search/run.py --resume` or a new search)"
                 )
-            root, cfg, summary = finished_search(args.experiment)
+            target = root_of(args.experiment)
         else:
             storage_path = args.storage_path or "results"
             config = resolve_config(args.config, "model")
-            root, cfg, summary = None, named_config(config, args.sets, args.name, storage_path), None
-        for flag, section, key in (("seeds", cfg.retrain, "seeds"),
-                                   ("max_concurrent", cfg.retrain, "max_concurrent"),
-                                   ("cpus_per_trial", cfg.tune, "cpus_per_trial"),
-                                   ("gpus_per_trial", cfg.tune, "gpus_per_trial")):  # fmt: skip
-            if getattr(args, flag) is not None:
-                setattr(section, key, getattr(args, flag))
-        if args.verbose:
-            cfg.tune.verbose = 2
-        if args.print_config:
-            print_config(cfg.to_dict())
+            named = named_config(config, args.sets, args.name, storage_path)
+            target = experiment_root(named)
+
+        def with_flags(cfg: Any) -> Any:
+            for flag, section, key in (("seeds", cfg.retrain, "seeds"),
+                                       ("max_concurrent", cfg.retrain, "max_concurrent"),
+                                       ("cpus_per_trial", cfg.tune, "cpus_per_trial"),
+                                       ("gpus_per_trial", cfg.tune, "gpus_per_trial")):  # fmt: skip
+                if getattr(args, flag) is not None:
+                    setattr(section, key, getattr(args, flag))
+            if args.verbose:
+                cfg.tune.verbose = 2
+            return cfg
+
+        if args.print_config:  # reads and writes nothing: no lock (which would make the folder)
+            print_config(with_flags(finished_search(args.experiment)[1] if args.experiment else named).to_dict())
             return 0
-        cmd = " ".join([prog, *(argv if argv is not None else sys.argv[1:])])
-        resume_cmd = cmd if "--resume" in cmd or args.experiment else cmd + " --resume"
-        with entry_point(cfg.tune.verbose):
-            retrain_report(cfg, summary, root, args.resume, args.address, args.data_dir, resume_cmd)
+        # One driver per experiment, held before its files are read: a search still running there is named.
+        with lock.hold(target):
+            if args.experiment:
+                root, cfg, summary = finished_search(args.experiment)
+            else:
+                root, cfg, summary = None, named, None
+            cfg = with_flags(cfg)
+            raw = list(argv if argv is not None else sys.argv[1:])
+            again = "--resume" in raw or args.experiment  # --experiment continues its retrain without the flag
+            resume_cmd = shlex.join([*prog.split(), *raw] + ([] if again else ["--resume"]))  # pasted back as typed
+            with entry_point(cfg.tune.verbose), guard.resume_said(target, resume_cmd):
+                retrain_report(cfg, summary, root, args.resume, args.address, args.data_dir, resume_cmd)
         return 0
 
     return _main()

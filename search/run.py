@@ -15,6 +15,7 @@ so this file needs no sys.path lines.)
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 from bss_model.cli import add_common_flags, command_name, overrides, print_config, require_extra, resolve_config
@@ -72,12 +73,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print_config(cfg.to_dict())
             return 0
+        from search import guard, lock
         from search.console import entry_point
         from search.pipeline import search_retrain_report
+        from search.storage import experiment_root
 
         raw = argv if argv is not None else sys.argv[1:]
-        resume_cmd = " ".join([prog, *raw] + ([] if args.resume else ["--resume"]))
-        with entry_point(cfg.tune.verbose):
+        # Shell-quoted: pasted back, an argument with a space or a quote is the same argument.
+        resume_cmd = shlex.join([*prog.split(), *raw] + ([] if args.resume else ["--resume"]))
+        # One driver per experiment, for the whole run: a second is refused in one line naming this one.
+        root = experiment_root(cfg)
+        with entry_point(cfg.tune.verbose), lock.hold(root), guard.resume_said(root, resume_cmd):
             search_retrain_report(cfg, args.resume, args.address, args.data_dir, resume_cmd, started_at)
         return 0
 

@@ -23,9 +23,11 @@ pyarrow -- and so Ray -- reads like the AWS SDKs do.
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -86,9 +88,11 @@ def uri_of(path: str, filesystem: object | None) -> str:
     return f"{scheme}://{path.lstrip('/')}"
 
 
-def _storage_error(root: str, exc: Exception) -> ConfigError:
+def _storage_error(root: str, exc: BaseException) -> ConfigError:
     """One line naming what is wrong with URI storage and the fix: endpoint, bucket or credentials."""
     text = " ".join(str(exc).split())
+    if root.startswith("gs://"):
+        return _gcs_error(root, text)
     endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
     bucket = root.split("://", 1)[1].split("/", 1)[0]
     at = f" at {endpoint}" if endpoint else ""
@@ -115,6 +119,28 @@ def _storage_error(root: str, exc: Exception) -> ConfigError:
     )
 
 
+def _gcs_error(root: str, text: str) -> ConfigError:
+    bucket = root.split("://", 1)[1].split("/", 1)[0]
+    tail = text[-300:]  # google-cloud-cpp puts the cause last
+    if any(k in text for k in ("Could not resolve", "Couldn't resolve", "UNAVAILABLE", "CURL error", "timed out")):
+        return ConfigError(
+            f"storage {root} cannot be reached (...{tail}): check the network (GCS needs storage.googleapis.com) and "
+            "the credentials (GOOGLE_APPLICATION_CREDENTIALS, or `gcloud auth application-default login`)"
+        )
+    if any(k in text for k in ("PERMISSION_DENIED", "UNAUTHENTICATED", "403", "401")):
+        return ConfigError(
+            f"storage {root}: access denied ({tail}): point GOOGLE_APPLICATION_CREDENTIALS at credentials that may "
+            f"write bucket '{bucket}'"
+        )
+    if "NOT_FOUND" in text or "not found" in text.lower():
+        return ConfigError(f"storage {root}: bucket '{bucket}' does not exist ({tail}): create it or fix the URI")
+    return ConfigError(f"storage {root} cannot be written ({tail}): check the URI and the GCS credentials")
+
+
+# How long the storage check waits for an answer before it says so.
+QUICK_CHECK_S = 30.0
+
+
 def _filesystem(uri: str, quick: bool = False) -> tuple[Any, str]:
     """pyarrow's filesystem and path for ``uri`` (every storage access here opens it this way); ``quick``: S3
     gives up after 2 attempts (a check, not a job)."""
@@ -126,6 +152,11 @@ def _filesystem(uri: str, quick: bool = False) -> tuple[Any, str]:
         # but with 2 attempts: an unreachable endpoint then fails in about a second, not ten.
         options = dict(fs.__reduce__()[1][0])
         fs = pyarrow.fs.S3FileSystem(**options, retry_strategy=pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=2))
+    elif quick and getattr(fs, "type_name", "") == "gcs":
+        # GCS's client retries for 15 minutes by default: with no network, --storage-path gs://... printed
+        # nothing for 500 s. Two seconds of retries fail it in about five.
+        options = {**dict(fs.__reduce__()[1][0]), "retry_time_limit": datetime.timedelta(seconds=2)}
+        fs = pyarrow.fs.GcsFileSystem(**{k: v for k, v in options.items() if v not in ("", None)})
     return fs, path
 
 
@@ -150,15 +181,32 @@ def tune_path(root: str, phase: str) -> str:
 def check_writable(root: str) -> None:
     """Fail early, with the fix, if the storage cannot be written."""
     if is_uri(root):
-        try:
-            fs, path = _filesystem(root, quick=True)
-            fs.create_dir(path, recursive=True)
-            probe = f"{path.rstrip('/')}/.write-probe-{os.getpid()}"
-            with fs.open_output_stream(probe) as f:
-                f.write(b"ok")
-            fs.delete_file(probe)
-        except Exception as exc:  # pyarrow raises many types for auth/network/scheme problems
-            raise _storage_error(root, exc) from None
+        outcome: list[BaseException | None] = []
+
+        def probe() -> None:
+            try:
+                fs, path = _filesystem(root, quick=True)
+                fs.create_dir(path, recursive=True)
+                name = f"{path.rstrip('/')}/.write-probe-{os.getpid()}"
+                with fs.open_output_stream(name) as f:
+                    f.write(b"ok")
+                fs.delete_file(name)
+                outcome.append(None)
+            except Exception as exc:  # pyarrow raises many types for auth/network/scheme problems
+                outcome.append(exc)
+
+        # On a thread, with a deadline: a client that hangs (a credentials lookup, a silent network) is one
+        # line after QUICK_CHECK_S, never a command that prints nothing for minutes.
+        thread = threading.Thread(target=probe, name="bss-storage-probe", daemon=True)
+        thread.start()
+        thread.join(QUICK_CHECK_S)
+        if not outcome:
+            raise ConfigError(
+                f"storage {root} did not answer within {QUICK_CHECK_S:.0f} s: check the network and the "
+                "credentials (AWS_* / GOOGLE_APPLICATION_CREDENTIALS), or set --storage-path to a local folder"
+            )
+        if outcome[0] is not None:
+            raise _storage_error(root, outcome[0]) from None
         return
     path = Path(root)
     try:
@@ -395,8 +443,20 @@ def prepare_experiment(cfg: SearchConfig, resume: bool) -> str:
             raise ConfigError(
                 f"cannot --resume: no experiment at {root}: drop --resume to start it, or fix tune.name/storage_path"
             )
+        if saved is None and has_started(root):
+            # The settings it ran with are gone: resuming with today's would overwrite the record, half apply.
+            raise ConfigError(
+                f"cannot --resume {root}: its {CONFIG_FILE} (the settings the experiment ran with) is missing, so "
+                "another config could not be told apart from its own: restore the file from a copy, or start a new "
+                "experiment with --name NEW; nothing was changed"
+            )
         if saved is not None:
             resume_changes(saved, cfg, root)
+        if not is_finished(root):  # Tune's own files, before Tune would quietly start the experiment over
+            from search.tunefiles import check_resumable
+
+            for phase in ("search", "retrain"):
+                check_resumable(root, phase)
     elif has_started(root):
         raise ConfigError(
             f"experiment {root} already exists: pass --resume to continue it, or choose another name with "

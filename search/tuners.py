@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -26,13 +27,25 @@ from search.cluster import trial_gpus, warn_unschedulable
 from search.config import SearchConfig
 from search.console import STATUS_EVERY_S, SearchProgress, seed_label, trial_label
 from search.deadline import DeadlineSearcher, DeadlineStopper, read_deadline
+from search.guard import FitGuard, terminated
+from search.lock import ExperimentLost
+from search.lock import check as check_held
 from search.selection import METRIC, MODE
 from search.space import param_space
-from search.storage import check_writable, is_uri, local_dir, storage_failure, storage_lost, tune_path
+from search.storage import (
+    StorageUnavailable,
+    check_writable,
+    is_uri,
+    local_dir,
+    storage_failure,
+    storage_lost,
+    tune_path,
+)
 from search.study import StudyRecorder
 from search.tb_logger import TensorBoardLogger
 from search.trackers import make_callbacks
 from search.trainable import train_trial
+from search.tunefiles import restore_mode, tune_filesystem
 
 log = logging.getLogger("bss")
 
@@ -119,6 +132,7 @@ def _run_config(cfg: SearchConfig, root: str, name: str, callbacks: list[Callbac
         name=name,
         stop=stop,
         storage_path=root if is_uri(root) else str(Path(root)),
+        storage_filesystem=tune_filesystem(root),  # a local experiment's files: whole or not at all
         failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.tune.checkpoints_to_keep),
         # Trials' own TensorBoard events and metrics live in their working dirs: sync them
@@ -141,15 +155,36 @@ def _fit(
     summarised, and a --resume restores the state saved before the failure and reruns no finished trial.
     """
     try:
-        results = _finish(tuner.fit(), expected, what, resume_cmd, start_by)
+        with FitGuard(root) as watch:  # SIGTERM, a full disk, a lost folder: stopped as Ctrl-C stops it
+            fitted = tuner.fit()
+        _stopped(watch, root, what, resume_cmd)
+        results = _finish(fitted, expected, what, resume_cmd, start_by)
     except OSError as exc:  # pyarrow's errors for storage that does not answer
         raise storage_lost(root, what, exc, resume_cmd) from None
     _check_storage_after(results, root, what, resume_cmd)
     return results
 
 
+def _stopped(watch: FitGuard, root: str, what: str, resume_cmd: str) -> None:
+    """The one line for an experiment the guard stopped (search/guard.py)."""
+    if watch.reason == "disk full" and _nearly_full(root):
+        raise StorageUnavailable(
+            f"the storage of {root} is full ({watch.detail}): the {what} was stopped, and Tune's state saved before "
+            f"is kept, whole; free some space there, then resume with `{resume_cmd}`"
+        )
+    if watch.reason == "disk full":  # not the experiment's own disk: Ray's temp folder, a trial's staging folder
+        raise StorageUnavailable(
+            f"a disk the {what} writes to is full ({watch.detail}; the storage of {root} is not): the {what} was "
+            f"stopped, with Tune's state saved; free some space (Ray's temp folder, /tmp?), then resume with "
+            f"`{resume_cmd}`"
+        )
+    if watch.reason == "lost":
+        raise ExperimentLost(f"{watch.detail}: the {what} was stopped, and nothing more is written there")
+
+
 def _check_storage_after(results: tune.ResultGrid, root: str, what: str, resume_cmd: str) -> None:
     """Refuse to summarise trials that failed because the storage did (see :func:`_fit`)."""
+    check_held(root)  # the folder deleted (or the lease taken) in the last moments of the fit
     failed = [r.error for r in results if r.error is not None and storage_failure(str(r.error))]
     if failed:
         raise storage_lost(root, what, str(failed[0]).strip().splitlines()[-1], resume_cmd)
@@ -160,6 +195,17 @@ def _check_storage_after(results: tune.ResultGrid, root: str, what: str, resume_
             raise storage_lost(root, what, exc, resume_cmd) from None
 
 
+def _nearly_full(root: str) -> bool:
+    """Whether a local experiment's own filesystem has (next to) no space left."""
+    if is_uri(root):
+        return False
+    try:
+        st = os.statvfs(root)
+    except OSError:
+        return True  # cannot tell: say it is the storage, which the user can check
+    return st.f_bavail * st.f_frsize < 16 * 1024 * 1024
+
+
 def _finish(
     results: tune.ResultGrid, expected: int, what: str, resume_cmd: str, start_by: float | None = None
 ) -> tune.ResultGrid:
@@ -168,14 +214,23 @@ def _finish(
     # Judge by the experiment state Tune saved, not by the in-memory Trial objects: on Ctrl-C
     # Tune saves the state (running trials RUNNING, which is what --resume restores) and *then*
     # stops the running trials, which marks them TERMINATED in memory as if they had finished.
-    trials = ExperimentAnalysis(results.experiment_path, storage_filesystem=results.filesystem).trials
+    # (Quietly: trials Tune had not started yet have no results, which Ray warns about for each, twice.)
+    analysis_log = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    level = analysis_log.level
+    analysis_log.setLevel(logging.ERROR)
+    try:
+        trials = ExperimentAnalysis(results.experiment_path, storage_filesystem=results.filesystem).trials
+    finally:
+        analysis_log.setLevel(level)
     unfinished = [t for t in trials if t.status not in ("TERMINATED", "ERROR")]
     short = len(trials) < expected and not (start_by is not None and time.time() > start_by)
     if unfinished or short:
-        raise Interrupted(
-            f"{what} interrupted with {len(trials) - len(unfinished)}/{expected} trials finished; "
-            f"the state is saved: resume with `{resume_cmd}`"
+        exc = Interrupted(
+            f"{what} interrupted{' (SIGTERM)' if terminated() else ''} with {len(trials) - len(unfinished)}/{expected}"
+            f" trials finished; the state is saved: resume with `{resume_cmd}`"
         )
+        exc.exit_code = 143 if terminated() else Interrupted.exit_code  # 128 + the signal, as a shell reports it
+        raise exc
     return results
 
 
@@ -190,9 +245,10 @@ def run_search(
     budgeted = trial_kwargs is not None
     trainable = _trainable(cfg, cfg.base, trial_kwargs)
     path = tune_path(root, "search")
-    if resume and tune.Tuner.can_restore(path):
+    mode = restore_mode(root, "search") if resume else "new"  # "rebuild": tuner.pkl lost, Tune's state there
+    if mode == "restore":
         log.info("resuming the search at %s", path)
-        tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+        tuner = _restore(root, path, trainable)
     else:
         budget = cfg.base.train.epochs
         sampler = make_sampler(cfg.tune.seed, cfg.tune.n_startup_trials)
@@ -230,8 +286,14 @@ def run_search(
                 stop=DeadlineStopper(root, "search") if budgeted else None,
             ),
         )
+        if mode == "rebuild":  # the new Tuner wrote tuner.pkl as the search first did: restore the saved state
+            tuner = _restore(root, path, trainable)
     start_by = read_deadline(root, "search_start_by") if budgeted else None
     return _fit(tuner, root, "search", cfg.tune.num_samples, resume_cmd, start_by)
+
+
+def _restore(root: str, path: str, trainable: Any) -> tune.Tuner:
+    return tune.Tuner.restore(path, trainable=trainable, resume_errored=True, storage_filesystem=tune_filesystem(root))
 
 
 class RetrainProgress(Callback):
@@ -272,9 +334,10 @@ def run_retrain(
     seeds = cfg.retrain.seed_list
     trainable = _trainable(cfg, best_cfg, trial_kwargs)
     path = tune_path(root, "retrain")
-    if tune.Tuner.can_restore(path):
+    mode = restore_mode(root, "retrain")
+    if mode == "restore":
         log.info("resuming the retrain at %s", path)
-        tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+        tuner = _restore(root, path, trainable)
     else:
         tuner = tune.Tuner(
             trainable,
@@ -295,6 +358,8 @@ def run_retrain(
                 stop=DeadlineStopper(root, "retrain") if trial_kwargs is not None else None,
             ),
         )
+        if mode == "rebuild":
+            tuner = _restore(root, path, trainable)
     t0 = time.time()
     results = _fit(tuner, root, "retrain", len(seeds), resume_cmd)
     log.info("retrain finished in %.0f s", time.time() - t0)

@@ -1,8 +1,10 @@
 """A Ray cluster whose nodes share nothing but S3 (issue 17), driven the README's way: `ray start --head`,
 `ray start --address=...` for a worker, and the search sent with `ray job submit --working-dir .`.
 
-Two nodes on this machine, each with its own temp dir (--temp-dir), working directory, TMPDIR, HOME and
-copy of the data; the experiment on a real S3 server (SeaweedFS, tests/_s3util.py). Trials run on the
+Two nodes on this machine, each with its own temp dir (--temp-dir), working directory, TMPDIR and copy of the
+data, with token authentication as the README sets it up: the head and the client share the user's HOME, which
+has Ray's token, and the worker has a copy of it in its own; the experiment on a real S3 server (SeaweedFS,
+tests/_s3util.py). Trials run on the
 worker and write their checkpoints to S3 from there; the worker node is then lost (every process of it
 SIGKILLed) mid-trial, and its trial resumes on the head from its checkpoint in S3 -- the head never sees
 the worker's disk. Then the driver itself is SIGKILLed mid-search (the job fails), and the README's
@@ -20,6 +22,7 @@ import signal
 import subprocess
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -44,14 +47,14 @@ def processes_under(folder: Path) -> set[int]:
 
 
 class Node:
-    """One `ray start --block` node in its own session, with its own folders and ports."""
+    """One `ray start --block` node in its own session, with its own folders and ports; ``env`` names its HOME."""
 
     def __init__(self, name: str, work: Path, env: dict[str, str], args: list[str], ports: Ports) -> None:
         # Short: Ray's unix sockets live under the temp dir, and socket paths are limited to 107 bytes.
         self.temp = Path(tempfile.mkdtemp(prefix=f"bss-{name}-", dir="/tmp"))
         self.work = work / name
         (self.work / "tmp").mkdir(parents=True)
-        env = {**env, "TMPDIR": str(self.work / "tmp"), "HOME": str(self.work), "RAY_USAGE_STATS_ENABLED": "0"}
+        env = {**env, "TMPDIR": str(self.work / "tmp"), "RAY_USAGE_STATS_ENABLED": "0"}
         own = [(flag, ports.one()) for flag in ("--node-manager-port", "--object-manager-port",
                "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
                "--metrics-export-port")]  # fmt: skip
@@ -83,7 +86,7 @@ class Node:
 
 
 @contextlib.contextmanager
-def nodes(work: Path, head_env: dict[str, str], worker_env: dict[str, str]) -> Iterator[dict[str, Any]]:
+def nodes(work: Path, head_env: dict[str, str], worker_env: dict[str, str], token: str) -> Iterator[dict[str, Any]]:
     ports = Ports()
     gcs, dashboard = ports.one(), ports.one()
     started: list[Node] = []
@@ -93,32 +96,50 @@ def nodes(work: Path, head_env: dict[str, str], worker_env: dict[str, str]) -> I
         head = Node("head", work, head_env, head_args, ports)
         started.append(head)
         address = f"http://127.0.0.1:{dashboard}"
-        wait_for_nodes(address, 1, head)
+        wait_for_nodes(address, token, 1, head)
         worker = Node("worker", work, worker_env, [f"--address=127.0.0.1:{gcs}"], ports)
         started.append(worker)
-        ids = wait_for_nodes(address, 2, worker)
+        ids = wait_for_nodes(address, token, 2, worker)
         yield {"address": address, "head": head, "worker": worker, **ids}
     finally:
         for node in reversed(started):
             node.stop()
 
 
-def wait_for_nodes(address: str, count: int, node: Node, timeout: float = 120) -> dict[str, str]:
-    """``{"head_id": ..., "worker_id": ...}`` once ``count`` nodes are alive (from the dashboard's state API)."""
-    from ray.util.state import list_nodes
+def list_nodes(address: str, token: str) -> list[dict[str, Any]]:
+    """The cluster's nodes from the dashboard's state API, authenticated with the cluster's token (this process
+    has its own HOME, and Ray caches the token it first loads, so ray.util.state is not used here)."""
+    request = urllib.request.Request(f"{address}/api/v0/nodes?limit=100&timeout=10&detail=false",
+                                     headers={"Authorization": f"Bearer {token}"})  # fmt: skip
+    with urllib.request.urlopen(request, timeout=15) as response:
+        return json.loads(response.read())["data"]["result"]["result"]
 
+
+def wait_for_nodes(address: str, token: str, count: int, node: Node, timeout: float = 120) -> dict[str, str]:
+    """``{"head_id": ..., "worker_id": ...}`` once ``count`` nodes are alive (from the dashboard's state API)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if node.proc.poll() is not None:
             raise AssertionError(f"ray start exited ({node.proc.p.returncode}):\n{node.proc.tail()}")
         with contextlib.suppress(Exception):  # the dashboard is still starting
-            alive = [n for n in list_nodes(address=address, timeout=10, raise_on_missing_output=False)
-                     if n.state == "ALIVE"]  # fmt: skip
+            alive = [n for n in list_nodes(address, token) if n["state"] == "ALIVE"]
             if len(alive) >= count:
-                ids = {("head_id" if n.is_head_node else "worker_id"): n.node_id for n in alive}
-                return ids
+                return {("head_id" if n["is_head_node"] else "worker_id"): n["node_id"] for n in alive}
         time.sleep(1)
     raise AssertionError(f"{count} Ray node(s) not alive after {timeout:.0f} s:\n{node.proc.tail()}")
+
+
+def user_home(folder: Path) -> str:
+    """A HOME as a user's machine has it after any local Ray run: ~/.ray/auth_token (made the README's way,
+    `ray get-auth-token --generate`); returns the token."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    folder.mkdir(parents=True)
+    proc = subprocess.run([RAY, "get-auth-token", "--generate"], env={**env, "HOME": str(folder)},
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    token = (folder / ".ray" / "auth_token").read_text().strip()
+    assert token and token == proc.stdout.strip()
+    return token
 
 
 def drivers_on(node: Node) -> set[int]:
@@ -159,8 +180,20 @@ def test_job_submit_on_nodes_that_share_only_s3_survives_losing_the_worker(tmp_p
         for name in ("head", "worker"):  # each node's own copy of the data
             own[name] = tmp_path / f"data-{name}"
             shutil.copytree(data_dir, own[name])
-        with nodes(tmp_path, {**base, "BSS_DATA_DIR": str(own["head"])},
-                   {**base, "BSS_DATA_DIR": str(own["worker"])}) as cluster:  # fmt: skip
+        # Token authentication the README's way: RAY_AUTH_MODE=token in every shell. The head and the client
+        # share the user's HOME, which has a token (as any machine that ran Ray locally has: without the
+        # README's RAY_AUTH_MODE, `ray job submit` failed there with "Missing authentication token"); the
+        # worker, another machine, has a copy of it in its own HOME.
+        readme = (REPO / "README.md").read_text()
+        assert "export RAY_AUTH_MODE=token" in readme and "ray get-auth-token --generate" in readme
+        home = tmp_path / "home"
+        token = user_home(home)
+        (tmp_path / "worker" / ".ray").mkdir(parents=True)
+        shutil.copy2(home / ".ray" / "auth_token", tmp_path / "worker" / ".ray" / "auth_token")
+        base.update(RAY_AUTH_MODE="token")
+        with nodes(tmp_path, {**base, "BSS_DATA_DIR": str(own["head"]), "HOME": str(home)},
+                   {**base, "BSS_DATA_DIR": str(own["worker"]), "HOME": str(tmp_path / "worker")},
+                   token) as cluster:  # fmt: skip
             repo = repo_copy(tmp_path / "repo")
             name, prefix = "nodes", f"{BUCKET}/cluster/nodes"
             longer = [
@@ -176,6 +209,7 @@ def test_job_submit_on_nodes_that_share_only_s3_survives_losing_the_worker(tmp_p
                    "python", "search/run.py", "--config", "configs/smoke.yaml", "--storage-path", f"s3://{BUCKET}/cluster",
                    "--name", name, *sets(*longer)]  # fmt: skip
             client_env = {k: v for k, v in base.items() if not k.startswith("AWS_")}  # the client needs no storage
+            client_env["HOME"] = str(home)
             # Run in the repo, its output kept outside (Ray hashes the folder while the job starts).
             in_repo = ["/bin/sh", "-c", 'cd "$0" && exec "$@"', str(repo)]
             submit = Proc([*in_repo, *job], tmp_path, client_env, "submit")

@@ -202,9 +202,11 @@ def test_driver_sigkill_mid_retrain_then_resume_keeps_finished_seeds(crash_chain
     per_seed = read_json(exp / "evaluation.json")["evaluation"]["seeds"]
     for name, before in done.items():
         assert (exp / "retrain" / name / "result.json").read_bytes() == before, "a finished seed was recomputed"
-        seed = crash_chain["retrain_results_at_kill"][name][-1]["config"]["train.seed"]
+        seed_result = crash_chain["retrain_results_at_kill"][name][-1]
+        seed = seed_result["config"]["train.seed"]
         # Scored once, after every seed finished, by the evaluation step: the report takes the figure from it.
         assert report["test_mse_per_seed"][CHAIN_SEEDS.index(seed)] == per_seed[str(seed)]["test_mse_mean"]
+        assert report["val_mse_per_seed"][CHAIN_SEEDS.index(seed)] == seed_result["val_mse"]
     assert not report["retrain_errors"]
     assert (exp / "best_model.pt").stat().st_size > 0
 
@@ -370,6 +372,27 @@ def test_a_process_killed_mid_write_leaves_the_previous_file(tmp_path: Path) -> 
     assert report.read_text() == '{"good": true}\n'
     # What a kill can leave is a hidden temp file beside it, never a half-written report.json.
     assert all(p.name.startswith(".report.json.") and p.suffix == ".tmp" for p in tmp_path.iterdir() if p != report)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_atomic_outputs_get_the_users_umask(tmp_path: Path, umask: int) -> None:
+    """Issue 21: every atomically written output (best_model.pt, the reports, search_config.yaml) was mode 0600
+    (tempfile.mkstemp's), so other users of a shared NFS experiment folder could not read them."""
+    import torch
+
+    from bss_model.io import atomic_torch_save, atomic_write_all, atomic_write_json, atomic_write_text
+
+    before = os.umask(umask)
+    try:
+        atomic_write_json(tmp_path / "report.json", {"a": 1})
+        atomic_write_text(tmp_path / "search_config.yaml", "a: 1\n")
+        atomic_torch_save({"w": torch.ones(1)}, tmp_path / "best_model.pt")
+        atomic_write_all([(tmp_path / "panel.png", b"png")])
+        (tmp_path / "plain.txt").write_text("as any tool writes it")
+    finally:
+        os.umask(before)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == dict.fromkeys(modes, 0o666 & ~umask), modes
 
 
 # --------------------------------------------------------------------------------------

@@ -205,6 +205,91 @@ def test_bad_storage_is_one_line_before_ray(
 
 
 # --------------------------------------------------------------------------------------
+# One experiment, one driver, on object storage: a lease with an expiry (search/lock.py)
+
+LEASE_HOLDER = """
+import sys, time
+from search import lock
+lock.LEASE_TTL_S, lock.RENEW_EVERY_S = float(sys.argv[2]), 1.0
+with lock.hold(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_the_lease_refuses_a_second_driver_until_the_first_ends_or_its_lease_lapses(
+    aws_env: WeedServer, tmp_path: Path, data_dir: Path, no_ray: None, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """Issue 21: nothing stopped a second driver on one experiment. On S3 nothing can be locked: the driver holds
+    a lease that it renews. A driver that crashed (kill -9) blocks nothing for long: on its own machine its
+    lease is taken over at once, elsewhere once it lapses (it is no longer renewed)."""
+    import socket
+    import time
+
+    from search import lock
+    from search.run import main
+
+    monkeypatch.chdir(tmp_path)
+    root = f"s3://{BUCKET}/lease/exp"
+    holder = Proc([PY, "-c", LEASE_HOLDER, root, "6"], tmp_path, env_with(data_dir, **aws_env.env()), "holder")
+    try:
+        holder.wait_until(lambda: "held" in holder.out, 60, "the holder to take the lease")
+        lease = json.loads(s3_read(aws_env, f"{BUCKET}/lease/exp/{lock.LEASE_FILE}"))
+        assert lease["pid"] == holder.pid and lease["host"] == socket.gethostname()
+        argv = ["--config", SMOKE, "--storage-path", f"s3://{BUCKET}/lease", "--name", "exp", *sets(*TINY)]
+        line = cli_error(main, [*argv, "--resume"], capsys)
+        assert f"in use by the driver with pid {holder.pid} on {socket.gethostname()}, started " in line, line
+        assert "its lease lapses at" in line, line
+        time.sleep(2.5)  # renewed meanwhile: the expiry moved on
+        renewed = json.loads(s3_read(aws_env, f"{BUCKET}/lease/exp/{lock.LEASE_FILE}"))
+        assert renewed["expires"] > lease["expires"]
+    finally:
+        holder.cleanup()  # SIGKILL: it never releases the lease
+    assert lock.LEASE_FILE in s3_tree(aws_env, f"{BUCKET}/lease/exp"), "a crashed driver leaves its lease"
+    # On the machine it ran on, its process is seen to be gone: the lease is taken over at once (and the next
+    # driver gets as far as its next check).
+    assert "no experiment at" in cli_error(main, [*argv, "--resume"], capsys)
+    assert lock.LEASE_FILE not in s3_tree(aws_env, f"{BUCKET}/lease/exp"), "a released lease is deleted"
+
+    # A driver on another machine that stopped renewing: its lease holds until it lapses, then it is taken over.
+    expires = time.time() + 4
+    elsewhere = {"host": "elsewhere", "pid": 1, "started": "then", "proc": "1", "token": "x", "expires": expires}
+    s3_write(aws_env, f"{BUCKET}/lease/exp/{lock.LEASE_FILE}", json.dumps(elsewhere).encode())
+    line = cli_error(main, [*argv, "--resume"], capsys)
+    assert "in use by the driver with pid 1 on elsewhere, started then" in line and "lapses at" in line, line
+    time.sleep(max(0.0, expires - time.time()) + 0.5)
+    assert "no experiment at" in cli_error(main, [*argv, "--resume"], capsys)
+
+
+def test_a_driver_whose_lease_is_deleted_knows_it_lost_the_experiment(
+    aws_env: WeedServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The experiment's prefix deleted under a running driver (or its lease taken): lock.lost says so, and the
+    search stops on it (search/guard.py) instead of ending "successfully"."""
+    import time
+
+    from search import lock
+
+    monkeypatch.setattr(lock, "RENEW_EVERY_S", 0.5)
+    root = f"s3://{BUCKET}/lease/lost"
+    with lock.hold(root):
+        assert lock.lost(root) is None
+        aws_env.filesystem().delete_file(f"{BUCKET}/lease/lost/{lock.LEASE_FILE}")
+        deadline = time.monotonic() + 20
+        while lock.lost(root) is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "was deleted while this driver ran" in (lock.lost(root) or ""), lock.lost(root)
+        with pytest.raises(lock.ExperimentLost):
+            lock.check(root)
+
+
+def s3_read(server: WeedServer, key: str) -> bytes:
+    with server.filesystem().open_input_stream(key) as f:
+        return f.read()
+
+
+# --------------------------------------------------------------------------------------
 # Slow: the smoke search on S3, a killed driver, a storage outage, and the resumes
 
 

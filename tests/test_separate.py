@@ -19,7 +19,6 @@ import pytest
 import torch
 from PIL import Image
 
-import bss_model.io
 from bss_model import checkpoint as ckpt
 from bss_model.config import DataConfig, load_config
 from bss_model.data import load_test, pad32
@@ -524,30 +523,45 @@ def test_outputs_never_overwrite_an_input(tmp_path: Path, capsys, model_file: Pa
     assert listing(out) == before
 
 
-def test_a_failing_disk_leaves_only_whole_files(tmp_path: Path, capsys, model_file: Path, monkeypatch) -> None:
-    srcs = [str(save_png(tmp_path / f"m{i}.png", mixture(21 + i))) for i in range(3)]
-    real = bss_model.io.atomic_write_bytes
-    calls = []
+# A write that fails for real, in a subprocess: RLIMIT_FSIZE makes every write past the limit fail with EFBIG
+# (SIGXFSZ ignored), as a full disk fails writes, on any filesystem and without root. The 28x28 outputs
+# (a few hundred bytes) fit under the limit, the panel of three rows does not.
+FAILING_WRITE = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), int(sys.argv[1])))
+from bss_model.separate import main
+sys.exit(main(sys.argv[2:]))
+"""
 
-    def full_disk(path: Path, data: bytes) -> None:
-        calls.append(path)
-        if len(calls) == 3:
-            # Fail inside the atomic write, after the temp file exists: it must be cleaned up.
-            bss_model.io.atomic_write(path, lambda f: (f.write(data[:10]), _raise_enospc()))
-        real(path, data)
 
-    monkeypatch.setattr(bss_model.io, "atomic_write_bytes", full_disk)
+def test_a_failing_disk_leaves_out_as_it_was(tmp_path: Path, model_file: Path) -> None:
+    """Issue 21: a write that failed midway (a full disk during --out) left new images beside the old panel.png.
+    Now every output is written before any is renamed into place: --out is left as it was, byte for byte."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     out = tmp_path / "out"
-    code, _, stderr = separate(capsys, model_file, *srcs, "--out", str(out))
-    assert code == 2 and len(stderr.strip().splitlines()) == 1 and "No space left" in stderr, stderr
-    files = sorted(p.name for p in out.iterdir())
-    assert files == ["m0.digit.png", "m0.fashion.png"]  # the two written before the failure, no temp file
-    for name in files:
-        assert read_png(out / name).shape == (28, 28)  # whole, readable PNGs
+    srcs = [str(save_png(tmp_path / f"m{i}.png", mixture(21 + i))) for i in range(3)]
+    cmd = ["--checkpoint", str(model_file), "--threads", "1", "--out", str(out)]
+    assert main([*cmd, *srcs[:2]]) == 0  # the previous run's outputs
+    before = listing(out)
+    for name in ("m0.digit.png", "m1.fashion.png"):
+        assert len(before[name]) < 2048 < len(before["panel.png"]), "the limit must split small files from the panel"
+    for i in range(2):  # other mixtures under the same names: every output of the new run differs from the old
+        save_png(tmp_path / f"m{i}.png", mixture(41 + i))
+    proc = subprocess.run([sys.executable, "-c", FAILING_WRITE, "2048", *cmd, *srcs], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    changed = sorted(k for k, v in listing(out).items() if before.get(k) != v)
+    assert not changed, f"--out half-overwritten: {changed} new, the rest old"
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "File too large" in lines[0] and "nothing in it was changed" in lines[0], lines[0]
+    assert sorted(p.name for p in out.iterdir()) == sorted(before), "a temp file was left behind"
 
-
-def _raise_enospc() -> None:
-    raise OSError(28, "No space left on device")
+    # Into a folder that did not exist: none is left behind either.
+    fresh = tmp_path / "fresh"
+    proc = subprocess.run([sys.executable, "-c", FAILING_WRITE, "2048", *cmd[:-1], str(fresh), *srcs], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2 and not fresh.exists(), proc.stderr
 
 
 def test_no_inputs_and_bad_demo_counts_exit_2(tmp_path: Path, capsys, model_file: Path) -> None:
