@@ -147,8 +147,11 @@ class TrainConfig:
     weight_decay: float = 0.0
     adam_eps: float = 1e-8  # torch's default; Keras's Adam (the reference) uses 1e-7
     # The training objective (bss_model/losses.py). The score is always MSE, whatever this is.
-    loss: Literal["mse", "l1", "charbonnier"] = "mse"
+    loss: Literal["mse", "l1", "charbonnier", "edge"] = "mse"
     charbonnier_eps: float = 1e-3
+    # loss: edge is MSE + λ · MSE of the Sobel gradients; λ starts at edge_weight and is annealed to 0 by the
+    # end of training (bss_model.losses.edge_weight_at). The Sobel term of white noise is 12x its MSE.
+    edge_weight: float = 0.1
     # Exponential moving average of the weights (bss_model/ema.py); 0 = off. When on, validation,
     # checkpoints' evaluated weights, best_model.pt and the protocol all use the average.
     ema_decay: float = 0.0
@@ -192,6 +195,7 @@ class TrainConfig:
         check_finite(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, ">= 0")
         check_range(0 < self.adam_eps < 1, "train.adam_eps", self.adam_eps, "in (0, 1), e.g. 1e-8 or 1e-7 (Keras)")
         check_finite(self.charbonnier_eps > 0, "train.charbonnier_eps", self.charbonnier_eps, "> 0, e.g. 1e-3")
+        check_finite(self.edge_weight >= 0, "train.edge_weight", self.edge_weight, ">= 0, e.g. 0.1")
         check_range(
             0 <= self.ema_decay < 1, "train.ema_decay", self.ema_decay, "in [0, 1): 0 = off, e.g. 0.999 or 0.9999"
         )

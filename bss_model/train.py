@@ -102,7 +102,7 @@ class _Trainer:
         self.ema = EMA(self.model, t.ema_decay) if t.ema_decay > 0 else None
         self.eval_model = self.ema.model if self.ema else self.model
         # (loss to descend, detached MSE): the score is always MSE, whatever train.loss is.
-        objective = losses.objective(t.loss, t.charbonnier_eps)
+        objective = losses.objective(t.loss, t.charbonnier_eps, t.edge_weight, dev)
         self.step_fn = TrainStep(self.model, self.sampler, t, self.rt, objective=objective, ema=self.ema)
         self.opt = self.step_fn.opt
         self.plateau = build_plateau(self.opt, t) if t.schedule == "plateau" else None
@@ -192,6 +192,10 @@ class _Trainer:
         total = t.epochs * t.steps_per_epoch
         return cosine_lr(step, total, int(t.warmup_epochs * t.steps_per_epoch), t.lr, t.min_lr)
 
+    def edge_weight_at(self, step: int) -> float:
+        t = self.cfg.train
+        return losses.edge_weight_at(step, t.epochs * t.steps_per_epoch, t.edge_weight)
+
     def train_epoch(self) -> tuple[float, float, str]:
         """Run one epoch; returns (mean train loss, mean train MSE, reason if the loss went non-finite)."""
         t = self.cfg.train
@@ -208,7 +212,9 @@ class _Trainer:
 
         try:
             check_every = t.log_every or FINITE_CHECK_EVERY
-            bad = self.step_fn.run(t.steps_per_epoch, lr_at, start=self.step, on_step=on_step, check_every=check_every)
+            weight_at = self.edge_weight_at if t.loss == "edge" else None
+            bad = self.step_fn.run(t.steps_per_epoch, lr_at, start=self.step, on_step=on_step, check_every=check_every,
+                                   loss_weight_at=weight_at)  # fmt: skip
         finally:
             bar.close()
         self.step += bad or t.steps_per_epoch
@@ -418,6 +424,12 @@ def resume_config(
             raise ConfigError(
                 f"cannot resume {run} with train.epochs={epochs} (was {saved.train.epochs}): its cosine schedule "
                 "decays over train.epochs, so a new length changes the learning rate of every step to come; "
+                "start a new run instead"
+            )
+        if saved.train.loss == "edge":
+            raise ConfigError(
+                f"cannot resume {run} with train.epochs={epochs} (was {saved.train.epochs}): its edge loss anneals "
+                "train.edge_weight to 0 over train.epochs, so a new length changes the loss of every step to come; "
                 "start a new run instead"
             )
     return asked, allowed
