@@ -48,6 +48,8 @@ MAX_CONVS = 64
 MAX_DECODER_MULT = 64
 MAX_WEIGHTS = 2_000_000_000  # fp32 weights, gradients and two Adam moments: 32 GB
 MAX_THREADS = 4096
+# A bottleneck map is at most 16x16 (depth 1): a conv of rate 16 or more reads only zero padding off its centre tap.
+MAX_DILATION = 15
 
 # --------------------------------------------------------------------------------------
 # The sections
@@ -98,6 +100,15 @@ class ModelConfig:
     head: Literal["depthwise", "consistent"] = "depthwise"
     # Output activation after the head: none (the reference) or relu (the sources are >= 0).
     output: Literal["none", "relu"] = "none"
+    # Each level's convs: plain (conv [BN] ReLU, the reference) or one pre-activation residual unit.
+    block: Literal["plain", "residual"] = "plain"
+    # Skip connections: as they are (the reference), or through additive attention gates (Attention U-Net).
+    attention: Literal["none", "gate"] = "none"
+    # Dilation rates of the bottleneck's convs, repeated over them: [1] (the reference), [1, 2, 4], ...
+    # Also written 2 (every conv) or "1,2,4" (the form a search space's choices take).
+    dilation: list[int] = field(default_factory=lambda: [1])
+    # Decoder up-sampling: a 2x2 stride-2 transposed conv (the reference), or bilinear x2 + a 3x3 conv.
+    upsample: Literal["transpose", "bilinear"] = "transpose"
     # Initial weights: torch's defaults, or keras (the reference's Keras defaults: glorot-uniform
     # kernels and zero biases, about sqrt(3)x torch's scale for a 3x3 conv; configs/seed.yaml).
     init: Literal["torch", "keras"] = "torch"
@@ -121,6 +132,12 @@ class ModelConfig:
         check_range(1 <= self.decoder_convs <= MAX_CONVS, "model.decoder_convs", self.decoder_convs, convs)
         mult = f"1..{MAX_DECODER_MULT}"
         check_range(1 <= self.decoder_mult <= MAX_DECODER_MULT, "model.decoder_mult", self.decoder_mult, mult)
+        check_range(
+            1 <= len(self.dilation) <= MAX_CONVS and all(1 <= d <= MAX_DILATION for d in self.dilation),
+            "model.dilation",
+            self.dilation,
+            f"1..{MAX_CONVS} rates, each in 1..{MAX_DILATION}, e.g. [1] (none) or [1, 2, 4]",
+        )
         weights = approx_weights(self)
         if weights > MAX_WEIGHTS:
             raise ConfigError(
@@ -337,9 +354,14 @@ def approx_weights(m: ModelConfig) -> int:
         bottom = m.filters * 2**m.depth
         total += 9 * (c * bottom + (m.bottleneck_convs - 1) * bottom * bottom)
         c = bottom
+    up_kernel = 9 if m.upsample == "bilinear" else 4
     for w in reversed(widths):
         out = m.decoder_mult * w
-        total += 4 * c * out + 9 * ((out + w) * out + (m.decoder_convs - 1) * out * out)
+        total += up_kernel * c * out + 9 * ((out + w) * out + (m.decoder_convs - 1) * out * out)
+        if m.attention == "gate":
+            total += (w + out) * max(1, w // 2)
+        if m.block == "residual":
+            total += (out + w) * out  # the level's 1x1 projection
         c = out
     return total
 
@@ -394,12 +416,33 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif tp is str:
         if isinstance(value, str):
             return value
+    elif origin is list and get_args(tp) == (int,):
+        return _int_list(value, key)
     elif origin in (list, dict) or tp in (list, dict):
         if isinstance(value, origin or tp):
             return value
     else:  # pragma: no cover - a new annotation kind in the dataclasses
         raise TypeError(f"unsupported config annotation {tp!r} for {key}")
     raise ConfigError(f"{key}={value!r} has the wrong type: expected {_type_name(tp)}, got {type(value).__name__}")
+
+
+def _int_list(value: Any, key: str) -> list[int]:
+    """A list of integers (``model.dilation``): ``[1, 2, 4]``, one integer for all (``2``), or the comma form
+    ``"1,2,4"`` (what a search space offers Optuna, whose categorical choices cannot be lists)."""
+    items = value
+    if isinstance(value, str):
+        try:
+            items = [int(part) for part in value.split(",")]
+        except ValueError:
+            items = None
+    elif isinstance(value, int) and not isinstance(value, bool):
+        items = [value]
+    ok = isinstance(items, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in items)
+    if not ok:
+        raise ConfigError(
+            f"{key}={value!r} has the wrong type: expected a list of integers, e.g. [1, 2, 4] (or 2, or '1,2,4')"
+        )
+    return list(items)
 
 
 def _unknown_key(key: str, valid: list[str], prefix: str) -> ConfigError:
