@@ -43,7 +43,7 @@ from bss_model.config import (
     with_overrides,
 )
 from bss_model.errors import ConfigError
-from search.space import Dimension, parse_space
+from search.space import Dimension, choice_value, parse_space
 
 MAX_TRIALS = 100_000
 MAX_SEEDS = 1000
@@ -254,6 +254,10 @@ def load_search_config(path: str | Path | None, sets: list[str] | None = None) -
             )
         for key, value in point.items():
             parsed[key].check_value(value, f"tune.points_to_evaluate[{i}].{key}")
+        # A list (model.dilation: [1, 2, 4]) goes to the searcher as the choice it matches ("1,2,4").
+        point = cfg.tune.points_to_evaluate[i] = {
+            key: choice_value(value) if parsed[key].kind == "choice" else value for key, value in point.items()
+        }
         with_overrides(base, point, where=f"tune.points_to_evaluate[{i}]: ")
     check_budget(cfg.base, parsed, cfg.tune.points_to_evaluate)
     with_overrides(base, cfg.retrain.params(), where="retrain.overrides: ")
