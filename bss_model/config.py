@@ -346,13 +346,14 @@ def check_seed(key: str, value: int) -> None:
 def approx_weights(m: ModelConfig) -> int:
     """The U-Net's conv weights (biases and norms aside: a fraction of a percent), without building it."""
     widths = [m.filters * 2**i for i in range(m.depth)]
+    residual = m.block == "residual"  # + a 1x1 projection per level (every level changes width)
     total, c = 0, 1
     for w in widths:
-        total += 9 * (c * w + (m.encoder_convs - 1) * w * w)
+        total += 9 * (c * w + (m.encoder_convs - 1) * w * w) + residual * c * w
         c = w
     if m.bottleneck_convs:
         bottom = m.filters * 2**m.depth
-        total += 9 * (c * bottom + (m.bottleneck_convs - 1) * bottom * bottom)
+        total += 9 * (c * bottom + (m.bottleneck_convs - 1) * bottom * bottom) + residual * c * bottom
         c = bottom
     up_kernel = 9 if m.upsample == "bilinear" else 4
     for w in reversed(widths):
@@ -360,8 +361,8 @@ def approx_weights(m: ModelConfig) -> int:
         total += up_kernel * c * out + 9 * ((out + w) * out + (m.decoder_convs - 1) * out * out)
         if m.attention == "gate":
             total += (w + out) * max(1, w // 2)
-        if m.block == "residual":
-            total += (out + w) * out  # the level's 1x1 projection
+        if residual:
+            total += (out + w) * out
         c = out
     return total
 

@@ -451,3 +451,13 @@ def test_every_part_trains_at_every_depth(parts: dict, norm: str) -> None:
     for depth in (1, 3):
         _check_runs(model_config("tiny", filters=4, depth=depth, norm=norm, **parts))
     _check_runs(model_config("tiny", filters=4, **{**parts, "bottleneck_convs": 0}))
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_the_size_check_counts_the_new_parts(variant: str) -> None:
+    """approx_weights (the config's no-device-could-hold-it check) knows every part, without building the model."""
+    from bss_model.config import approx_weights
+
+    for parts in ({}, {"block": "residual", "attention": "gate", "upsample": "bilinear"}):
+        cfg = model_config(variant, **parts)
+        assert approx_weights(cfg) == pytest.approx(count_parameters(build_model(cfg)), rel=0.01), parts
