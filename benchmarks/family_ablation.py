@@ -361,7 +361,7 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
         table["summary"] = summarize(table)
         atomic_write_json(out, table)
 
-    if "cost" not in table:
+    if "cost" not in table or args.remeasure_cost:
         print(f"cost: {len(options)} options interleaved, {args.cost_rounds} rounds of {args.cost_steps} steps",
               flush=True)  # fmt: skip
         if args.nice:
@@ -408,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--options", default="", help="comma-separated subset of the options (default: all)")
     p.add_argument("--cost-steps", type=int, default=24, help="training steps per timed window")
     p.add_argument("--cost-rounds", type=int, default=7, help="interleaved rounds of the cost phase")
+    p.add_argument("--remeasure-cost", action="store_true", help="measure the cost phase again (runs are kept)")
     p.add_argument("--nice", type=int, default=0, help="niceness of the cost phase (the runs inherit the shell's)")
     p.add_argument("--epochs", type=int, default=None, help="override the budget's epochs (tests)")
     p.add_argument("--samples-per-epoch", type=int, default=None, help="override the budget's epoch size (tests)")
