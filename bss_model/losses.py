@@ -96,8 +96,14 @@ def edge_weight_at(step: int, total: int, weight: float) -> float:
 
         λ(s) = weight · (1 + cos(π · min(1, p / 0.75))) / 2,    p = s / (total - 1)
     """
-    p = step / max(1, total - 1)
-    return weight * 0.5 * (1.0 + math.cos(math.pi * min(1.0, p / EDGE_ANNEAL_FRACTION)))
+    return edge_weight_of_progress(step / max(1, total - 1), weight)
+
+
+def edge_weight_of_progress(progress: float, weight: float) -> float:
+    """:func:`edge_weight_at` over a fraction of the run, in [0, 1], instead of a step count: a time-limited run
+    (``train.time_limit_s``), whose progress is the one its learning rate follows (the larger of its step and
+    time fractions), so λ reaches 0 at 3/4 of its wall time even when the steps it will get are unknown."""
+    return weight * 0.5 * (1.0 + math.cos(math.pi * min(1.0, max(0.0, progress) / EDGE_ANNEAL_FRACTION)))
 
 
 class EdgeObjective:

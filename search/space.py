@@ -80,7 +80,7 @@ class Dimension:
         k = KINDS[self.kind]
         if k.categorical:
             v = choice_value(value)  # a list as the comma form its choice takes
-            if not any(v == c and type(v) is type(c) or _same_number(v, c) for c in self.args):
+            if not any(_same_choice(v, c) for c in self.args):
                 raise ConfigError(f"{where}={value!r} is not one of space.{self.key}'s choices {self.args}")
             return
         low, high = self.args
@@ -97,6 +97,11 @@ def choice_value(value: Any) -> Any:
     if isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
         return ",".join(str(v) for v in value)
     return value
+
+
+def _same_choice(a: Any, b: Any) -> bool:
+    """One choice: equal values of one type, or equal numbers (8 and 8.0); never True and 1."""
+    return (a == b and type(a) is type(b)) or _same_number(a, b)
 
 
 def _same_number(a: Any, b: Any) -> bool:
@@ -137,8 +142,12 @@ def parse_dimension(key: str, spec: Any) -> Dimension:
                 f"{where}.{name} holds {bad[0]!r}: choices are numbers, strings, booleans, null or lists of "
                 "integers (e.g. [1, 2, 4])"
             )
-        if len(set(map(repr, args))) != len(args):
-            raise ConfigError(f"{where}.{name} lists a value twice ({args}): list each choice once")
+        for i, value in enumerate(args):
+            if any(_same_choice(value, other) for other in args[:i]):
+                raise ConfigError(
+                    f"{where}.{name} lists {value!r} twice ({args!r}): list each value once (a repeated choice is "
+                    "drawn more often, and the study counts it as two)"
+                )
         return Dimension(key, name, args)
     if len(args) != 2:
         raise ConfigError(f"{where}.{name} must be [low, high], got {args!r}")
