@@ -272,14 +272,15 @@ def not_for_the_retrain(key: str) -> str:
 
 def validate_space(base: dict[str, Any], space: dict[str, Any]) -> dict[str, Dimension]:
     """Parse every dimension and prove each endpoint/choice yields a valid config."""
-    dims = parse_space(space)
     leaves = set(flatten(base))
-    for key, dim in dims.items():
+    for key in map(str, space):  # before its values are parsed: a section's mapping is no choice either
         if key in section_paths(Config):
             raise ConfigError(
                 f"space.{key} is a section, not a key: give each of its keys its own dimension, e.g. "
                 f"space.{key}.{next(k for k in sorted(leaves) if k.startswith(key + '.')).split('.')[-1]}"
             )
+    dims = parse_space(space)
+    for key, dim in dims.items():
         why = not_searchable(key) if key in leaves else ""
         if why:
             raise ConfigError(f"space.{key} cannot be a search dimension: {why}, and remove it from the space")

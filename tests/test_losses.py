@@ -141,3 +141,47 @@ def test_train_anneals_the_edge_weight_over_the_whole_run(
     # Its length is part of the loss: a resume may not change train.epochs.
     with pytest.raises(ConfigError, match=r"edge loss anneals train\.edge_weight to 0 over train\.epochs"):
         resume_config(tmp_path / "run" / "checkpoint" / "checkpoint.pt", tmp_path / "run", None, ["train.epochs=3"])
+
+
+def test_a_time_limited_run_anneals_the_edge_weight_on_the_clock_like_its_lr(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under train.time_limit_s with epochs on time alone (samples_per_epoch 0) the steps are unknown beforehand:
+    λ follows the progress the lr follows (the clock's), not a step count of 0 that would zero it after one step."""
+    seen: list[tuple[float, float]] = []  # (lr, λ) of each step, as the step reads them
+    real_call = losses.EdgeObjective.__call__
+    step_of: dict[str, TrainStep] = {}
+    real_init = TrainStep.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        step_of["step"] = self
+
+    def recording(self, pred, target):
+        lr = step_of["step"].opt.param_groups[0]["lr"]
+        seen.append((float(lr), float(self.weight)))
+        return real_call(self, pred, target)
+
+    monkeypatch.setattr(TrainStep, "__init__", init)
+    monkeypatch.setattr(losses.EdgeObjective, "__call__", recording)
+    sets = [f"data.dir={data_dir}", "data.download=false", "data.val_pairs=50", "model.variant=tiny",
+            "train.device=cpu", "train.threads=1", "train.tensorboard=false", "train.batch_size=8",
+            "train.epochs=2", "train.samples_per_epoch=0", "train.time_limit_s=2", "train.schedule=cosine",
+            "train.warmup_epochs=0", "train.min_lr=0", "train.loss=edge", "train.edge_weight=0.5"]  # fmt: skip
+    result = train(load_config(None, sets), out_dir=tmp_path / "run")
+    assert result.status == "completed" and len(seen) >= 8, (result.reason, len(seen))
+    lr0 = load_config(None, sets).train.lr
+    for lr, weight in seen:
+        # lr = lr0 (1 + cos(π p)) / 2 gives the run's progress p; λ must be its value at that same p.
+        p = math.acos(max(-1.0, min(1.0, 2 * lr / lr0 - 1))) / math.pi
+        assert weight == pytest.approx(losses.edge_weight_of_progress(p, 0.5), abs=0.02)
+    weights = [w for _, w in seen]
+    assert weights[0] == pytest.approx(0.5, abs=0.02) and weights[-1] == 0.0
+    assert all(a >= b for a, b in zip(weights, weights[1:], strict=False))
+    assert sum(0.0 < w < 0.5 for w in weights) >= 4  # annealed over the run, not switched off after a step
+
+
+def test_the_edge_weight_of_progress_is_the_step_schedule_on_a_fraction() -> None:
+    assert losses.edge_weight_of_progress(0.0, 0.4) == 0.4 and losses.edge_weight_of_progress(1.0, 0.4) == 0.0
+    assert losses.edge_weight_of_progress(0.375, 0.2) == pytest.approx(0.1)
+    assert losses.edge_weight_of_progress(500 / 999, 0.3) == losses.edge_weight_at(500, 1000, 0.3)

@@ -381,7 +381,7 @@ def test_attention_gate_parameters_shape_and_coefficients_in_unit_interval() -> 
     torch.manual_seed(1)
     _randomize(gate, std=1.0)  # weights of both signs, and large inputs: the sigmoid saturates at both ends
     skip, g = 20 * torch.randn(4, 6, 8, 8), 20 * torch.randn(4, 10, 8, 8)
-    a = gate.coefficients(skip, g)
+    a = gate.coefficients(skip, g).detach()
     assert a.shape == (4, 1, 8, 8)
     assert float(a.min()) >= 0.0 and float(a.max()) <= 1.0
     assert float(a.min()) < 0.05 and float(a.max()) > 0.95, "the check needs coefficients near both ends"
