@@ -259,8 +259,10 @@ def summarize(table: dict[str, Any]) -> dict[str, Any]:
     """Per option: test MSE mean ± std over seeds, the change against the baseline, its cost, the verdict."""
     runs = [r for r in table["runs"] if r["status"] == "completed" and "test_mse" in r]
     by: dict[str, list[float]] = {}
+    per_seed: dict[str, dict[int, float]] = {}
     for r in runs:
         by.setdefault(r["option"], []).append(r["test_mse"])
+        per_seed.setdefault(r["option"], {})[r["seed"]] = r["test_mse"]
     costs = table.get("cost", {}).get("options", {})
     out: dict[str, Any] = {"options": {}}
     base = by.get("baseline", [])
@@ -278,6 +280,15 @@ def summarize(table: dict[str, Any]) -> dict[str, Any]:
             se = math.sqrt(np.var(vals, ddof=1) / len(vals) + np.var(base, ddof=1) / len(base))
             row.update(change_vs_baseline=round(diff / float(np.mean(base)), 4), diff_over_se=round(diff / se, 2))
             row["verdict"] = verdict(diff, se)
+            # Seed s of every option draws the same training pairs in the same order (the sampler's seed is
+            # train.seed): the per-seed differences remove that share of the noise. Shown beside the verdict,
+            # which stays the unpaired test (the inits differ, so the pairing is only partial).
+            shared = sorted(set(per_seed[name]) & set(per_seed["baseline"]))
+            if len(shared) > 1:
+                d = [per_seed[name][k] - per_seed["baseline"][k] for k in shared]
+                paired_se = float(np.std(d, ddof=1)) / math.sqrt(len(d))
+                row["paired_diff_over_se"] = round(float(np.mean(d)) / paired_se, 2) if paired_se > 0 else None
+                row["paired_seeds"] = len(d)
         out["options"][name] = row
     ref = next((r for r in table["runs"] if r["option"] == "reference" and r["val_mse"]), None)
     if ref:
@@ -302,8 +313,9 @@ LABELS = {
 def markdown(table: dict[str, Any]) -> str:
     """The README's table: test MSE mean ± std over seeds, the change against the baseline, params, samples/s."""
     lines = [
-        "| option | test MSE (mean ± std, seeds) | vs baseline | params | train samples/s (vs baseline) | verdict |",
-        "|---|---|---|---|---|---|",
+        "| option | test MSE (mean ± std, seeds) | vs baseline | paired by seed (t, dof) | params "
+        "| train samples/s (vs baseline) | verdict |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, row in table["summary"]["options"].items():
         if name == "reference":
@@ -312,11 +324,39 @@ def markdown(table: dict[str, Any]) -> str:
         change = f"{100 * row['change_vs_baseline']:+.1f}% ({row['diff_over_se']:+.1f} se)" if "verdict" in row else "-"
         cost = table["cost"]["options"].get(name, {})
         speed = f"{cost.get('samples_per_s', math.nan):.0f} ({cost.get('samples_per_s_ratio', math.nan):.2f}x)"
+        paired = "-"
+        if row.get("paired_diff_over_se") is not None:
+            paired = f"{row['paired_diff_over_se']:+.1f} ({row['paired_seeds'] - 1})"
         lines.append(
-            f"| {LABELS.get(name, name)} | {row['test_mse_mean']:.3e} ± {std} ({row['seeds']}) | {change} "
+            f"| {LABELS.get(name, name)} | {row['test_mse_mean']:.3e} ± {std} ({row['seeds']}) | {change} | {paired} "
             f"| {cost.get('n_params', 0):,} | {speed} | {row.get('verdict', '-')} |"
         )
+    lines += ["", *budget_lines(table)]
     return "\n".join(lines)
+
+
+def budget_lines(table: dict[str, Any]) -> list[str]:
+    """Below the table: how many runs it holds, and whether the budget still left the networks improving."""
+    summary = table["summary"]
+    planned = len(table["options"]) * len(table["meta"]["seeds"]) + 1
+    done = sum(r["status"] == "completed" for r in table["runs"])
+    lines = [f"Runs finished: {done} of {planned} ({len(table['options'])} options x {len(table['meta']['seeds'])} "
+             "seeds + the reference-shaped network)."]  # fmt: skip
+    check = summary.get("reference_budget_check")
+    if check and check.get("still_improving") is not None:
+        ref = summary["options"].get("reference", {})
+        mse = f", test MSE {ref['test_mse_mean']:.3e}" if "test_mse_mean" in ref else ""
+        lines.append(
+            f"Reference-shaped network on the same budget{mse}: still improving at its end: "
+            f"{'yes' if check['still_improving'] else 'no'} (validation MSE {100 * check['last_quarter_gain']:+.1f}% "
+            "over the budget's last quarter)."
+        )
+    base = summary.get("baseline_budget_check", [])
+    if base:
+        gains = ", ".join(f"{100 * b['last_quarter_gain']:.1f}%" for b in base if b.get("still_improving") is not None)
+        lines.append(f"Baseline seeds still improving at their end: {sum(bool(b['still_improving']) for b in base)} "
+                     f"of {len(base)} (last-quarter validation gains {gains}).")  # fmt: skip
+    return lines
 
 
 # -- the build -------------------------------------------------------------------------------------

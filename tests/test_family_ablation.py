@@ -48,7 +48,14 @@ def test_the_ablation_writes_its_table_and_a_rerun_trains_only_what_is_missing(
     assert summary["baseline"]["test_mse_mean"] == pytest.approx(sum(base) / 2)
     assert summary["edge"]["verdict"] in ("helps", "hurts", "no measurable difference")
     assert isinstance(table["summary"]["reference_budget_check"]["still_improving"], bool)
-    assert "| `train.loss: edge`" in fa.markdown(table)
+    # The same seed's runs share their training pairs: the per-seed differences, beside the unpaired verdict.
+    d = [runs[("edge", s)]["test_mse"] - runs[("baseline", s)]["test_mse"] for s in (0, 1)]
+    paired_t = (sum(d) / 2) / (abs(d[0] - d[1]) / math.sqrt(2) / math.sqrt(2))
+    assert summary["edge"]["paired_seeds"] == 2
+    assert summary["edge"]["paired_diff_over_se"] == pytest.approx(paired_t, abs=0.01)
+    text = fa.markdown(table)
+    assert "| `train.loss: edge`" in text and "Runs finished: 5 of 5 (2 options x 2 seeds" in text
+    assert "Reference-shaped network on the same budget, test MSE" in text
 
     # A kill loses only the runs in flight: the file has every finished one, and a rerun trains just the rest.
     table["runs"] = [r for r in table["runs"] if (r["option"], r["seed"]) != ("edge", 1)]
