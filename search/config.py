@@ -428,7 +428,8 @@ def complete_point(base: dict[str, Any], dims: dict[str, Dimension], point: dict
                 f"tune.points_to_evaluate[{i}] leaves out {key}, and the value it would train with "
                 f"({resolved[key]!r}, from the base) is outside space.{key}: give {key} in the point"
             ) from None
-        out[key] = resolved[key]
+        # As the searcher takes the choice: a list from the base (model.dilation: [1]) as its comma form ("1").
+        out[key] = choice_value(resolved[key]) if dim.kind == "choice" else resolved[key]
     return out
 
 

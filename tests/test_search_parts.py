@@ -13,7 +13,7 @@ import yaml
 
 from bss_model.errors import ConfigError
 from search.config import load_search_config
-from search.space import choice_value, optuna_distributions, param_space, parse_dimension
+from search.space import choice_value, optuna_distributions, param_space, parse_dimension, parse_space
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -67,6 +67,26 @@ def test_choices_optuna_cannot_take_are_refused_before_ray(spec: dict, message: 
     with pytest.raises(ConfigError, match=message) as info:
         parse_dimension("model.dilation", spec)
     assert "\n" not in str(info.value)
+
+
+def test_a_starting_point_that_leaves_a_list_choice_out_gets_its_comma_form(tmp_path: Path) -> None:
+    """A point without model.dilation trains the base's [1]: it must reach the searcher as the choice "1", which
+    Optuna's distribution holds (the list itself is not one of its choices: a ValueError after Ray started)."""
+
+    def leave_out(raw: dict) -> None:
+        del raw["tune"]["points_to_evaluate"][0]["model.dilation"]
+
+    cfg = search_config(tmp_path, leave_out)
+    point = cfg.tune.points_to_evaluate[0]
+    assert point["model.dilation"] == "1" and list(point) == list(cfg.space)
+    dist = optuna_distributions(parse_space(cfg.space))["model.dilation"]
+    assert dist._contains(dist.to_internal_repr(point["model.dilation"]))
+    # The shipped configs with the parts: every starting point is one Optuna can take as it is.
+    for name in ("search", "gpu-hour"):
+        shipped = load_search_config(ROOT / f"configs/{name}.yaml")
+        dists = optuna_distributions(parse_space(shipped.space))
+        for p in shipped.tune.points_to_evaluate:
+            assert all(dists[k]._contains(dists[k].to_internal_repr(v)) for k, v in p.items()), (name, p)
 
 
 def test_every_new_key_is_validated_as_a_dimension(tmp_path: Path) -> None:
