@@ -53,6 +53,8 @@ MAX_WEIGHTS = 2_000_000_000  # fp32 weights, gradients and two Adam moments: 32 
 MAX_OPTIMIZER_VALUE = 1e15
 MAX_TIME_LIMIT_S = 30 * 24 * 3600.0  # a month: longer than any budget, short enough for every clock sum
 MAX_THREADS = 4096  # a static bound; the CPUs a process may use are checked where it runs (bss_model.runtime)
+# A bottleneck map is at most 16x16 (depth 1): a conv of rate 16 or more reads only zero padding off its centre tap.
+MAX_DILATION = 15
 # YAML that the config machinery can walk: nesting deeper than this (a real config is 5 levels at most) and
 # aliases (&a / *a) that expand to more values than this are refused by the loader (load_yaml), before any
 # recursive walk or repr() of an error message can run out of stack or memory.
@@ -108,6 +110,15 @@ class ModelConfig:
     head: Literal["depthwise", "consistent"] = "depthwise"
     # Output activation after the head: none (the reference) or relu (the sources are >= 0).
     output: Literal["none", "relu"] = "none"
+    # Each level's convs: plain (conv [BN] ReLU, the reference) or one pre-activation residual unit.
+    block: Literal["plain", "residual"] = "plain"
+    # Skip connections: as they are (the reference), or through additive attention gates (Attention U-Net).
+    attention: Literal["none", "gate"] = "none"
+    # Dilation rates of the bottleneck's convs, repeated over them: [1] (the reference), [1, 2, 4], ...
+    # Also written 2 (every conv) or "1,2,4" (the form a search space's choices take).
+    dilation: list[int] = field(default_factory=lambda: [1])
+    # Decoder up-sampling: a 2x2 stride-2 transposed conv (the reference), or bilinear x2 + a 3x3 conv.
+    upsample: Literal["transpose", "bilinear"] = "transpose"
     # Initial weights: torch's defaults, or keras (the reference's Keras defaults: glorot-uniform
     # kernels and zero biases, about sqrt(3)x torch's scale for a 3x3 conv; configs/seed.yaml).
     init: Literal["torch", "keras"] = "torch"
@@ -131,6 +142,12 @@ class ModelConfig:
         check_range(1 <= self.decoder_convs <= MAX_CONVS, "model.decoder_convs", self.decoder_convs, convs)
         mult = f"1..{MAX_DECODER_MULT}"
         check_range(1 <= self.decoder_mult <= MAX_DECODER_MULT, "model.decoder_mult", self.decoder_mult, mult)
+        check_range(
+            1 <= len(self.dilation) <= MAX_CONVS and all(1 <= d <= MAX_DILATION for d in self.dilation),
+            "model.dilation",
+            self.dilation,
+            f"1..{MAX_CONVS} rates, each in 1..{MAX_DILATION}, e.g. [1] (none) or [1, 2, 4]",
+        )
         weights = approx_weights(self)
         if weights > MAX_WEIGHTS:
             raise ConfigError(
@@ -163,8 +180,11 @@ class TrainConfig:
     weight_decay: float = 0.0
     adam_eps: float = 1e-8  # torch's default; Keras's Adam (the reference) uses 1e-7
     # The training objective (bss_model/losses.py). The score is always MSE, whatever this is.
-    loss: Literal["mse", "l1", "charbonnier"] = "mse"
+    loss: Literal["mse", "l1", "charbonnier", "edge"] = "mse"
     charbonnier_eps: float = 1e-3
+    # loss: edge is MSE + λ · MSE of the Sobel gradients; λ starts at edge_weight and is annealed to 0 by the
+    # end of training (bss_model.losses.edge_weight_at). The Sobel term of white noise is 12x its MSE.
+    edge_weight: float = 0.1
     # Exponential moving average of the weights (bss_model/ema.py); 0 = off. When on, validation,
     # checkpoints' evaluated weights, best_model.pt and the protocol all use the average.
     ema_decay: float = 0.0
@@ -226,6 +246,7 @@ class TrainConfig:
         )
         check_range(0 < self.adam_eps < 1, "train.adam_eps", self.adam_eps, "in (0, 1), e.g. 1e-8 or 1e-7 (Keras)")
         check_finite(self.charbonnier_eps > 0, "train.charbonnier_eps", self.charbonnier_eps, "> 0, e.g. 1e-3")
+        check_finite(self.edge_weight >= 0, "train.edge_weight", self.edge_weight, ">= 0, e.g. 0.1")
         check_range(
             0 <= self.ema_decay < 1, "train.ema_decay", self.ema_decay, "in [0, 1): 0 = off, e.g. 0.999 or 0.9999"
         )
@@ -372,17 +393,23 @@ def check_seed(key: str, value: int) -> None:
 def approx_weights(m: ModelConfig) -> int:
     """The U-Net's conv weights (biases and norms aside: a fraction of a percent), without building it."""
     widths = [m.filters * 2**i for i in range(m.depth)]
+    residual = m.block == "residual"  # + a 1x1 projection per level (every level changes width)
     total, c = 0, 1
     for w in widths:
-        total += 9 * (c * w + (m.encoder_convs - 1) * w * w)
+        total += 9 * (c * w + (m.encoder_convs - 1) * w * w) + residual * c * w
         c = w
     if m.bottleneck_convs:
         bottom = m.filters * 2**m.depth
-        total += 9 * (c * bottom + (m.bottleneck_convs - 1) * bottom * bottom)
+        total += 9 * (c * bottom + (m.bottleneck_convs - 1) * bottom * bottom) + residual * c * bottom
         c = bottom
+    up_kernel = 9 if m.upsample == "bilinear" else 4
     for w in reversed(widths):
         out = m.decoder_mult * w
-        total += 4 * c * out + 9 * ((out + w) * out + (m.decoder_convs - 1) * out * out)
+        total += up_kernel * c * out + 9 * ((out + w) * out + (m.decoder_convs - 1) * out * out)
+        if m.attention == "gate":
+            total += (w + out) * max(1, w // 2)
+        if residual:
+            total += (out + w) * out
         c = out
     return total
 
@@ -437,12 +464,33 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif tp is str:
         if isinstance(value, str):
             return value
+    elif origin is list and get_args(tp) == (int,):
+        return _int_list(value, key)
     elif origin in (list, dict) or tp in (list, dict):
         if isinstance(value, origin or tp):
             return value
     else:  # pragma: no cover - a new annotation kind in the dataclasses
         raise TypeError(f"unsupported config annotation {tp!r} for {key}")
     raise ConfigError(f"{key}={shown(value)} has the wrong type: expected {_type_name(tp)}, got {type(value).__name__}")
+
+
+def _int_list(value: Any, key: str) -> list[int]:
+    """A list of integers (``model.dilation``): ``[1, 2, 4]``, one integer for all (``2``), or the comma form
+    ``"1,2,4"`` (what a search space offers Optuna, whose categorical choices cannot be lists)."""
+    items = value
+    if isinstance(value, str):
+        try:
+            items = [int(part) for part in value.split(",")]
+        except ValueError:
+            items = None
+    elif isinstance(value, int) and not isinstance(value, bool):
+        items = [value]
+    ok = isinstance(items, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in items)
+    if not ok:
+        raise ConfigError(
+            f"{key}={shown(value)} has the wrong type: expected a list of integers, e.g. [1, 2, 4] (or 2, or '1,2,4')"
+        )
+    return list(items)
 
 
 def _unknown_key(key: str, valid: list[str], prefix: str) -> ConfigError:

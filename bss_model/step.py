@@ -156,6 +156,10 @@ class TrainStep:
                 lr.fill_(float(group["lr"]))
                 group["lr"] = lr
 
+    def set_loss_weight(self, value: float) -> None:
+        """A per-step weight of the objective (``train.loss = edge``: its λ), filled in place like the lr."""
+        self.objective.set_weight(value)
+
     def reset_sums(self) -> None:
         self.loss_sum.zero_()
         self.mse_sum.zero_()
@@ -231,6 +235,7 @@ class TrainStep:
         start: int = 0,
         on_step: Callable[[int, float | None], None] | None = None,
         check_every: int = FINITE_CHECK_EVERY,
+        loss_weight_at: Callable[[int], float] | None = None,
         until: Callable[[], bool] | None = None,
     ) -> int | None:
         """Run ``n`` steps (global step numbers ``start``, ``start + 1``, ...), or fewer: ``until()`` is asked
@@ -239,7 +244,8 @@ class TrainStep:
 
         Returns None, or the step (1-based within this call) at whose check the running loss was
         found non-finite; the run stops there.
-        ``lr_at(step)`` is the per-step schedule (None: the lr only changes between calls).
+        ``lr_at(step)`` is the per-step schedule (None: the lr only changes between calls);
+        ``loss_weight_at(step)`` the objective's per-step weight (the edge loss's λ; None: it has none).
         ``on_step(steps_done, loss_sum)`` is called after every step; ``loss_sum`` is the running
         sum at each finite check (every ``check_every`` steps, at most FINITE_CHECK_EVERY), where
         the loop syncs with the device anyway, and None in between: progress lines and bars
@@ -250,6 +256,8 @@ class TrainStep:
         for i in range(n):
             if lr_at is not None:
                 self.set_lr(lr_at(start + i))
+            if loss_weight_at is not None:
+                self.set_loss_weight(loss_weight_at(start + i))
             self()
             self.steps_run = i + 1
             last = i + 1 == n or (until is not None and until())

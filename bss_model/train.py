@@ -112,7 +112,7 @@ class _Trainer:
         self.ema = EMA(self.model, t.ema_decay) if t.ema_decay > 0 else None
         self.eval_model = self.ema.model if self.ema else self.model
         # (loss to descend, detached MSE): the score is always MSE, whatever train.loss is.
-        objective = losses.objective(t.loss, t.charbonnier_eps)
+        objective = losses.objective(t.loss, t.charbonnier_eps, t.edge_weight, dev)
         self.step_fn = TrainStep(self.model, self.sampler, t, self.rt, objective=objective, ema=self.ema)
         self.opt = self.step_fn.opt
         self.plateau = build_plateau(self.opt, t) if t.schedule == "plateau" else None
@@ -247,6 +247,13 @@ class _Trainer:
         total = t.epochs * t.steps_per_epoch
         return cosine_lr(step, total, int(t.warmup_epochs * t.steps_per_epoch), t.lr, t.min_lr)
 
+    def edge_weight_at(self, step: int) -> float:
+        """λ of ``train.loss: edge`` at ``step``: on the same progress as the lr (the clock's, with a time limit)."""
+        t = self.cfg.train
+        if t.time_limit_s:
+            return losses.edge_weight_of_progress(self.progress(step), t.edge_weight)
+        return losses.edge_weight_at(step, t.epochs * t.steps_per_epoch, t.edge_weight)
+
     def epoch_clock(self) -> tuple[int, Callable[[], bool] | None]:
         """This epoch's step cap, and (with a time limit) when it must stop: at the end of its time slice,
         k/epochs of the limit, less the time the last epoch needed after training (validation, checkpoint)."""
@@ -274,7 +281,9 @@ class _Trainer:
 
         try:
             check_every = t.log_every or FINITE_CHECK_EVERY
-            bad = self.step_fn.run(cap, lr_at, start=self.step, on_step=on_step, check_every=check_every, until=until)
+            weight_at = self.edge_weight_at if t.loss == "edge" else None
+            bad = self.step_fn.run(cap, lr_at, start=self.step, on_step=on_step, check_every=check_every, until=until,
+                                   loss_weight_at=weight_at)  # fmt: skip
         finally:
             bar.close()
         n = self.step_fn.steps_run
@@ -501,6 +510,12 @@ def resume_config(
             raise ConfigError(
                 f"cannot resume {run} with train.epochs={epochs} (was {saved.train.epochs}): its cosine schedule "
                 "decays over train.epochs, so a new length changes the learning rate of every step to come; "
+                "start a new run instead"
+            )
+        if saved.train.loss == "edge":
+            raise ConfigError(
+                f"cannot resume {run} with train.epochs={epochs} (was {saved.train.epochs}): its edge loss anneals "
+                "train.edge_weight to 0 over train.epochs, so a new length changes the loss of every step to come; "
                 "start a new run instead"
             )
     return asked, allowed

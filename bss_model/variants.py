@@ -7,7 +7,13 @@ This module is pure data so the config layer can use it without importing torch.
 
 from __future__ import annotations
 
-VARIANTS: dict[str, dict[str, object]] = {
+import copy
+
+# The parts every preset states, at the reference's choice unless the preset says otherwise: a variant sets the
+# whole shape, so `--set model.variant=seed` (or a trial's variant) on a config that had gates drops them.
+PARTS: dict[str, object] = dict(block="plain", attention="none", dilation=[1], upsample="transpose")
+
+_PRESETS: dict[str, dict[str, object]] = {
     # The reference Keras network, exactly: 3,684,214 parameters.
     "seed": dict(
         filters=32,
@@ -30,11 +36,14 @@ VARIANTS: dict[str, dict[str, object]] = {
         norm="batch",
         head="consistent",
     ),
-    # The shape of the best published result for this task (3.00e-4 test MSE): a plain U-Net with
-    # batch norm, 2 pools, 128-256-512 channels, decoders as wide as the matching encoder, ReLU
-    # outputs. Built from our parts: 7,445,270 parameters (theirs: 8.3M; the up-sampling and head
-    # details are not published), ~3.2 GFLOP per sample forward (seed: 2.7).
-    "published-shape": dict(
+    # The best verified peer's shape (DanieleMorotti/Blind-Image-Separation, 2.999e-4 on 10 x 20,000 test pairs):
+    # a wide, shallow plain U-Net with batch norm, 2 pools (an 8x8 bridge), 128-256-512 channels, decoders as
+    # wide as the matching encoder, ReLU outputs. Built from our parts: 7,445,270 parameters against the peer's
+    # 8,272,130 (Keras's count). The difference, by hand: its up-sampling is a 3x3 stride-2 transposed conv
+    # (+819,200 weights over our 2x2), its convs keep their biases beside batch norm (+2,560), Keras counts
+    # batch norm's running mean and variance as parameters (+5,120), and its heads are two 1x1 convs where
+    # ours is a 1x1 conv + a depthwise 3x3 (-20). ~3.2 GFLOP per sample forward (seed: 2.7).
+    "published-wide": dict(
         filters=128,
         depth=2,
         encoder_convs=2,
@@ -44,6 +53,37 @@ VARIANTS: dict[str, dict[str, object]] = {
         norm="batch",
         head="depthwise",
         output="relu",
+    ),
+    # The reference topology with batch norm, the consistent head and ReLU outputs (the recipe of our best H100
+    # run, 2.969e-4), with additive attention gates on both skips (Attention U-Net, Oktay et al. 2018; the
+    # peer EnricoPittini/Blind-Source-Separation, 3.146e-4): 3,699,096 parameters (seed-bn-consistent's
+    # 3,686,198 + 12,898 in the two gates).
+    "attention-unet": dict(
+        filters=32,
+        depth=2,
+        encoder_convs=2,
+        bottleneck_convs=2,
+        decoder_convs=4,
+        decoder_mult=4,
+        norm="batch",
+        head="consistent",
+        output="relu",
+        attention="gate",
+    ),
+    # The same with every level's convs as one pre-activation residual unit (ResUNet-style): 3,798,806
+    # parameters (+112,672 in the 1x1 projections where a level changes width; batch norm on each conv's input
+    # instead of its output: -64).
+    "residual-unet": dict(
+        filters=32,
+        depth=2,
+        encoder_convs=2,
+        bottleneck_convs=2,
+        decoder_convs=4,
+        decoder_mult=4,
+        norm="batch",
+        head="consistent",
+        output="relu",
+        block="residual",
     ),
     # A deeper, narrower-decoder U-Net: a good GPU starting point for search.
     "deep": dict(
@@ -68,3 +108,9 @@ VARIANTS: dict[str, dict[str, object]] = {
         head="depthwise",
     ),
 }
+
+# "published-shape" is published-wide's name before the variants of the parts (issue 22): configs and checkpoints
+# that name it still load, as the same shape.
+_PRESETS["published-shape"] = _PRESETS["published-wide"]
+
+VARIANTS: dict[str, dict[str, object]] = {name: copy.deepcopy({**PARTS, **preset}) for name, preset in _PRESETS.items()}

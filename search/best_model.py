@@ -42,12 +42,24 @@ CONVENTIONS = {
     "crops back to 28x28",
     "output_channels": ["digit", "fashion"],
     "concat": "each decoder level: torch.cat([up(h), skip], dim=1), the transposed conv's output first, then the "
-    "encoder's skip at that resolution",
+    "encoder's skip at that resolution (with model.attention = gate, the skip times its gate's coefficients)",
     "layers": "encoders.i (shallow to deep): convs, each 3x3 padding 1 [+ BatchNorm if model.norm = batch] + ReLU, "
-    "kept as the skip, then 2x2 max-pool; bottleneck: the same convs; decoders.i (deep to shallow): up = 2x2 "
-    "stride-2 transposed conv, concat, convs; head: 1x1 conv head.proj to 2 channels, then 3x3 depthwise "
-    "head.depthwise (groups 2, padding 1); model.head = consistent adds x - mean of the 2 channels to each; "
-    "model.output = relu ends with a ReLU",
+    "kept as the skip, then 2x2 max-pool; bottleneck: the same convs (dilated as model.dilation says); decoders.i "
+    "(deep to shallow): up = 2x2 stride-2 transposed conv, concat, convs; head: 1x1 conv head.proj to 2 channels, "
+    "then 3x3 depthwise head.depthwise (groups 2, padding 1); model.head = consistent adds x - mean of the 2 "
+    "channels to each; model.output = relu ends with a ReLU. model.block, model.attention, model.dilation and "
+    "model.upsample change these parts as their entries here say",
+    "block": "model.block = plain: a level's convs are the Sequential convs.0, convs.1, ... (conv, [BatchNorm], "
+    "ReLU per conv); model.block = residual: a level's convs are one pre-activation unit, out = convs.body(h) + "
+    "convs.shortcut(h), where convs.body is, per conv, [BatchNorm] + ReLU then the conv (the first conv of "
+    "encoders.0 takes the image without them) and convs.shortcut is a 1x1 conv where the widths differ, else "
+    "the identity; convs have a bias only with model.norm = none",
+    "attention": "model.attention = gate: decoders.i.gate, a = sigmoid(psi(relu(theta(skip) + phi(up(h))))) with "
+    "1x1 convs (theta without bias), one coefficient per pixel; the skip concatenated is skip * a",
+    "dilation": "model.dilation: the bottleneck's conv k (0-based) has dilation = padding = "
+    "model.dilation[k % len(model.dilation)]",
+    "upsample": "model.upsample = bilinear: up = F.interpolate(h, scale_factor=2, mode='bilinear', "
+    "align_corners=False), then the 3x3 conv up.conv (padding 1), in place of the transposed conv",
     "load": "model, cfg = bss_model.checkpoint.load_model('best_model.pt'); model.eval(); y = model(x)",
 }
 

@@ -47,7 +47,7 @@ from bss_model.config import (
     with_overrides,
 )
 from bss_model.errors import ConfigError
-from search.space import Dimension, parse_space
+from search.space import Dimension, choice_value, parse_space
 
 MAX_TRIALS = 100_000
 # Ray counts resources in units of 1/10,000: a smaller non-zero request is refused by every task it starts.
@@ -272,14 +272,15 @@ def not_for_the_retrain(key: str) -> str:
 
 def validate_space(base: dict[str, Any], space: dict[str, Any]) -> dict[str, Dimension]:
     """Parse every dimension and prove each endpoint/choice yields a valid config."""
-    dims = parse_space(space)
     leaves = set(flatten(base))
-    for key, dim in dims.items():
+    for key in map(str, space):  # before its values are parsed: a section's mapping is no choice either
         if key in section_paths(Config):
             raise ConfigError(
                 f"space.{key} is a section, not a key: give each of its keys its own dimension, e.g. "
                 f"space.{key}.{next(k for k in sorted(leaves) if k.startswith(key + '.')).split('.')[-1]}"
             )
+    dims = parse_space(space)
+    for key, dim in dims.items():
         why = not_searchable(key) if key in leaves else ""
         if why:
             raise ConfigError(f"space.{key} cannot be a search dimension: {why}, and remove it from the space")
@@ -385,6 +386,10 @@ def load_search_config(path: str | Path | None, sets: list[str] | None = None) -
             )
         for key, value in point.items():
             parsed[key].check_value(value, f"tune.points_to_evaluate[{i}].{key}")
+        # A list (model.dilation: [1, 2, 4]) goes to the searcher as the choice it matches ("1,2,4").
+        point = cfg.tune.points_to_evaluate[i] = {
+            key: choice_value(value) if parsed[key].kind == "choice" else value for key, value in point.items()
+        }
         with_overrides(base, point, where=f"tune.points_to_evaluate[{i}]: ")
     cfg.plan.validate()
     if cfg.budget:
@@ -423,7 +428,8 @@ def complete_point(base: dict[str, Any], dims: dict[str, Dimension], point: dict
                 f"tune.points_to_evaluate[{i}] leaves out {key}, and the value it would train with "
                 f"({resolved[key]!r}, from the base) is outside space.{key}: give {key} in the point"
             ) from None
-        out[key] = resolved[key]
+        # As the searcher takes the choice: a list from the base (model.dilation: [1]) as its comma form ("1").
+        out[key] = choice_value(resolved[key]) if dim.kind == "choice" else resolved[key]
     return out
 
 

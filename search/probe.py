@@ -82,7 +82,8 @@ def probe(
         rt = resolve_runtime(t)
         model = rt.prepare_model(build_model(cfg.model))
         sampler = PairSampler(splits.train_digit, splits.train_fashion, rt.device, seed=0)
-        step = TrainStep(model, sampler, t, rt, objective=losses.objective(t.loss, t.charbonnier_eps))
+        loss = losses.objective(t.loss, t.charbonnier_eps, t.edge_weight, rt.device)  # the edge loss: λ on the device
+        step = TrainStep(model, sampler, t, rt, objective=loss)
         with torch.enable_grad():
             step.run(3)  # oneDNN's primitives, torch.compile, a CUDA graph's capture: a trial's setup
             float(step.loss_sum)

@@ -7,6 +7,11 @@
       train.weight_decay: {uniform: [0.0, 0.1]}
       train.lr: {loguniform: [3.0e-4, 3.0e-3]}
 
+A choice of lists (``model.dilation: {choice: [[1], [1, 2, 4]]}``) is offered to Tune and Optuna as the
+lists' comma forms (``"1"``, ``"1,2,4"``): Optuna's categorical choices must be None, bools, numbers or
+strings, and a list would fail after Ray started. The config reads the comma form back as the list, so a
+trial, a starting point (written either way) and the retrain of the best all train the same network.
+
 A kind is described by three facts -- categorical or numeric, integer or real, linear or log
 scale -- and everything else follows from them: which bounds are legal, which Tune domain
 samples it and which Optuna distribution describes it to the importance analysis. Adding a
@@ -74,7 +79,8 @@ class Dimension:
         """
         k = KINDS[self.kind]
         if k.categorical:
-            if not any(_same_choice(value, c) for c in self.args):
+            v = choice_value(value)  # a list as the comma form its choice takes
+            if not any(_same_choice(v, c) for c in self.args):
                 raise ConfigError(f"{where}={value!r} is not one of space.{self.key}'s choices {self.args}")
             return
         low, high = self.args
@@ -84,6 +90,13 @@ class Dimension:
             raise ConfigError(
                 f"{where}={value!r} is outside space.{self.key} ({self.kind} [{low}, {high}]): use {what} in that range"
             )
+
+
+def choice_value(value: Any) -> Any:
+    """A choice as the searchers take it: a list of integers as its comma form (``[1, 2, 4]`` -> ``"1,2,4"``)."""
+    if isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return ",".join(str(v) for v in value)
+    return value
 
 
 def _same_choice(a: Any, b: Any) -> bool:
@@ -122,6 +135,13 @@ def parse_dimension(key: str, spec: Any) -> Dimension:
     if kind.categorical:
         if not args:
             raise ConfigError(f"{where}.{name} is an empty list: give at least one value")
+        args = [choice_value(a) for a in args]
+        bad = [a for a in args if a is not None and not isinstance(a, (bool, int, float, str))]
+        if bad:
+            raise ConfigError(
+                f"{where}.{name} holds {bad[0]!r}: choices are numbers, strings, booleans, null or lists of "
+                "integers (e.g. [1, 2, 4])"
+            )
         for i, value in enumerate(args):
             if any(_same_choice(value, other) for other in args[:i]):
                 raise ConfigError(

@@ -20,13 +20,20 @@ from search.results import SeedResult
 MACHINE_PATH = "/home/trainer/private/bss-data"
 
 
-@pytest.fixture(scope="module")
-def best_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+# The family's other parts (model.block, model.attention, model.dilation, model.upsample), all at once.
+PARTS = {"block": "residual", "attention": "gate", "dilation": [1, 2], "bottleneck_convs": 3, "upsample": "bilinear"}
+
+
+@pytest.fixture(scope="module", params=["plain", "parts"])
+def best_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """best_model.pt exported from a (random-weight) retrain checkpoint with the consistent head and a ReLU
-    output, trained (so the config says) from a data folder of the training machine."""
+    output, trained (so the config says) from a data folder of the training machine; ``parts``: with residual
+    units, attention gates, a dilated bottleneck and bilinear up-sampling too."""
     tmp = tmp_path_factory.mktemp("best")
+    parts = PARTS if request.param == "parts" else {}
     cfg = config_from_dict(
-        {"model": {"variant": "tiny", "filters": 4, "bottleneck_convs": 2, "head": "consistent", "output": "relu"},
+        {"model": {"variant": "tiny", "filters": 4, "bottleneck_convs": 2, "head": "consistent", "output": "relu",
+                   **parts},
          "data": {"dir": MACHINE_PATH}}
     )  # fmt: skip
     torch.manual_seed(0)
@@ -54,21 +61,58 @@ def forward_from_file(state: dict[str, Any], x: torch.Tensor, skip_first: bool =
     w, m, conv = state["model"], state["config"]["model"], state["conventions"]
     assert m["norm"] == "none", "this reimplementation covers the file's config only"
     assert conv["concat"].startswith("each decoder level: torch.cat([up(h), skip], dim=1)")
+    assert "convs.body(h) + convs.shortcut(h)" in conv["block"] and "k % len(model.dilation)" in conv["dilation"]
+    assert "sigmoid(psi(relu(theta(skip) + phi(up(h)))))" in conv["attention"]
+    assert "mode='bilinear', align_corners=False), then the 3x3 conv up.conv" in conv["upsample"]
 
-    def convs(prefix: str, h: torch.Tensor, n: int) -> torch.Tensor:
+    def plain(prefix: str, h: torch.Tensor, n: int, rates: list[int]) -> torch.Tensor:
         for i in range(n):  # [conv, ReLU] per conv: the convs' state_dict indices are 0, 2, 4, ...
-            h = F.relu(F.conv2d(h, w[f"{prefix}.{2 * i}.weight"], w[f"{prefix}.{2 * i}.bias"], padding=1))
+            d = rates[i % len(rates)]
+            h = F.conv2d(h, w[f"{prefix}.{2 * i}.weight"], w[f"{prefix}.{2 * i}.bias"], padding=d, dilation=d)
+            h = F.relu(h)
         return h
+
+    def residual(prefix: str, h: torch.Tensor, n: int, rates: list[int], image: bool) -> torch.Tensor:
+        b, k = h, 0  # the body: [ReLU,] conv per conv; the first conv of encoders.0 takes the image as it is
+        for i in range(n):
+            if i > 0 or not image:
+                b, k = F.relu(b), k + 1
+            d = rates[i % len(rates)]
+            b = F.conv2d(b, w[f"{prefix}.body.{k}.weight"], w[f"{prefix}.body.{k}.bias"], padding=d, dilation=d)
+            k += 1
+        proj = f"{prefix}.shortcut.weight"
+        return b + (F.conv2d(h, w[proj], w[f"{prefix}.shortcut.bias"]) if proj in w else h)
+
+    def convs(prefix: str, h: torch.Tensor, n: int, rates: list[int] = (1,), image: bool = False) -> torch.Tensor:
+        if n == 0:
+            return h
+        return residual(prefix, h, n, list(rates), image) if m["block"] == "residual" else plain(prefix, h, n, rates)
+
+    def up(prefix: str, h: torch.Tensor) -> torch.Tensor:
+        if m["upsample"] == "bilinear":
+            h = F.interpolate(h, scale_factor=2, mode="bilinear", align_corners=False)
+            return F.conv2d(h, w[f"{prefix}.conv.weight"], w[f"{prefix}.conv.bias"], padding=1)
+        return F.conv_transpose2d(h, w[f"{prefix}.weight"], w[f"{prefix}.bias"], stride=2)
+
+    def gate(prefix: str, skip: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        if m["attention"] != "gate":
+            return skip
+        q = F.relu(
+            F.conv2d(skip, w[f"{prefix}.theta.weight"])
+            + F.conv2d(g, w[f"{prefix}.phi.weight"], w[f"{prefix}.phi.bias"])
+        )
+        return skip * torch.sigmoid(F.conv2d(q, w[f"{prefix}.psi.weight"], w[f"{prefix}.psi.bias"]))
 
     h, skips = x, []
     for i in range(m["depth"]):
-        skip = convs(f"encoders.{i}.convs", h, m["encoder_convs"])
+        skip = convs(f"encoders.{i}.convs", h, m["encoder_convs"], image=i == 0)
         skips.append(skip)
         h = F.max_pool2d(skip, 2)
-    h = convs("bottleneck", h, m["bottleneck_convs"])
+    h = convs("bottleneck", h, m["bottleneck_convs"], m["dilation"])
     for i, skip in enumerate(reversed(skips)):
-        up = F.conv_transpose2d(h, w[f"decoders.{i}.up.weight"], w[f"decoders.{i}.up.bias"], stride=2)
-        h = convs(f"decoders.{i}.convs", torch.cat([skip, up] if skip_first else [up, skip], dim=1), m["decoder_convs"])
+        u = up(f"decoders.{i}.up", h)
+        skip = gate(f"decoders.{i}.gate", skip, u)
+        h = convs(f"decoders.{i}.convs", torch.cat([skip, u] if skip_first else [u, skip], dim=1), m["decoder_convs"])
     y = F.conv2d(h, w["head.proj.weight"], w["head.proj.bias"])
     y = F.conv2d(y, w["head.depthwise.weight"], w["head.depthwise.bias"], padding=1, groups=2)
     if m["head"] == "consistent":

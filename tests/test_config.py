@@ -148,6 +148,40 @@ def test_unknown_key_suggests_the_closest(tmp_path: Path) -> None:
     assert "trian" in message and "did you mean 'train'" in message
     message = config_error(None, ["model.filtres=8"])
     assert "model.filtres" in message and "did you mean 'model.filters'" in message
+    for typo, key in (("model.atention", "model.attention"), ("model.dilations", "model.dilation"),
+                      ("model.blocks", "model.block"), ("model.upsampling", "model.upsample"),
+                      ("train.edge_weigth", "train.edge_weight")):  # fmt: skip
+        message = config_error(None, [f"{typo}=1"])
+        assert f"did you mean '{key}'" in message, message
+
+
+def test_dilation_is_a_list_written_three_ways(tmp_path: Path) -> None:
+    """[1, 2, 4] in YAML; one rate for every conv; or the comma form a search space hands Optuna."""
+    assert load_config(write(tmp_path, "model:\n  dilation: [1, 2, 4]\n")).model.dilation == [1, 2, 4]
+    assert load_config(None, ["model.dilation=2"]).model.dilation == [2]
+    assert load_config(None, ["model.dilation=1,2,4"]).model.dilation == [1, 2, 4]
+    assert load_config(None, ["model.dilation=[1, 2, 4]"]).model.dilation == [1, 2, 4]
+    assert load_config().model.dilation == [1]
+    # The resolved config holds the list, and round-trips.
+    cfg = load_config(None, ["model.dilation=2,1", "model.block=residual", "train.loss=edge"])
+    save_config(cfg, tmp_path / "saved.yaml")
+    assert yaml.safe_load((tmp_path / "saved.yaml").read_text())["model"]["dilation"] == [2, 1]
+    assert load_config(tmp_path / "saved.yaml") == cfg
+
+
+def test_a_config_written_before_the_new_parts_loads_as_the_same_model() -> None:
+    """A checkpoint's config from before model.block/attention/dilation/upsample and train.edge_weight."""
+    from bss_model.config import config_from_dict
+
+    old = load_config(None, ["model.variant=seed-bn-consistent"]).to_dict()
+    for key in ("block", "attention", "dilation", "upsample"):
+        del old["model"][key]
+    del old["train"]["edge_weight"]
+    cfg = config_from_dict(old)
+    assert (cfg.model.block, cfg.model.attention, cfg.model.dilation, cfg.model.upsample) == (
+        "plain", "none", [1], "transpose",
+    )  # fmt: skip
+    assert cfg == load_config(None, ["model.variant=seed-bn-consistent"])
 
 
 @pytest.mark.parametrize(
@@ -171,6 +205,19 @@ def test_unknown_key_suggests_the_closest(tmp_path: Path) -> None:
         (["train.schedule=step"], "train.schedule", "not allowed"),
         (["train.precision=fp16"], "train.precision", "not allowed"),
         (["model.variant=huge"], "model.variant", "unknown"),
+        (["model.block=dense"], "model.block", "not allowed"),
+        (["model.attention=yes"], "model.attention", "not allowed"),
+        (["model.upsample=nearest"], "model.upsample", "not allowed"),
+        (["model.dilation=[0, 2]"], "model.dilation", "out of range"),
+        (["model.dilation=[1, 16]"], "model.dilation", "out of range"),
+        (["model.dilation=[]"], "model.dilation", "out of range"),
+        (["model.dilation=-1"], "model.dilation", "out of range"),
+        (["model.dilation=[1.5]"], "model.dilation", "wrong type"),
+        (["model.dilation=true"], "model.dilation", "wrong type"),
+        (["model.dilation=1,x"], "model.dilation", "wrong type"),
+        (["train.loss=focal"], "train.loss", "not allowed"),
+        (["train.edge_weight=-0.1"], "train.edge_weight", "out of range"),
+        (["train.edge_weight=.inf"], "train.edge_weight", "out of range"),
     ],
 )
 def test_bad_values_name_the_key(sets: list[str], key: str, words: str) -> None:

@@ -116,6 +116,28 @@ def test_a_non_finite_loss_in_the_graph_is_caught_within_the_check_interval() ->
     assert step.run(200) == FINITE_CHECK_EVERY
 
 
+def test_the_edge_loss_weight_set_outside_reaches_the_graph() -> None:
+    """train.loss = edge: λ is read by the captured graph at each replay; the graphed step follows the eager one."""
+    from bss_model.losses import EdgeObjective, edge_weight_at
+
+    steps = {}
+    for graphs in ("off", "on"):
+        steps[graphs] = make_step([*EXACT, f"train.cuda_graphs={graphs}", "train.loss=edge"],
+                                  objective=EdgeObjective(0.5, "cuda"))  # fmt: skip
+    at = lambda s: edge_weight_at(s, 40, 0.5)  # noqa: E731
+    for step in steps.values():
+        step.run(40, loss_weight_at=at, check_every=10)
+    assert steps["on"].graph is not None
+    assert float(steps["on"].loss_sum) == pytest.approx(float(steps["off"].loss_sum), rel=1e-3)
+    # With λ at 0 the graphed loss is the MSE it logs: the fill reached the graph.
+    steps["on"].reset_sums()
+    steps["on"].run(3, loss_weight_at=lambda s: 0.0)
+    assert float(steps["on"].loss_sum) == pytest.approx(float(steps["on"].mse_sum), rel=1e-6)
+    steps["on"].reset_sums()
+    steps["on"].run(3, loss_weight_at=lambda s: 5.0)
+    assert float(steps["on"].loss_sum) > 1.5 * float(steps["on"].mse_sum)
+
+
 def run_cfg(data_dir: Path, epochs: int) -> object:
     return load_config(None, ["model.variant=tiny", "model.norm=batch", "train.device=cuda", f"train.epochs={epochs}",
                               "train.samples_per_epoch=960", "train.image_every=1",

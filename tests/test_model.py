@@ -6,11 +6,20 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from bss_model.config import ModelConfig, config_from_dict
-from bss_model.model import build_model, count_parameters, forward_flops
+from bss_model.model import (
+    AttentionGate,
+    BilinearUp,
+    ConvBlock,
+    ResidualBlock,
+    build_model,
+    count_parameters,
+    forward_flops,
+)
 from bss_model.variants import VARIANTS
 
 
@@ -218,8 +227,8 @@ def _conv(c_in: int, c_out: int, k: int, bias: bool) -> int:
     return c_in * c_out * k * k + (c_out if bias else 0)
 
 
-def test_published_shape_parameters_by_hand() -> None:
-    cfg = model_config("published-shape")
+def test_published_wide_parameters_by_hand() -> None:
+    cfg = model_config("published-wide")
     assert (cfg.filters, cfg.depth, cfg.norm, cfg.output, cfg.decoder_mult) == (128, 2, "batch", "relu", 1)
 
     def block(c_in: int, c_out: int) -> int:  # 2 x (conv3x3 without bias, BN with weight and bias)
@@ -233,10 +242,12 @@ def test_published_shape_parameters_by_hand() -> None:
         + _conv(128, 2, 1, True) + 2 * 9 + 2  # head: 1x1 to 2 channels, depthwise 3x3
     )  # fmt: skip
     model = build_model(cfg)
-    assert count_parameters(model) == expected
+    assert count_parameters(model) == expected == 7_445_270  # the peer's Keras count: 8,272,130 (variants.py)
     widths = [d.convs[0].out_channels for d in model.encoders] + [model.bottleneck[0].out_channels]
     assert widths == [128, 256, 512]
     assert isinstance(model.output, nn.ReLU)
+    # The variant's name before issue 22 still builds the same shape (its configs and checkpoints load).
+    assert VARIANTS["published-shape"] == VARIANTS["published-wide"]
 
 
 def keras_glorot_bound(m: nn.Module) -> float:
@@ -278,3 +289,175 @@ def test_torch_init_is_the_default_and_keras_init_is_another_draw() -> None:
     # a 3x3 conv with as many inputs as outputs: torch's bound is 1/sqrt(9c), Keras's sqrt(1/(3c))
     deep = [(a, b) for a, b in zip(default, keras, strict=True) if a.ndim == 4 and a.shape[1] == a.shape[0] >= 64]
     assert deep and all(float(b.std() / a.std()) == pytest.approx(3**0.5, rel=0.05) for a, b in deep)
+
+
+# --------------------------------------------------------------------------------------
+# The family's other parts: residual units, attention gates, dilation, bilinear up-sampling
+
+
+def _zero_convs_(module: nn.Module) -> None:
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.zero_()
+                if m.bias is not None:
+                    m.bias.zero_()
+
+
+def test_the_defaults_build_every_existing_variant_as_before() -> None:
+    """model.block/attention/dilation/upsample at their defaults add nothing: the sizes before issue 22, and no
+    parameter of the new parts, so checkpoints written before them load."""
+    before = {"seed": 3_684_214, "seed-bn-consistent": 3_686_198, "published-shape": 7_445_270, "deep": 3_536_374,
+              "tiny": 29_462}  # fmt: skip
+    for variant, n in before.items():
+        cfg = model_config(variant)
+        assert (cfg.block, cfg.attention, cfg.dilation, cfg.upsample) == ("plain", "none", [1], "transpose")
+        model = build_model(cfg)
+        assert count_parameters(model) == n, variant
+        new_parts = [k for k in model.state_dict() if any(p in k for p in ("gate", "shortcut", "body", "up.conv"))]
+        assert not new_parts, new_parts
+        assert all(m.dilation == (1, 1) for m in model.modules() if isinstance(m, nn.Conv2d))
+
+
+@pytest.mark.parametrize("norm", ["none", "batch"])
+def test_conv_block_dilation_keeps_the_size_and_the_parameters(norm: str) -> None:
+    block = ConvBlock(3, 5, 4, norm, dilation=[1, 2, 4])
+    convs = [m for m in block if isinstance(m, nn.Conv2d)]
+    assert [c.dilation[0] for c in convs] == [1, 2, 4, 1]  # the rates repeat over the convs
+    assert [c.padding[0] for c in convs] == [1, 2, 4, 1]
+    per_conv = 2 * 5 if norm == "batch" else 5  # BN's scale and shift, or the conv's bias
+    assert count_parameters(block) == 9 * 3 * 5 + 3 * 9 * 5 * 5 + 4 * per_conv
+    assert count_parameters(block) == count_parameters(ConvBlock(3, 5, 4, norm))
+    assert block(torch.rand(2, 3, 8, 8)).shape == (2, 5, 8, 8)
+
+
+def test_a_dilated_conv_reaches_as_far_as_its_rate() -> None:
+    """A rate-d 3x3 conv reads the pixels d away (and not those in between): the receptive field in model.py."""
+    conv = ConvBlock(1, 1, 1, dilation=[3])[0]
+    x = torch.zeros(1, 1, 9, 9, requires_grad=True)
+    conv(x)[0, 0, 4, 4].backward()
+    reached = (x.grad[0, 0] != 0).nonzero().tolist()
+    assert sorted(reached) == [[r, c] for r in (1, 4, 7) for c in (1, 4, 7)]
+
+
+@pytest.mark.parametrize(("norm", "c_in", "c_out"), [("none", 4, 4), ("none", 3, 5), ("batch", 4, 4), ("batch", 3, 5)])
+def test_residual_block_shape_and_parameters_by_hand(norm: str, c_in: int, c_out: int) -> None:
+    block = ResidualBlock(c_in, c_out, 3, norm)
+    bias = norm == "none"
+    convs = 9 * c_in * c_out + 2 * 9 * c_out * c_out + (3 * c_out if bias else 0)
+    bns = (2 * c_in + 2 * 2 * c_out) if norm == "batch" else 0  # pre-activation: BN on each conv's *input*
+    projection = 0 if c_in == c_out else c_in * c_out + (c_out if bias else 0)
+    assert count_parameters(block) == convs + bns + projection
+    assert isinstance(block.shortcut, nn.Identity) == (c_in == c_out)
+    assert block(torch.rand(2, c_in, 8, 8)).shape == (2, c_out, 8, 8)
+
+
+@pytest.mark.parametrize(("norm", "c_in", "c_out"), [("none", 4, 4), ("none", 3, 5), ("batch", 4, 4), ("batch", 3, 5)])
+def test_a_residual_block_with_zeroed_convs_is_the_identity_or_its_projection(norm: str, c_in: int, c_out: int):
+    block = ResidualBlock(c_in, c_out, 2, norm, dilation=[1, 2])
+    x = torch.randn(2, c_in, 8, 8)  # negative values too: a ReLU after the sum would show
+    with torch.no_grad():
+        assert (block(x) - (x if c_in == c_out else block.shortcut(x))).abs().max() > 1e-3  # the branch counts...
+        for m in block.body.modules():  # ... until its convs are zero
+            if isinstance(m, nn.Conv2d):
+                m.weight.zero_()
+                if m.bias is not None:
+                    m.bias.zero_()
+        y = block(x)
+        torch.testing.assert_close(y, x if c_in == c_out else block.shortcut(x), atol=0, rtol=0)
+
+
+def test_the_first_residual_unit_takes_the_image_as_it_is() -> None:
+    """No batch norm + ReLU before the network's first conv: it would zero every pixel darker than the mean."""
+    model = build_model(model_config("tiny", block="residual", norm="batch", encoder_convs=2))
+    first, inner = model.encoders[0].convs, model.encoders[1].convs
+    assert [type(m) for m in first.body] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.Conv2d]
+    assert [type(m) for m in inner.body] == [nn.BatchNorm2d, nn.ReLU, nn.Conv2d] * 2  # later units pre-activate
+
+
+def test_attention_gate_parameters_shape_and_coefficients_in_unit_interval() -> None:
+    gate = AttentionGate(6, 10)  # c_int = 3: half the skip's channels
+    assert count_parameters(gate) == 6 * 3 + (10 * 3 + 3) + (3 + 1)  # theta (no bias), phi, psi
+    torch.manual_seed(1)
+    _randomize(gate, std=1.0)  # weights of both signs, and large inputs: the sigmoid saturates at both ends
+    skip, g = 20 * torch.randn(4, 6, 8, 8), 20 * torch.randn(4, 10, 8, 8)
+    a = gate.coefficients(skip, g).detach()
+    assert a.shape == (4, 1, 8, 8)
+    assert float(a.min()) >= 0.0 and float(a.max()) <= 1.0
+    assert float(a.min()) < 0.05 and float(a.max()) > 0.95, "the check needs coefficients near both ends"
+    torch.testing.assert_close(gate(skip, g), skip * a)
+
+
+def test_a_gate_forced_fully_open_reproduces_the_ungated_skip() -> None:
+    gate = AttentionGate(6, 10)
+    skip, g = torch.randn(2, 6, 8, 8), torch.randn(2, 10, 8, 8)
+    assert not torch.allclose(gate(skip, g), skip)
+    with torch.no_grad():
+        gate.psi.weight.zero_()
+        gate.psi.bias.fill_(100.0)  # sigmoid(100) is 1.0 in float32
+    torch.testing.assert_close(gate(skip, g), skip, atol=0, rtol=0)
+    # And a whole U-Net whose gates are all open is the ungated U-Net with the same weights.
+    gated, plain = (build_model(model_config("tiny", norm="batch", attention=a)) for a in ("gate", "none"))
+    _randomize(plain, std=0.05)
+    result = gated.load_state_dict(plain.state_dict(), strict=False)
+    assert not result.unexpected_keys and all(".gate." in k for k in result.missing_keys)
+    for up in gated.decoders:
+        with torch.no_grad():
+            up.gate.psi.weight.zero_()
+            up.gate.psi.bias.fill_(100.0)
+    x = torch.rand(3, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(gated.eval()(x), plain.eval()(x), atol=0, rtol=0)
+
+
+def test_bilinear_up_shape_parameters_and_what_it_computes() -> None:
+    up = BilinearUp(6, 4)
+    assert count_parameters(up) == 9 * 6 * 4 + 4
+    x = torch.rand(2, 6, 4, 4)
+    y = up(x)
+    assert y.shape == (2, 4, 8, 8)
+    expected = F.conv2d(F.interpolate(x, size=(8, 8), mode="bilinear"), up.conv.weight, up.conv.bias, padding=1)
+    torch.testing.assert_close(y, expected)
+    # Against the transposed conv it replaces: 9 instead of 4 weights per channel pair.
+    assert count_parameters(nn.ConvTranspose2d(6, 4, 2, stride=2)) == 4 * 6 * 4 + 4
+
+
+def test_the_new_variants_parameters_by_hand() -> None:
+    def gates(c_skips: list[int], c_gates: list[int]) -> int:
+        return sum(s * (s // 2) + g * (s // 2) + s // 2 + s // 2 + 1 for s, g in zip(c_skips, c_gates, strict=True))
+
+    base = count_parameters(build_model(model_config("seed-bn-consistent")))
+    attention = build_model(model_config("attention-unet"))
+    assert count_parameters(attention) == base + gates([64, 32], [256, 128]) == 3_699_096
+    # residual-unet: a 1x1 projection per level (no bias with BN); BN moves from each conv's output to its input.
+    levels = [(1, 32, 2), (32, 64, 2), (64, 128, 2), (256 + 64, 256, 4), (128 + 32, 128, 4)]  # (c_in, c_out, n)
+    projections = sum(c_in * c_out for c_in, c_out, _ in levels)
+    bn_out = sum(2 * c_out * n for _, c_out, n in levels)
+    bn_in = sum(2 * (c_in + (n - 1) * c_out) for c_in, c_out, n in levels) - 2 * 1  # none before the image
+    residual = build_model(model_config("residual-unet"))
+    assert count_parameters(residual) == base + projections - bn_out + bn_in == 3_798_806
+    for cfg in (model_config("attention-unet"), model_config("residual-unet")):
+        assert (cfg.norm, cfg.head, cfg.output) == ("batch", "consistent", "relu")
+
+
+@pytest.mark.parametrize(
+    "parts",
+    [{"block": "residual"}, {"attention": "gate"}, {"dilation": [1, 2, 4], "bottleneck_convs": 3},
+     {"upsample": "bilinear"}, {"block": "residual", "attention": "gate", "dilation": [2], "upsample": "bilinear"}],
+    ids=["residual", "gate", "dilation", "bilinear", "all"],
+)  # fmt: skip
+@pytest.mark.parametrize("norm", ["none", "batch"])
+def test_every_part_trains_at_every_depth(parts: dict, norm: str) -> None:
+    for depth in (1, 3):
+        _check_runs(model_config("tiny", filters=4, depth=depth, norm=norm, **parts))
+    _check_runs(model_config("tiny", filters=4, **{**parts, "bottleneck_convs": 0}))
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_the_size_check_counts_the_new_parts(variant: str) -> None:
+    """approx_weights (the config's no-device-could-hold-it check) knows every part, without building the model."""
+    from bss_model.config import approx_weights
+
+    for parts in ({}, {"block": "residual", "attention": "gate", "upsample": "bilinear"}):
+        cfg = model_config(variant, **parts)
+        assert approx_weights(cfg) == pytest.approx(count_parameters(build_model(cfg)), rel=0.01), parts

@@ -88,6 +88,8 @@ def test_every_bss_model_key_refuses_what_cannot_run() -> None:
             assert all(v in get_args(tp) or isinstance(v, bool) for v in values), (key, values)
         elif tp is bool:
             assert values == [True], (key, values)
+        elif get_origin(tp) is list:  # model.dilation: one rate in range, or a list of them; never a bool or None
+            assert values == [1, [1]], (key, values)
     # The cases: a seed numpy cannot take, sizes no device holds.
     for key in ("data.split_seed", "data.val_seed", "train.seed", "eval.seed"):
         assert -1 not in accepted[key] and MAX_SEED in accepted[key] and MAX_SEED + 1 not in accepted[key], key
