@@ -15,11 +15,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from bss_model.config import Config, describe_diff, load_config
 from bss_model.errors import ConfigError
-from bss_model.io import log_file
-from search import best_model, figures, report, selection, storage, study, tuners
-from search.cluster import init_ray, trial_gpus
+from bss_model.io import atomic_write_text, log_file
+from search import best_model, figures, objectives, pareto_report, report, selection, storage, study, tuners
+from search.cluster import cluster_gpus, init_ray, trial_gpus
 from search.config import SearchConfig, TuneSection, with_overrides
 from search.console import where_lines
 from search.results import SearchSummary
@@ -60,9 +62,13 @@ def check_data(cfg: Config, address: str | None) -> None:
 
 
 def best_config(cfg: SearchConfig, summary: SearchSummary) -> Config:
-    """What the retrain trains: the base config with the winner's params, then the retrain's sample budget
-    (``retrain.epochs`` x ``retrain.samples_per_epoch``, whatever the winner's batch size), then its overrides."""
-    return with_overrides(cfg.base.to_dict(), {**summary.best_params, **cfg.retrain.params()})
+    """What the retrain trains: the base config with the winner's params (the trial ``retrain.pick`` names: the
+    best by default), then the retrain's sample budget (``retrain.epochs`` x ``retrain.samples_per_epoch``,
+    whatever the winner's batch size), then its overrides."""
+    params = summary.best_params
+    if cfg.retrain.pick != "best":
+        params = objectives.choose(summary, objectives.parse_pick(cfg.retrain.pick)).row.params
+    return with_overrides(cfg.base.to_dict(), {**params, **cfg.retrain.params()})
 
 
 def search_step(cfg: SearchConfig, root: str, resume: bool, resume_cmd: str, t0: float) -> SearchSummary:
@@ -74,8 +80,10 @@ def search_step(cfg: SearchConfig, root: str, resume: bool, resume_cmd: str, t0:
     results = tuners.run_search(cfg, root, resume, resume_cmd)
     rows = selection.summarize_trials(results, cfg.base.train.epochs)
     summary = selection.search_summary(cfg.base, rows, time.time() - t0)
+    if objectives.cost_of(cfg.tune.objectives):  # a two-objective search: its costs and its front
+        summary.pareto = objectives.summarize_pareto(cfg.tune.objectives, cfg.base.to_dict(), rows, list(results))
     # Before the summary: a kill in between reruns this step on --resume, and the study adds no trial twice.
-    study.record_results(root, cfg.tune.name, cfg.dimensions(), results, cfg.base.train.epochs)
+    study.record_results(root, cfg.tune.name, cfg.dimensions(), results, cfg.base.train.epochs, cfg.tune.objectives)
     storage.save_summary(root, summary)
     s = summary.to_dict()
     log.info(
@@ -87,10 +95,20 @@ def search_step(cfg: SearchConfig, root: str, resume: bool, resume_cmd: str, t0:
 
 
 def retrain_step(
-    cfg: SearchConfig, best_cfg: Config, root: str, summary: SearchSummary | None, resume_cmd: str, t0: float
+    cfg: SearchConfig,
+    best_cfg: Config,
+    root: str,
+    summary: SearchSummary | None,
+    resume_cmd: str,
+    t0: float,
+    out: Path | None = None,
 ) -> dict[str, Any]:
-    """Retrain ``best_cfg`` over the configured seeds, export the best seed, then write the report."""
-    out = storage.local_dir(root)
+    """Retrain ``best_cfg`` over the configured seeds, export the best seed, then write the report (into ``out``,
+    default the experiment's folder; a second pick's retrain has its own, ``picks/<pick>``)."""
+    out = out or storage.local_dir(root)
+    picked = None
+    if summary is not None and summary.pareto is not None:  # which point of the front, and why
+        picked = objectives.choose(summary, objectives.parse_pick(cfg.retrain.pick)).to_dict()
     results = tuners.run_retrain(cfg, best_cfg, root, resume_cmd)
     retrain = selection.retrain_summary(selection.summarize_retrain(results))
     # The seed ensemble: every finished seed's final checkpoint, their predictions averaged, on the same draws.
@@ -99,9 +117,10 @@ def retrain_step(
     best_model.export_best_model(retrain.best, out / best_model.FILENAME)
     separations = best_model.predict_separations(out / best_model.FILENAME, cfg.retrain.images, best_cfg.data.dir)
     result = report.write_report(
-        out, summary, retrain, best_cfg.to_dict(), cfg.dimensions(), separations, time.time() - t0
+        out, summary, retrain, best_cfg.to_dict(), cfg.dimensions(), separations, time.time() - t0, pick=picked
     )
-    storage.upload(root, out, ["report.json", "report.md", best_model.FILENAME, *figures.PICTURES.values()])
+    pictures = [*figures.PICTURES.values(), *pareto_report.PICTURES.values()]
+    storage.upload(root, out, ["report.json", "report.md", best_model.FILENAME, *pictures])
     print(f"report: {out / 'report.md'}")
     mean, std, n = result["test_mse_mean"], result["test_mse_std"], len(result["seeds"])
     print(f"test MSE {mean:.3e} ± {std:.1e}: single model, mean ± std over {n} seeds")
@@ -120,6 +139,7 @@ def search_retrain_report(
     t0 = time.time()
     resolve_data_dir(cfg.base, data_dir, on_cluster(address))
     check_data(cfg.base, address)
+    check_local_gpus(cfg, address)
     root = storage.prepare_experiment(cfg, resume)
     saved = storage.load_saved_config(root) if resume else None
     if saved is not None and storage.is_finished(root):
@@ -139,10 +159,20 @@ def search_retrain_report(
             log.info("resuming with changed settings: %s", describe_diff(changes, "was", "now"))
         print("\n".join(where_lines(root, cfg.tune.name)), flush=True)
         init_ray(address)
+        objectives.check_gpus_available(cfg.tune.objectives, cluster_gpus(), "the Ray cluster")
         if saved is None or changes:
             storage.save_resolved_config(cfg, root)
         summary = search_step(cfg, root, resume, resume_cmd, t0)
         return retrain_step(cfg, best_config(cfg, summary), root, summary, resume_cmd, t0)
+
+
+def check_local_gpus(cfg: SearchConfig, address: str | None) -> None:
+    """gpu_ms on a local Ray needs a GPU on this machine: one line before Ray starts. (A cluster's GPUs are known
+    once connected: search_retrain_report checks them then, before any trial.)"""
+    if "gpu_ms" in cfg.tune.objectives and not on_cluster(address):
+        import torch
+
+        objectives.check_gpus_available(cfg.tune.objectives, torch.cuda.device_count(), "this machine")
 
 
 def finished_search(folder: str) -> tuple[str, SearchConfig, SearchSummary]:
@@ -193,3 +223,54 @@ def retrain_report(
         print("\n".join(where_lines(root, cfg.tune.name)), flush=True)
         init_ray(address)
         return retrain_step(cfg, best_cfg, root, summary, resume_cmd, t0)
+
+
+PICKS = "picks"  # <experiment>/picks/<pick>/: the retrain of another point of the front
+
+
+def pick_retrain_report(
+    cfg: SearchConfig,
+    summary: SearchSummary,
+    root: str,
+    pick_text: str,
+    address: str | None,
+    data_dir: str | None,
+    resume_cmd: str,
+) -> dict[str, Any]:
+    """Retrain the point ``pick_text`` selects from a finished search, without rerunning the search.
+
+    The experiment's own pick (``retrain.pick``) is its first retrain, continued as ``retrain_report`` does. Any
+    other pick retrains into ``<experiment>/picks/<pick>/`` (its Tune experiment ``retrain/``, its report.json,
+    report.md, best_model.pt and pictures, its resolved config): the first retrain's files, and the
+    ``best_model.pt`` its report names, are never touched. A limit no full-budget trial meets is one line,
+    before Ray starts.
+    """
+    pick = objectives.parse_pick(pick_text, "--pick")
+    objectives.check_pick(pick, cfg.tune.objectives, "--pick")
+    first = objectives.parse_pick(cfg.retrain.pick)
+    if pick == first:
+        return retrain_report(cfg, summary, root, False, address, data_dir, resume_cmd)
+    chosen = objectives.choose(summary, pick)
+    already = objectives.choose(summary, first)
+    if chosen.row.trial_id == already.row.trial_id:
+        print(f"--pick {pick.text} selects trial {chosen.row.trial_id}, the one the experiment's retrain "
+              f"({first.text}) already trained: see {storage.local_dir(root) / 'report.md'}")  # fmt: skip
+        return {}
+    cfg.retrain.pick = pick.text
+    cfg.retrain.validate()
+    cfg.tune.validate()
+    sub = f"{root.rstrip('/')}/{PICKS}/{pick.slug}"
+    out = storage.local_dir(root) / PICKS / pick.slug
+    best_cfg = best_config(cfg, summary)
+    resolve_data_dir(best_cfg, data_dir, on_cluster(address))
+    check_data(best_cfg, address)
+    t0 = time.time()
+    out.mkdir(parents=True, exist_ok=True)
+    # The resolved config of this retrain beside its results (the experiment's own stays as it was).
+    atomic_write_text(out / storage.CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    storage.upload(sub, out, [storage.CONFIG_FILE])
+    with log_file(out / "retrain.log"):
+        print(f"retraining trial {chosen.row.trial_id} ({pick.text}: {chosen.reason}) into {out}", flush=True)
+        print("\n".join(where_lines(sub, cfg.tune.name)[:2]), flush=True)  # (the study is the experiment's)
+        init_ray(address)
+        return retrain_step(cfg, best_cfg, sub, summary, resume_cmd, t0, out=out)

@@ -1,6 +1,7 @@
 """Retrain one configuration over seeds, evaluate each with the reference protocol, report.
 
     python search/retrain.py --experiment results/smoke          # the best config of a finished search
+    python search/retrain.py --experiment results/pareto --pick params<=50000   # another point of its front
     python search/retrain.py --config configs/seed.yaml --seeds 5  # a configuration named directly
     bss-retrain --experiment results/smoke                         # the installed console script
 
@@ -16,7 +17,7 @@ import sys
 
 from bss_model.errors import ConfigError, cli_entry
 from search.console import command_name, entry_point
-from search.pipeline import finished_search, named_config, retrain_report
+from search.pipeline import finished_search, named_config, pick_retrain_report, retrain_report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
         src.add_argument("--config", help="a bss_model config (e.g. configs/seed.yaml) to retrain directly")
         p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                        help="with --config: override a config key (repeatable)")  # fmt: skip
+        p.add_argument("--pick", default=None, metavar="RULE",
+                       help="with --experiment: the trial to retrain -- best, knee, or a limit such as params<=50000 "
+                       "(a search with tune.objectives [val_mse, <cost>]); a pick other than the experiment's own "
+                       "retrains into <experiment>/picks/<pick>/, leaving the first retrain as it is")  # fmt: skip
         p.add_argument("--seeds", type=int, default=None, help="number of seeds (default: the config's, else 5)")
         p.add_argument("--name", default=None, help="with --config: experiment name (default: the config's stem)")
         p.add_argument("--storage-path", default=None,
@@ -53,6 +58,11 @@ def main(argv: list[str] | None = None) -> int:
                     f"{flags} (to change settings, use `search/run.py --resume` or a new search)"
                 )
             root, cfg, summary = finished_search(args.experiment)
+        elif args.pick:
+            raise ConfigError(
+                "--pick applies only with --experiment: it chooses a point of a finished search's front; a config "
+                "retrained with --config has no search to pick from"
+            )
         else:
             storage_path = args.storage_path or "results"
             root, cfg, summary = None, named_config(args.config, args.sets, args.name, storage_path), None
@@ -67,7 +77,10 @@ def main(argv: list[str] | None = None) -> int:
         cmd = " ".join([prog, *(argv if argv is not None else sys.argv[1:])])
         resume_cmd = cmd if "--resume" in cmd or args.experiment else cmd + " --resume"
         with entry_point(cfg.tune.verbose):
-            retrain_report(cfg, summary, root, args.resume, args.address, args.data_dir, resume_cmd)
+            if args.pick:
+                pick_retrain_report(cfg, summary, root, args.pick, args.address, args.data_dir, resume_cmd)
+            else:
+                retrain_report(cfg, summary, root, args.resume, args.address, args.data_dir, resume_cmd)
         return 0
 
     return _main()

@@ -39,13 +39,14 @@ import datetime
 import logging
 import math
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
 
 from search import storage
+from search.objectives import cost_of, trial_costs
 from search.results import COMPLETED, DIVERGED, ERRORED, STOPPED, TrialRow
 from search.selection import METRIC, trial_row
 from search.space import Dimension, optuna_distributions
@@ -173,8 +174,8 @@ def quiet_optuna() -> Iterator[None]:
         optuna.logging.set_verbosity(before)
 
 
-def open_study(path: Path, name: str) -> Any:
-    """The study ``name`` in the SQLite file ``path``, created on first use."""
+def open_study(path: Path, name: str, objectives: Sequence[str] = (METRIC,)) -> Any:
+    """The study ``name`` in the SQLite file ``path``, created on first use; one direction per objective."""
     import optuna
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -182,14 +183,39 @@ def open_study(path: Path, name: str) -> Any:
         study = optuna.create_study(
             storage=optuna.storages.RDBStorage(storage_url(path)),
             study_name=name,
-            direction="minimize",
+            directions=["minimize"] * len(objectives),
             load_if_exists=True,
         )
     if study.metric_names is None:
         with warnings.catch_warnings():  # set_metric_names is marked experimental
             warnings.simplefilter("ignore")
-            study.set_metric_names([METRIC])
+            study.set_metric_names(list(objectives))
     return study
+
+
+def study_trial(
+    row: TrialRow, results: list[dict[str, Any]], dims: dict[str, Dimension], objectives: Sequence[str],
+    metrics: dict[str, Any] | None,
+) -> Any:  # fmt: skip
+    """:func:`frozen_trial`, for a two-objective search (search/objectives.py) with values (val MSE, cost) and
+    its costs as user attributes. A stopped trial stays PRUNED, with no values: it is never on the study's front."""
+    trial = frozen_trial(row, results, dims)
+    cost = cost_of(objectives)
+    if cost is None:
+        return trial
+    import optuna
+
+    costs = trial_costs(metrics, objectives)
+    trial.user_attrs.update(costs)
+    c = _finite(costs.get(cost))
+    if trial.state == optuna.trial.TrialState.COMPLETE and c is not None:
+        trial.values = [row.val_mse, c]
+    elif trial.state == optuna.trial.TrialState.COMPLETE:  # a full budget but no cost: not a point of the front
+        trial.state, trial.values = optuna.trial.TrialState.FAIL, None
+        trial.user_attrs["error"] = f"no {cost} reported"
+    else:
+        trial.values = None
+    return trial
 
 
 def recorded_ids(study: Any) -> set[str]:
@@ -222,14 +248,19 @@ def _is_missing(value: Any) -> bool:
     return isinstance(value, float) and math.isnan(value)
 
 
-def record_results(root: str, name: str, dims: dict[str, Dimension], results: Any, budget: int) -> Path:
+def record_results(
+    root: str, name: str, dims: dict[str, Dimension], results: Any, budget: int, objectives: Sequence[str] = (METRIC,)
+) -> Path:
     """Add every finished Tune trial the study lacks, from the search's final results; upload for URIs."""
     path = study_path(root)
     try:
         entries = [
-            frozen_trial(trial_row(r.metrics, r.error, r.config, r.path, budget), _history(r), dims) for r in results
+            study_trial(
+                trial_row(r.metrics, r.error, r.config, r.path, budget), _history(r), dims, objectives, r.metrics
+            )  # fmt: skip
+            for r in results
         ]
-        added = add_new(open_study(path, name), entries)
+        added = add_new(open_study(path, name, objectives), entries)
         storage.upload(root, path.parent, [STUDY_FILE])
     except Exception as exc:  # the study is a view: the retrain and the report go on without it
         log.warning("optuna study %s not written (%s: %s)", path, type(exc).__name__, exc)
@@ -250,8 +281,11 @@ def _error_of(trial: Any) -> str:
 class StudyRecorder(Callback):
     """Adds each search trial to the study as it ends (see the module docstring)."""
 
-    def __init__(self, root: str, name: str, dims: dict[str, Dimension], budget: int) -> None:
+    def __init__(
+        self, root: str, name: str, dims: dict[str, Dimension], budget: int, objectives: Sequence[str] = (METRIC,)
+    ) -> None:
         self.root, self.name, self.dims, self.budget = root, name, dims, budget
+        self.objectives = list(objectives)
         self.results: dict[str, list[dict[str, Any]]] = {}  # trial id -> its reported results (RESULT_KEYS)
         self._study: Any = None
 
@@ -268,7 +302,8 @@ class StudyRecorder(Callback):
     def _open(self, trial_id: str | None) -> bool:
         try:
             if self._study is None:
-                self._study = open_study(study_path(self.root), self.name)
+                # (A recorder pickled before objectives existed has none: the single-objective study.)
+                self._study = open_study(study_path(self.root), self.name, self.__dict__.get("objectives", [METRIC]))
             return True
         except Exception as exc:  # a view of the search must never stop it; the end of the search reconciles
             what = f"trial {trial_id} not recorded yet" if trial_id else "not opened yet"
@@ -290,7 +325,9 @@ class StudyRecorder(Callback):
         if not self._open(row.trial_id):
             return
         try:
-            add_new(self._study, [frozen_trial(row, self.results.get(trial.trial_id, []), self.dims)])
+            objectives = self.__dict__.get("objectives", [METRIC])
+            entry = study_trial(row, self.results.get(trial.trial_id, []), self.dims, objectives, trial.last_result)
+            add_new(self._study, [entry])
         except Exception as exc:  # as in _open
             log.warning("optuna study: trial %s not recorded yet (%s: %s)", row.trial_id, type(exc).__name__, exc)
             self._study = None

@@ -128,15 +128,26 @@ def setup_worker() -> None:
 
 
 def train_trial(
-    params: dict[str, Any], base: dict[str, Any], evaluate_test: bool = False, gpu_share: float = 0.0
+    params: dict[str, Any],
+    base: dict[str, Any],
+    evaluate_test: bool = False,
+    gpu_share: float = 0.0,
+    costs: dict[str, Any] | None = None,
 ) -> None:
     """Ray Tune function trainable. ``params``: sampled dotted keys; ``base``: a resolved config dict;
-    ``gpu_share``: the GPUs Ray gave the trial (``tune.gpus_per_trial``, 0 on a cluster without GPUs)."""
+    ``gpu_share``: the GPUs Ray gave the trial (``tune.gpus_per_trial``, 0 on a cluster without GPUs);
+    ``costs``: for a two-objective search, ``{"measure": [latencies to time], "batch": n}`` (search/costs.py)."""
     cfg = with_overrides(base, params)
     device = resolve_device(cfg.train.device)
     if 0 < gpu_share < 1:
         cap_gpu_memory(gpu_share, device)  # before the first allocation: the cap is the trial's share
     info = _node_info()
+    if costs is not None:
+        # Once, before training starts: params and macs, and the latency the search minimises, timed on one
+        # thread (median of repeats). Every result carries them, for the searcher and the front.
+        from search.costs import model_costs
+
+        info.update(model_costs(cfg.model, tuple(costs["measure"]), costs["batch"]))
     # Checkpoints are staged outside the working dir: the working dir is synced as
     # artifacts, and Tune already persists each reported checkpoint separately.
     stage = Path(tempfile.mkdtemp(prefix="bss-ckpt-"))

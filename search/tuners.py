@@ -22,6 +22,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from bss_model.config import Config
 from bss_model.errors import BssError
+from search import objectives
 from search.cluster import trial_gpus
 from search.config import SearchConfig
 from search.console import STATUS_EVERY_S, SearchProgress, seed_label, trial_label
@@ -45,7 +46,11 @@ def _trainable(cfg: SearchConfig, base: Config, evaluate_test: bool) -> Any:
     gpus = trial_gpus(cfg.tune.gpus_per_trial)
     if cfg.tune.gpus_per_trial and not gpus:
         log.warning("tune.gpus_per_trial=%s but the cluster has no GPU: trials run on CPU", cfg.tune.gpus_per_trial)
-    fn = tune.with_parameters(train_trial, base=base.to_dict(), evaluate_test=evaluate_test, gpu_share=gpus)
+    extra = {}
+    if not evaluate_test and objectives.cost_of(cfg.tune.objectives):  # a two-objective search's trials
+        measure = [c for c in objectives.recorded(cfg.tune.objectives) if c in objectives.MEASURED]
+        extra["costs"] = {"measure": measure, "batch": cfg.tune.latency_batch}
+    fn = tune.with_parameters(train_trial, base=base.to_dict(), evaluate_test=evaluate_test, gpu_share=gpus, **extra)
     return tune.with_resources(fn, {"cpu": cfg.tune.cpus_per_trial, "gpu": gpus})
 
 
@@ -81,7 +86,8 @@ class StoppedAsPrunedSearch(OptunaSearch):
         if not stopped or trial_id in self._completed_trials:
             return super().on_trial_complete(trial_id, result=result, error=error)
         ot_trial = self._ot_trials[trial_id]
-        value = result.get(self.metric)
+        value = None if isinstance(self.metric, list) else result.get(self.metric)  # a multi-objective
+        # trial cannot report intermediate values (Optuna): it is told PRUNED with none.
         if value is not None and math.isfinite(value):
             # Tune does not pass the stopping result to on_trial_result: report it, so the pruned
             # trial's last intermediate value is the one ASHA judged.
@@ -95,15 +101,78 @@ def make_searcher(sampler: optuna.samplers.BaseSampler, points: list[dict], stop
     return cls(sampler=sampler, points_to_evaluate=list(points) or None)
 
 
-def make_scheduler(max_t: int, grace_period: int, reduction_factor: float) -> ASHAScheduler:
+def make_scheduler(
+    max_t: int, grace_period: int, reduction_factor: float, metric: str | None = None, mode: str | None = None
+) -> ASHAScheduler:
     # Rungs in epochs, which are equal samples for every trial: load_search_config refused any batch
     # size that does not divide base.train.samples_per_epoch (search/config.py, check_budget).
+    # ``metric``/``mode``: for a multi-objective search, whose TuneConfig names none (see make_mo_search).
     return ASHAScheduler(
         time_attr="training_iteration",
+        metric=metric,
+        mode=mode,
         max_t=max_t,
         grace_period=min(grace_period, max_t),
         reduction_factor=reduction_factor,
     )
+
+
+# -- two objectives (tune.objectives: [val_mse, <cost>]; search/objectives.py) ----------------------------------
+
+MO_SAMPLER = "tpe"  # pinned from the replay: see make_mo_sampler
+MO_STOPPED_AS_PRUNED = True
+MO_RUNG_RULE = "val_mse"  # ASHA on val MSE alone; "nondominated": search/moasha.py
+
+
+def make_mo_sampler(seed: int, n_startup_trials: int, kind: str = MO_SAMPLER) -> optuna.samplers.BaseSampler:
+    """The sampler of a two-objective search (the replay builds its alternatives here too).
+
+    ``tpe``: multi-objective TPE (Optuna 5's default for several objectives), with the single-objective job's
+    pinned options; ``nsga2``: NSGA-II with a population of ``n_startup_trials`` (its first generation is random,
+    like TPE's startup trials); ``gp``: Optuna's GP sampler (log EHVI; needs scipy); ``random``.
+    """
+    if kind == "tpe":
+        return make_sampler(seed, n_startup_trials)
+    if kind == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(2, n_startup_trials))
+    if kind == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=n_startup_trials)
+    if kind == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise ValueError(f"unknown multi-objective sampler {kind!r}")
+
+
+def make_mo_searcher(
+    sampler: optuna.samplers.BaseSampler, points: list[dict], cost: str, stopped_as_pruned: bool = MO_STOPPED_AS_PRUNED
+) -> OptunaSearch:
+    """OptunaSearch over (val_mse, ``cost``), both minimised. With ``stopped_as_pruned`` a trial that ASHA stopped
+    is told PRUNED rather than COMPLETE with its low-fidelity values (Ray's default), so it never stands on the
+    sampler's front either."""
+    cls = StoppedAsPrunedSearch if stopped_as_pruned else OptunaSearch
+    return cls(sampler=sampler, metric=[METRIC, cost], mode=[MODE, MODE], points_to_evaluate=list(points) or None)
+
+
+def make_mo_scheduler(
+    max_t: int, grace_period: int, reduction_factor: float, cost: str, rule: str = MO_RUNG_RULE
+) -> Any:
+    """Early stopping of a two-objective search: ASHA judging val MSE alone, or the non-dominated rung rule."""
+    if rule == "val_mse":
+        return make_scheduler(max_t, grace_period, reduction_factor, metric=METRIC, mode=MODE)
+    if rule == "nondominated":
+        from search.moasha import NonDominatedASHA
+
+        return NonDominatedASHA(METRIC, cost, max_t, grace_period, reduction_factor)
+    raise ValueError(f"unknown rung rule {rule!r}")
+
+
+def make_mo_search(cfg: SearchConfig) -> tuple[OptunaSearch, Any]:
+    """The searcher and scheduler of a two-objective search. The Tuner then gets no metric of its own: Tune
+    would hand it to OptunaSearch, which would replace its [val_mse, cost] with it (a one-objective study)."""
+    cost = objectives.cost_of(cfg.tune.objectives)
+    sampler = make_mo_sampler(cfg.tune.seed, cfg.tune.n_startup_trials)
+    searcher = make_mo_searcher(sampler, cfg.tune.points_to_evaluate, cost)
+    epochs = cfg.base.train.epochs
+    return searcher, make_mo_scheduler(epochs, cfg.tune.grace_period, cfg.tune.reduction_factor, cost)
 
 
 def _run_config(cfg: SearchConfig, root: str, name: str, callbacks: list[Callback]) -> tune.RunConfig:
@@ -172,15 +241,20 @@ def run_search(cfg: SearchConfig, root: str, resume: bool, resume_cmd: str) -> t
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
     else:
         budget = cfg.base.train.epochs
-        sampler = make_sampler(cfg.tune.seed, cfg.tune.n_startup_trials)
-        searcher = make_searcher(sampler, cfg.tune.points_to_evaluate, stopped_as_pruned=False)
-        scheduler = make_scheduler(cfg.base.train.epochs, cfg.tune.grace_period, cfg.tune.reduction_factor)
+        metric, mode = METRIC, MODE
+        if objectives.cost_of(cfg.tune.objectives):
+            searcher, scheduler = make_mo_search(cfg)
+            metric = mode = None  # the searcher and the scheduler carry their own
+        else:
+            sampler = make_sampler(cfg.tune.seed, cfg.tune.n_startup_trials)
+            searcher = make_searcher(sampler, cfg.tune.points_to_evaluate, stopped_as_pruned=False)
+            scheduler = make_scheduler(cfg.base.train.epochs, cfg.tune.grace_period, cfg.tune.reduction_factor)
         tuner = tune.Tuner(
             trainable,
             param_space=param_space(cfg.dimensions()),
             tune_config=tune.TuneConfig(
-                metric=METRIC,
-                mode=MODE,
+                metric=metric,
+                mode=mode,
                 search_alg=searcher,
                 scheduler=scheduler,
                 num_samples=cfg.tune.num_samples,
@@ -195,7 +269,7 @@ def run_search(cfg: SearchConfig, root: str, resume: bool, resume_cmd: str) -> t
                 "search",
                 [
                     SearchProgress(budget, cfg.tune.num_samples),
-                    StudyRecorder(root, cfg.tune.name, cfg.dimensions(), budget),
+                    StudyRecorder(root, cfg.tune.name, cfg.dimensions(), budget, cfg.tune.objectives),
                 ],
             ),
         )
