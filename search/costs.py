@@ -15,6 +15,13 @@ These are the costs a multi-objective search can put beside validation MSE (``tu
 Latencies are measured with ``torch.utils.benchmark.Timer``: a warm-up, then ``blocked_autorange`` (blocks of
 runs until ``min_run_time`` has passed), repeated ``repeats`` times; the result is the median over all blocks.
 The weights do not matter to the time, so a freshly built model is timed.
+
+Fair on a shared machine: a trial measures its cpu_ms once, at its start, while other trials train beside it.
+With a wall clock, every time the scheduler gives its core to another process the block gets longer: on this
+2-core machine under load, three timings of one model differed by a median 4.8x (benchmarks/model_costs.py,
+first run). So cpu_ms is timed on the measuring thread's own CPU-time clock (``time.thread_time``): the one
+inference thread is only charged while it runs, which is the latency the model has on a core of its own -- on an
+idle core the two clocks agree (the same file records both). gpu_ms uses the wall clock, the device synchronised.
 """
 
 from __future__ import annotations
@@ -75,13 +82,21 @@ def _inference_runtime(device: str) -> Any:
 
 
 def latency_ms(
-    model: torch.nn.Module, device: str, batch: int, repeats: int = 5, min_run_time: float = 0.2
+    model: torch.nn.Module,
+    device: str,
+    batch: int,
+    repeats: int = 5,
+    min_run_time: float = 0.2,
+    clock: str = "thread",
 ) -> tuple[float, str]:
     """The median latency in ms of one forward pass of ``batch`` images, and the precision it ran in.
 
-    On a CPU the timer runs on one thread (``Timer(num_threads=1)``, which restores the thread count after);
-    on a GPU it synchronises the device around each block, as torch.utils.benchmark does for CUDA.
+    On a CPU the timer runs on one thread (``Timer(num_threads=1)``, which restores the thread count after), on
+    that thread's CPU-time clock (``clock="wall"``: the wall clock, for comparison); on a GPU it times the wall
+    clock and synchronises the device around each block, as torch.utils.benchmark's default timer does.
     """
+    import time
+
     from torch.utils import benchmark
 
     runtime = _inference_runtime(device)
@@ -94,8 +109,9 @@ def latency_ms(
         with torch.inference_mode(), runtime.autocast():
             model(x)
 
-    threads = 1 if runtime.device.type == "cpu" else torch.get_num_threads()
-    timer = benchmark.Timer(stmt="forward()", globals={"forward": forward}, num_threads=threads)
+    cpu = runtime.device.type == "cpu"
+    options = {"num_threads": 1, "timer": time.thread_time if clock == "thread" else time.perf_counter} if cpu else {}
+    timer = benchmark.Timer(stmt="forward()", globals={"forward": forward}, **options)
     timer.timeit(3)  # warm-up: oneDNN picks its kernels, the allocator its blocks
     times: list[float] = []
     for _ in range(repeats):
