@@ -218,7 +218,7 @@ def choose(summary: SearchSummary, pick: Pick) -> Picked:
     full = [r for r in summary.trials if r.status == COMPLETED]
     if pick.kind == "best":
         row = pick_best(summary.trials)
-        reason = f"lowest validation MSE among the {len(full)} full-budget trials (retrain.pick: best)"
+        reason = f"lowest validation MSE among the {len(full)} full-budget trials"
         return Picked("best", row, costs.get(row.trial_id, {}), reason)
     if summary.pareto is None:
         raise ConfigError(f"--pick {pick.text} needs a search with a cost beside val_mse; this one had none: pick best")

@@ -25,8 +25,8 @@ def cost_label(cost: str, pareto: dict[str, Any] | ParetoSummary) -> str:
     return {
         "params": "parameters",
         "macs": "forward multiply-accumulates per sample",
-        "cpu_ms": f"latency (ms) of a batch of {batch} on {where}",
-        "gpu_ms": f"latency (ms) of a batch of {batch} on {where}",
+        "cpu_ms": f"latency (ms) of one forward pass of a batch of {batch} on {where}",
+        "gpu_ms": f"latency (ms) of one forward pass of a batch of {batch} on {where}",
     }[cost]
 
 
@@ -110,13 +110,16 @@ def markdown(r: dict[str, Any]) -> list[str]:
     cost = p["cost"]
     costs = p["costs"]
     machines = ", ".join(p["cpu_models"]) or "unrecorded"
+    key = "gpu_precision" if cost == "gpu_ms" else "cpu_precision"
+    precision = "/".join(sorted({c[key] for c in costs.values() if c.get(key)})) or "unrecorded"
     measured = {
         "params": "the parameter count",
         "macs": "forward multiply-accumulates per 32x32 sample, counted by torch's FlopCounterMode",
-        "cpu_ms": f"the median latency of one forward pass on one CPU thread ({cost_label(cost, p)}), in the "
-        f"precision train.precision=auto picks for inference there, timed by torch.utils.benchmark at each trial's "
-        f"start; CPU: {machines}. It holds for that kind of CPU only",
-        "gpu_ms": f"the median latency of one forward pass on the trial's GPU ({cost_label(cost, p)})",
+        "cpu_ms": f"the median {cost_label(cost, p)} ({precision} here: what train.precision=auto picks for "
+        "inference on that CPU), timed by torch.utils.benchmark on the thread's CPU-time clock once at each "
+        f"trial's start; CPU: {machines}. It holds for that kind of CPU only",
+        "gpu_ms": f"the median {cost_label(cost, p)}, timed by torch.utils.benchmark once at each trial's start "
+        f"({precision}); GPU: {', '.join(sorted({c['gpu_model'] for c in costs.values() if c.get('gpu_model')}))}",
     }[cost]
     full = sum(t["status"] == COMPLETED for t in r["trials"])
     lines = [

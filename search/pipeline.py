@@ -137,9 +137,9 @@ def search_retrain_report(
 ) -> dict[str, Any]:
     """The main job. ``resume_cmd`` is what the console tells the user to run after an interruption."""
     t0 = time.time()
+    check_local_gpus(cfg, address)
     resolve_data_dir(cfg.base, data_dir, on_cluster(address))
     check_data(cfg.base, address)
-    check_local_gpus(cfg, address)
     root = storage.prepare_experiment(cfg, resume)
     saved = storage.load_saved_config(root) if resume else None
     if saved is not None and storage.is_finished(root):

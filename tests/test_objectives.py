@@ -57,9 +57,7 @@ def test_bad_objectives_are_one_line_before_ray_starts(value, message, tmp_path,
     assert not list(tmp_path.iterdir())  # nothing was written
 
 
-def test_gpu_ms_on_a_machine_without_gpus_is_one_line_before_ray_starts(
-    tmp_path, no_ray, capsys, monkeypatch, data_dir
-):
+def test_gpu_ms_on_a_machine_without_gpus_is_one_line_before_ray_starts(tmp_path, no_ray, capsys, monkeypatch):
     import torch
 
     from search.run import main
@@ -262,3 +260,47 @@ def test_a_pick_of_the_first_retrains_trial_retrains_nothing(finished, no_ray, c
     out = capsys.readouterr().out
     assert "--pick params<=1000000 selects trial t4, the one the experiment's retrain (best) already trained" in out
     assert not (finished / "picks").exists()
+
+
+# -- the default job stays today's -----------------------------------------------------------------------------
+
+
+def built_search(cfg, monkeypatch, tmp_path) -> tuple[dict, object]:
+    """What run_search hands Tune: the trainable's parameters and the Tuner's config, without running it."""
+    from ray import tune
+
+    from search import tuners
+
+    captured: dict = {}
+    monkeypatch.setattr(tune, "with_parameters", lambda fn, **kw: captured.update(kw) or fn)
+    monkeypatch.setattr(tuners, "trial_gpus", lambda gpus: 0.0)
+    monkeypatch.setattr(tuners, "_fit", lambda tuner, *args: tuner)
+    tuner = tuners.run_search(cfg, str(tmp_path), resume=False, resume_cmd="x")
+    return captured, tuner._local_tuner._tune_config
+
+
+def test_the_default_job_is_todays_and_two_objectives_change_only_what_they_must(monkeypatch, tmp_path):
+    import optuna
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from search.tuners import StoppedAsPrunedSearch
+
+    kw, tc = built_search(load_search_config(SMOKE), monkeypatch, tmp_path)
+    assert set(kw) == {"base", "evaluate_test", "gpu_share"}  # the trials measure no cost
+    assert (tc.metric, tc.mode) == ("val_mse", "min")
+    assert type(tc.search_alg) is OptunaSearch and tc.search_alg.metric is None  # Tune hands it val_mse
+    assert (
+        isinstance(tc.search_alg._sampler, optuna.samplers.TPESampler) and tc.search_alg._sampler._multivariate is False
+    )
+    assert isinstance(tc.scheduler, ASHAScheduler) and tc.scheduler._metric is None
+    assert "pareto" not in SearchSummary("t", {}, 0.1, {}, 1.0, []).to_dict()
+
+    kw, tc = built_search(load_search_config(SMOKE, ["tune.objectives=[val_mse, cpu_ms]"]), monkeypatch, tmp_path)
+    assert kw["costs"] == {"measure": ["cpu_ms"], "batch": 1}
+    assert (tc.metric, tc.mode) == (None, None)  # or Tune would replace the searcher's two objectives with one
+    assert isinstance(tc.search_alg, StoppedAsPrunedSearch)
+    assert tc.search_alg.metric == ["val_mse", "cpu_ms"] and tc.search_alg.mode == ["min", "min"]
+    assert tc.scheduler._metric == "val_mse" and tc.scheduler._mode == "min"
+    kw, _ = built_search(load_search_config(SMOKE, MO), monkeypatch, tmp_path)
+    assert kw["costs"] == {"measure": [], "batch": 1}  # params and macs are counted, nothing timed
