@@ -1,6 +1,7 @@
 """The costs of every configuration of the learning-curve table, for the multi-objective replay.
 
     python benchmarks/model_costs.py [--table FILE] [--out FILE] [--batch 1] [--repeats 5]
+    python benchmarks/model_costs.py --models results/x/best_model.pt results/x/picks/y/best_model.pt [--json OUT]
 
 For each configuration: ``params`` and ``macs`` (counted, search/costs.py) and ``cpu_ms`` -- measured, not derived
 from the table's training throughput (a training step's samples/s mixes the backward pass, the optimiser and the
@@ -8,6 +9,9 @@ batch size the config trains with into a number that is not an inference latency
 this one process, one after another, on one thread, with search/costs.py's own timer (median of ``--repeats``
 blocks), so the figures are side by side on one machine; two more passes over the first ``--noise`` configurations
 give the spread of the measurement. The file records the CPU model and the precision beside them.
+
+``--models``: the same costs of trained models (best_model.pt files), timed side by side in one process, in turns
+(``--rounds`` rounds of each model in order), so their ratio is measured under the same conditions.
 """
 
 from __future__ import annotations
@@ -37,10 +41,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--noise", type=int, default=10, help="configs timed twice more, for the measurement's spread")
+    p.add_argument("--models", nargs="+", default=None, help="time these checkpoints side by side instead")
+    p.add_argument("--rounds", type=int, default=3, help="with --models: timings of each model, in turns")
+    p.add_argument("--json", default=None, help="with --models: write the timings here")
     args = p.parse_args(argv)
     import torch
 
     torch.set_num_threads(1)  # the timer uses one thread anyway; the model building too
+    if args.models:
+        return time_models(args)
     table = json.loads(Path(args.table).read_text())
     rows, t0 = [], time.time()
     for i, c in enumerate(table["configs"]):
@@ -93,6 +102,38 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{key}: spread (max/min of 3 timings) over {len(spreads)} configs: median {mid:.3f}, "
                   f"max {spreads[-1]:.3f}")  # fmt: skip
     print(f"wrote {args.out} in {out['wall_s']} s")
+    return 0
+
+
+def time_models(args: argparse.Namespace) -> int:
+    import statistics
+
+    from bss_model.checkpoint import load_model
+
+    models = {}
+    for path in args.models:
+        model, cfg = load_model(path)
+        models[path] = (model, model_costs(cfg.model))
+    timings: dict[str, list[float]] = {path: [] for path in models}
+    precision = ""
+    for _ in range(args.rounds):  # in turns: a change in the machine's load falls on every model alike
+        for path, (model, _) in models.items():
+            ms, precision = latency_ms(model, "cpu", args.batch, args.repeats)
+            timings[path].append(ms)
+    rows = []
+    for path, (_, costs) in models.items():
+        ms = statistics.median(timings[path])
+        rows.append({"model": path, **costs, "cpu_ms": ms, "cpu_ms_rounds": timings[path]})
+        print(f"{path}: {costs['params']:,} params, {costs['macs']:,} MACs, cpu_ms {ms:.3f} "
+              f"(rounds {', '.join(f'{t:.3f}' for t in timings[path])})")  # fmt: skip
+    first = rows[0]["cpu_ms"]
+    for r in rows[1:]:
+        print(f"{r['model']}: {r['cpu_ms'] / first:.2f}x the latency of {rows[0]['model']}")
+    out = {"measured": f"batch {args.batch}, one thread, {precision}, thread CPU-time clock, median of "
+                       f"{args.rounds} rounds of {args.repeats} blocks (search/costs.py)",
+           "machine": {"cpu_model": cpu_model(), "platform": platform.platform()}, "models": rows}  # fmt: skip
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
     return 0
 
 

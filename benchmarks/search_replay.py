@@ -203,21 +203,23 @@ METHODS = [
 ]
 
 
-# The multi-objective comparison (--objective COST). "-pruned": an ASHA-stopped trial is told PRUNED (the job's
-# StoppedAsPrunedSearch); without it, Ray's OptunaSearch tells it COMPLETE with its low-fidelity values.
+# The multi-objective comparison (--objective COST): each sampler without early stopping, with ASHA on val MSE
+# (+asha) and with the non-dominated rung rule (+moasha, search/moasha.py). "-pruned": an early-stopped trial is
+# told PRUNED (the job's StoppedAsPrunedSearch); without it, Ray's OptunaSearch tells it COMPLETE with its
+# low-fidelity values. The gp methods need scipy.
+def _mo(sampler: str, asha: bool = True, rung: str = "val_mse", pruned: bool = False) -> Method:
+    name = {"tpe": "mo-tpe", "random": "mo-random"}.get(sampler, sampler)
+    if asha:
+        name += "+moasha" if rung == "nondominated" else "+asha"
+    return Method(name + ("-pruned" if pruned else ""), sampler=sampler, asha=asha, stopped_as_pruned=pruned,
+                  multiobjective=True, rung=rung)  # fmt: skip
+
+
 MO_METHODS = [
-    Method("mo-random", sampler="random", asha=False, multiobjective=True),
-    Method("mo-random+asha", sampler="random", asha=True, multiobjective=True),
-    Method("mo-tpe", sampler="tpe", asha=False, multiobjective=True),
-    Method("mo-tpe+asha", sampler="tpe", asha=True, multiobjective=True),
-    Method("mo-tpe+asha-pruned", sampler="tpe", asha=True, stopped_as_pruned=True, multiobjective=True),
-    Method("nsga2+asha", sampler="nsga2", asha=True, multiobjective=True),
-    Method("nsga2+asha-pruned", sampler="nsga2", asha=True, stopped_as_pruned=True, multiobjective=True),
-    Method("mo-tpe+moasha-pruned", sampler="tpe", asha=True, stopped_as_pruned=True, multiobjective=True,
-           rung="nondominated"),
-    Method("nsga2+moasha-pruned", sampler="nsga2", asha=True, stopped_as_pruned=True, multiobjective=True,
-           rung="nondominated"),
-    Method("gp+asha-pruned", sampler="gp", asha=True, stopped_as_pruned=True, multiobjective=True),  # needs scipy
+    _mo("random", asha=False),
+    _mo("tpe", asha=False),
+    *[_mo(sampler, True, rung, pruned) for rung in ("val_mse", "nondominated") for sampler in ("random", "tpe",
+      "nsga2", "gp") for pruned in ((False,) if sampler == "random" else (False, True))],
 ]  # fmt: skip
 
 
@@ -458,6 +460,19 @@ def rank_correlations(table: Table) -> dict[str, float]:
     return {str(e): spearman(np.array([c[e - 1] for c in full]), final) for e in range(1, table.epochs + 1)}
 
 
+def superiority(a: list[float], b: list[float]) -> float:
+    """P(a seed of A ends with a lower regret than a seed of B), ties counting half: the Mann-Whitney U statistic
+    over len(a) * len(b) (the common-language effect size; 0.5 = no difference)."""
+    wins = sum((x < y) + 0.5 * (x == y) for x in a for y in b)
+    return wins / (len(a) * len(b))
+
+
+def pairwise_superiority(methods: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """superiority() of every method's final hypervolume regrets over every other's: ``[a][b]`` = P(a beats b)."""
+    per = {name: m["final_hv_regret_per_seed"] for name, m in methods.items()}
+    return {a: {b: round(superiority(per[a], per[b]), 3) for b in per if b != a} for a in per}
+
+
 def first_reach(curve: dict[str, list[float]], target: float) -> float:
     for x, m in zip(curve["x"], curve["median"], strict=True):
         if m <= target:
@@ -522,6 +537,8 @@ def compare(
                 "hv_anytime": {axis: curve_on_grid(reps, table, axis, g, hv=True) for axis, g in grids.items()},
             }
     m = out["methods"]
+    if any("final_hv_regret_per_seed" in v for v in m.values()):
+        out["pairwise_superiority"] = pairwise_superiority(m)
     if "random" in m and "tpe+asha" in m:
         target = m["random"]["final_regret_median"]
         reach = first_reach(m["tpe+asha"]["anytime"]["compute"], target)
@@ -669,7 +686,7 @@ def main_multiobjective(args: argparse.Namespace, table: Table) -> int:
     methods = [m for m in MO_METHODS if (args.methods is None and (m.sampler != "gp" or _has_scipy()))
                or (args.methods is not None and m.name in args.methods)]  # fmt: skip
     if args.methods is None and not _has_scipy():
-        print("gp+asha-pruned left out: Optuna's GP sampler needs scipy (pip install scipy)")
+        print("the gp methods are left out: Optuna's GP sampler needs scipy (pip install scipy)")
     settings = Settings(args.num_samples, args.workers, args.n_startup_trials, args.grace_period, args.reduction_factor)
     front = table.true_front(cost)
     result = {
@@ -715,17 +732,27 @@ def plot_multiobjective(result: dict[str, Any], path: str) -> None:
         (axes[1], "compute", "simulated compute (s)"),
     ):
         for name, m in result["methods"].items():
+            # Colour: the sampler; line: the stopping rule (none dashed, ASHA on val MSE dotted, non-dominated
+            # solid); thin: stopped trials told COMPLETE, thick: told PRUNED.
+            sampler = name.split("+")[0].removeprefix("mo-")
+            rung = "moasha" if "+moasha" in name else "asha" if "+asha" in name else "none"
+            style = {
+                "color": {"random": "C0", "tpe": "C1", "nsga2": "C2", "gp": "C3"}.get(sampler, "C4"),
+                "ls": {"none": "--", "asha": ":", "moasha": "-"}[rung],
+                "lw": 2.2 if "pruned" in name else 1.2,
+            }
             c = m["hv_anytime"][axis]
             x, med = np.array(c["x"]), np.array(c["median"])
-            (line,) = ax.plot(x, med, label=name, lw=2 if "pruned" in name and "tpe+asha" in name else 1.2)
-            ax.fill_between(x, c["q25"], c["q75"], alpha=0.12, color=line.get_color())
+            ax.plot(x, med, label=name, **style)
+            if rung != "asha":
+                ax.fill_between(x, c["q25"], c["q75"], alpha=0.06, color=style["color"])
         ax.set_xlabel(label)
         ax.set_ylabel("hypervolume regret of the full-budget front")
         ax.set_yscale("log")
         ax.grid(alpha=0.3, which="both")
     axes[0].legend(fontsize=7)
     names = list(result["methods"])
-    axes[2].boxplot([result["methods"][n]["final_hv_regret_per_seed"] for n in names], vert=False)
+    axes[2].boxplot([result["methods"][n]["final_hv_regret_per_seed"] for n in names], orientation="horizontal")
     axes[2].set_yticks(range(1, len(names) + 1), names, fontsize=7)
     axes[2].set_xscale("log")
     axes[2].set_xlabel("final hypervolume regret (per seed)")

@@ -9,6 +9,12 @@ finished trial per Tune trial, in the states Optuna's tools understand, mapped f
     stopped    (stopped early by ASHA) -> PRUNED,   value = its last validation MSE
     diverged, errored                  -> FAIL,     no value
 
+A two-objective search (``tune.objectives: [val_mse, <cost>]``, search/objectives.py) is a study with two
+directions (both minimise), metric names ``[val_mse, <cost>]``: a COMPLETE trial's values are (its last
+validation MSE, its cost), so the study's own Pareto front (``study.best_trials``, optuna-dashboard's Pareto front
+plot) is the report's; a PRUNED trial has no values, so it is never on that front; the costs the trial measured
+(params, macs, cpu_ms, cpu_model ...) are user attributes. A full-budget trial that reported no cost is FAIL.
+
 Each trial also carries its parameters with their distributions (``search/space.py``'s table), its
 validation MSE per epoch as intermediate values (step = epoch), its start and end times, and user
 attributes: ``tune_trial_id``, ``tune_number``, ``status``, ``epochs``, ``samples``, ``error``, ``node``.

@@ -284,6 +284,7 @@ def test_the_default_job_is_todays_and_two_objectives_change_only_what_they_must
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
+    from search.moasha import NonDominatedASHA
     from search.tuners import StoppedAsPrunedSearch
 
     kw, tc = built_search(load_search_config(SMOKE), monkeypatch, tmp_path)
@@ -301,6 +302,16 @@ def test_the_default_job_is_todays_and_two_objectives_change_only_what_they_must
     assert (tc.metric, tc.mode) == (None, None)  # or Tune would replace the searcher's two objectives with one
     assert isinstance(tc.search_alg, StoppedAsPrunedSearch)
     assert tc.search_alg.metric == ["val_mse", "cpu_ms"] and tc.search_alg.mode == ["min", "min"]
-    assert tc.scheduler._metric == "val_mse" and tc.scheduler._mode == "min"
+    # The pinned choices (search/tuners.py, from the replay): MO-TPE with the single-objective job's options,
+    # stopped trials told PRUNED, the non-dominated rung rule on ASHA's rungs.
+    assert (
+        isinstance(tc.search_alg._sampler, optuna.samplers.TPESampler) and tc.search_alg._sampler._multivariate is False
+    )
+    assert tc.search_alg._sampler._n_startup_trials == 4
+    assert isinstance(tc.scheduler, NonDominatedASHA) and (tc.scheduler._metric, tc.scheduler._cost) == (
+        "val_mse",
+        "cpu_ms",
+    )
+    assert [m for m, _ in tc.scheduler._rungs] == [4, 2, 1] and tc.scheduler._max_t == 4  # Ray's ASHA's rungs
     kw, _ = built_search(load_search_config(SMOKE, MO), monkeypatch, tmp_path)
     assert kw["costs"] == {"measure": [], "batch": 1}  # params and macs are counted, nothing timed
