@@ -300,10 +300,10 @@ def test_the_default_job_is_todays_and_two_objectives_change_only_what_they_must
     kw, tc = built_search(load_search_config(SMOKE, ["tune.objectives=[val_mse, cpu_ms]"]), monkeypatch, tmp_path)
     assert kw["costs"] == {"measure": ["cpu_ms"], "batch": 1}
     assert (tc.metric, tc.mode) == (None, None)  # or Tune would replace the searcher's two objectives with one
-    assert isinstance(tc.search_alg, StoppedAsPrunedSearch)
+    assert type(tc.search_alg) is OptunaSearch and not isinstance(tc.search_alg, StoppedAsPrunedSearch)
     assert tc.search_alg.metric == ["val_mse", "cpu_ms"] and tc.search_alg.mode == ["min", "min"]
     # The pinned choices (search/tuners.py, from the replay): MO-TPE with the single-objective job's options,
-    # stopped trials told PRUNED, the non-dominated rung rule on ASHA's rungs.
+    # told the Ray way (a stopped trial COMPLETE with its values), the non-dominated rung rule on ASHA's rungs.
     assert (
         isinstance(tc.search_alg._sampler, optuna.samplers.TPESampler) and tc.search_alg._sampler._multivariate is False
     )
