@@ -536,6 +536,7 @@ def compare(
                 ),
                 "hv_anytime": {axis: curve_on_grid(reps, table, axis, g, hv=True) for axis, g in grids.items()},
             }
+            del out["methods"][name]["anytime"]  # the single-objective winner's curves: not what is compared here
     m = out["methods"]
     if any("final_hv_regret_per_seed" in v for v in m.values()):
         out["pairwise_superiority"] = pairwise_superiority(m)
