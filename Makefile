@@ -3,7 +3,10 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-CONFIG ?= configs/smoke.yaml
+CONFIG ?= configs/laptop.yaml
+# The main job's wall-clock budget: the whole job (search, retrain, evaluation, report) planned to end within it
+# on this machine. `make search BUDGET=` runs the config's own budget (or none).
+BUDGET ?= 10m
 # A fresh, timestamped experiment name per `make search`, so nothing is ever overwritten.
 NAME   ?= $(basename $(notdir $(CONFIG)))-$(shell date +%Y%m%d-%H%M%S)
 
@@ -17,8 +20,8 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 
 setup: $(BIN)/.installed
 
-search: setup  ## the main job: search + retrain over seeds + report (local Ray by default)
-	$(BIN)/python search/run.py --config $(CONFIG) --name $(NAME) $(ARGS)
+search: setup  ## the main job: search + retrain over seeds + evaluation + report within $(BUDGET) (local Ray by default)
+	$(BIN)/python search/run.py --config $(CONFIG) --name $(NAME) $(if $(BUDGET),--budget $(BUDGET)) $(ARGS)
 
 test: setup  ## the whole suite (reads data from $$BSS_DATA_DIR; never downloads)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -53,7 +53,7 @@ from bss_model.config import TrainConfig, load_config
 from bss_model.data import PairSampler
 from bss_model.errors import cli_entry
 from bss_model.model import build_model, count_parameters, forward_flops
-from bss_model.runtime import apply_torch_settings, cpu_has_native_bf16, resolve_device, resolve_runtime
+from bss_model.runtime import apply_torch_settings, cpu_has_native_bf16, native_bf16, resolve_device, resolve_runtime
 from bss_model.step import TrainStep, cosine_lr
 from bss_model.variants import VARIANTS
 
@@ -256,7 +256,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "reps": args.reps,
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
-        "native_bf16": torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_native_bf16(),
+        "native_bf16": native_bf16(device),  # emulated bf16 (a V100, a T4, an AVX2-only CPU) is not native
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),

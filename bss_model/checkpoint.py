@@ -72,12 +72,49 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
 
 
 def config_of(state: dict[str, Any], path: str | Path = "checkpoint") -> Config:
+    config = state.get("config")
+    if not isinstance(config, dict):
+        what = "missing" if config is None else f"a {type(config).__name__}, not a mapping"
+        raise CheckpointError(
+            f"{path} is damaged: its config is {what}: pass a checkpoint written by bss-search, or retrain"
+        )
     try:
-        return config_from_dict(state["config"])
-    except (KeyError, BssError) as exc:
+        return config_from_dict(config)
+    except BssError as exc:
         raise CheckpointError(
             f"{path} holds no valid config ({exc}): pass a checkpoint written by this version"
         ) from None
+
+
+def model_weights(state: dict[str, Any], path: str | Path, key: str = "model") -> dict[str, torch.Tensor]:
+    """``state[key]`` checked to be a model's weights, every one finite, or one CheckpointError saying why not.
+
+    A NaN weight makes every prediction NaN: evaluating it printed a bare ``NaN`` (not JSON) with exit 0, and
+    resuming from it trains nothing. (Training never checkpoints a non-finite model: bss_model.train.)
+    """
+    weights = state.get(key)
+    if weights is None:
+        what = "missing"
+    elif not isinstance(weights, dict):
+        what = f"a {type(weights).__name__}, not a mapping of names to tensors"
+    elif not weights:
+        what = "empty"
+    elif not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items()):
+        what = "a mapping that holds more than named tensors"
+    else:
+        what = ""
+    if what:
+        raise CheckpointError(
+            f"{path} is damaged: its '{key}' weights are {what}: pass a checkpoint written by bss-search, or retrain"
+        )
+    bad = [name for name, w in weights.items() if w.is_floating_point() and not bool(torch.isfinite(w).all())]
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise CheckpointError(
+            f"{path} holds non-finite weights (NaN or inf in {bad[0]}{more}): the model cannot predict anything; "
+            "pass an earlier checkpoint, or retrain"
+        )
+    return weights
 
 
 def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], path: str | Path) -> None:
@@ -96,5 +133,5 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[UN
     state = load(path, map_location=device)
     cfg = config_of(state, path)
     model = build_model(cfg.model)
-    load_weights(model, state["model"], path)
+    load_weights(model, model_weights(state, path), path)
     return model.to(device), cfg

@@ -47,7 +47,17 @@ MAX_FILTERS = 1024
 MAX_CONVS = 64
 MAX_DECODER_MULT = 64
 MAX_WEIGHTS = 2_000_000_000  # fp32 weights, gradients and two Adam moments: 32 GB
-MAX_THREADS = 4096
+# The learning rate and the weight decay enter the optimizer's float32 arithmetic (torch casts them to the
+# weights' dtype): beyond float32's 3.4e38, lr / (1 - beta1) or lr x weight_decay is a RuntimeError
+# ("cannot be converted to type float without overflow") at the first step. At 1e15 both stay far inside.
+MAX_OPTIMIZER_VALUE = 1e15
+MAX_TIME_LIMIT_S = 30 * 24 * 3600.0  # a month: longer than any budget, short enough for every clock sum
+MAX_THREADS = 4096  # a static bound; the CPUs a process may use are checked where it runs (bss_model.runtime)
+# YAML that the config machinery can walk: nesting deeper than this (a real config is 5 levels at most) and
+# aliases (&a / *a) that expand to more values than this are refused by the loader (load_yaml), before any
+# recursive walk or repr() of an error message can run out of stack or memory.
+MAX_YAML_DEPTH = 100
+MAX_YAML_ALIAS_VALUES = 10_000
 
 # --------------------------------------------------------------------------------------
 # The sections
@@ -139,6 +149,12 @@ class TrainConfig:
     # so the samples actually seen are steps x batch_size (see steps_per_epoch()).
     # The default is the reference's 5,062 steps x batch 32.
     samples_per_epoch: int = 161_984
+    # A wall-clock limit on the run in seconds (0 = none), for budgeted jobs (search/budget.py). Epochs become
+    # time slices: epoch k ends by k/epochs of the limit (its validation included), or at its sample budget if
+    # that comes first, and the cosine schedule runs on the larger of its step fraction and its time fraction,
+    # so the lr reaches min_lr at the limit however fast the machine is. samples_per_epoch 0 means no sample
+    # budget at all: each epoch is its time slice (the budgeted search's trials, compared at equal time).
+    time_limit_s: float = 0.0
     batch_size: int = 32
     lr: float = 1e-3
     # adam: the reference; weight_decay is then an L2 term added to the gradient (Adam rescales it).
@@ -181,15 +197,33 @@ class TrainConfig:
     def validate(self) -> None:
         check_seed("train.seed", self.seed)
         check_range(1 <= self.epochs <= MAX_EPOCHS, "train.epochs", self.epochs, f"1..{MAX_EPOCHS:,}")
+        check_finite(
+            0 <= self.time_limit_s <= MAX_TIME_LIMIT_S,
+            "train.time_limit_s",
+            self.time_limit_s,
+            f"in [0, {MAX_TIME_LIMIT_S:.0f}] seconds (0 = no limit)",
+        )
+        low = 0 if self.time_limit_s else 1  # 0 samples = epochs end on time alone: only with a time limit
         check_range(
-            1 <= self.samples_per_epoch <= MAX_SAMPLES_PER_EPOCH,
+            low <= self.samples_per_epoch <= MAX_SAMPLES_PER_EPOCH,
             "train.samples_per_epoch",
             self.samples_per_epoch,
-            f"1..{MAX_SAMPLES_PER_EPOCH:,}, e.g. 161984",
+            f"1..{MAX_SAMPLES_PER_EPOCH:,}, e.g. 161984"
+            + (" (or 0, epochs on time alone, with train.time_limit_s)" if self.time_limit_s else ""),
         )
         check_range(1 <= self.batch_size <= MAX_BATCH, "train.batch_size", self.batch_size, f"1..{MAX_BATCH}")
-        check_range(self.lr > 0 and math.isfinite(self.lr), "train.lr", self.lr, "a positive learning rate, e.g. 1e-3")
-        check_finite(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, ">= 0")
+        check_range(
+            0 < self.lr <= MAX_OPTIMIZER_VALUE,
+            "train.lr",
+            self.lr,
+            f"a positive learning rate up to {MAX_OPTIMIZER_VALUE:.0e}, e.g. 1e-3",
+        )
+        check_finite(
+            0 <= self.weight_decay <= MAX_OPTIMIZER_VALUE,
+            "train.weight_decay",
+            self.weight_decay,
+            f"in [0, {MAX_OPTIMIZER_VALUE:.0e}]",
+        )
         check_range(0 < self.adam_eps < 1, "train.adam_eps", self.adam_eps, "in (0, 1), e.g. 1e-8 or 1e-7 (Keras)")
         check_finite(self.charbonnier_eps > 0, "train.charbonnier_eps", self.charbonnier_eps, "> 0, e.g. 1e-3")
         check_range(
@@ -199,7 +233,10 @@ class TrainConfig:
         check_range(self.plateau_patience >= 0, "train.plateau_patience", self.plateau_patience, ">= 0")
         check_finite(self.plateau_threshold >= 0, "train.plateau_threshold", self.plateau_threshold, ">= 0, e.g. 1e-4")
         check_range(0 <= self.min_lr <= self.lr, "train.min_lr", self.min_lr, f"in [0, train.lr={self.lr}]")
-        check_finite(self.warmup_epochs >= 0, "train.warmup_epochs", self.warmup_epochs, ">= 0")
+        # Bounded like train.epochs: warmup_epochs x steps_per_epoch must stay an integer number of steps.
+        check_finite(
+            0 <= self.warmup_epochs <= MAX_EPOCHS, "train.warmup_epochs", self.warmup_epochs, f"in [0, {MAX_EPOCHS:,}]"
+        )
         check_finite(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, ">= 0 (0 disables clipping)")
         ok_device = self.device in ("auto", "cpu", "cuda") or (
             self.device.startswith("cuda:") and self.device[5:].isdigit()
@@ -211,12 +248,13 @@ class TrainConfig:
 
     @property
     def steps_per_epoch(self) -> int:
-        """Optimizer steps per epoch, from the sample budget (see :func:`steps_per_epoch`)."""
+        """Optimizer steps per epoch, from the sample budget (see :func:`steps_per_epoch`); 0 = on time alone."""
         return steps_per_epoch(self)
 
     @property
     def epoch_samples(self) -> int:
-        """Samples actually seen per epoch: steps x batch_size (may differ slightly from samples_per_epoch)."""
+        """Samples per epoch at most: steps x batch_size (may differ slightly from samples_per_epoch). A run with
+        a time limit may end an epoch sooner: its metrics count the samples it actually saw."""
         return self.steps_per_epoch * self.batch_size
 
 
@@ -265,7 +303,10 @@ class Config:
 
 
 def steps_per_epoch(t: TrainConfig) -> int:
-    """round(samples_per_epoch / batch_size), at least 1; ties round half up (exact integer maths)."""
+    """round(samples_per_epoch / batch_size), at least 1; ties round half up (exact integer maths). 0 when
+    samples_per_epoch is 0 (a time-limited run whose epochs end on time alone)."""
+    if t.samples_per_epoch == 0:
+        return 0
     return max(1, (2 * t.samples_per_epoch + t.batch_size) // (2 * t.batch_size))
 
 
@@ -307,10 +348,16 @@ def _replaced_key(cls: type, key: str, data: dict[str, Any], prefix: str) -> Con
 # Generic machinery
 
 
+def shown(value: Any, limit: int = 120) -> str:
+    """``repr(value)`` for an error line, cut to about ``limit`` characters (a value can be a long list)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 20]}... ({len(text):,} characters)"
+
+
 def check_range(ok: bool, key: str, value: Any, expected: str) -> None:
     """Raise the standard one-line out-of-range ConfigError unless ``ok``."""
     if not ok:
-        raise ConfigError(f"{key}={value!r} is out of range: expected {expected}")
+        raise ConfigError(f"{key}={shown(value)} is out of range: expected {expected}")
 
 
 def check_finite(ok: bool, key: str, value: Any, expected: str) -> None:
@@ -356,7 +403,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             # and `--set train.compile=off` mean the string choice.
             value = "on" if value else "off"
         if value not in choices:
-            raise ConfigError(f"{key}={value!r} is not allowed: use one of {', '.join(map(repr, choices))}")
+            raise ConfigError(f"{key}={shown(value)} is not allowed: use one of {', '.join(map(repr, choices))}")
         return value
     if origin in (typing.Union, types.UnionType):
         errors = []
@@ -369,7 +416,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, option, key)
             except ConfigError as exc:
                 errors.append(str(exc))
-        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {shown(value)}")
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -395,7 +442,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
     else:  # pragma: no cover - a new annotation kind in the dataclasses
         raise TypeError(f"unsupported config annotation {tp!r} for {key}")
-    raise ConfigError(f"{key}={value!r} has the wrong type: expected {_type_name(tp)}, got {type(value).__name__}")
+    raise ConfigError(f"{key}={shown(value)} has the wrong type: expected {_type_name(tp)}, got {type(value).__name__}")
 
 
 def _unknown_key(key: str, valid: list[str], prefix: str) -> ConfigError:
@@ -435,14 +482,55 @@ def parse_set(item: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"--set {item!r} is malformed: write --set section.key=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
+    except YamlLimitError as exc:
+        raise ConfigError(f"--set {key}: the value {exc.problem}: {exc.fix}") from None
     except yaml.YAMLError:
         value = raw
     return key.split("."), value
 
 
+def section_paths(cls: type, prefix: str = "") -> set[str]:
+    """The dotted paths of the nested dataclass *sections* of ``cls`` (``train``; ``base.train`` in a search)."""
+    hints = typing.get_type_hints(cls)
+    out: set[str] = set()
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out |= {f"{prefix}{f.name}", *section_paths(hints[f.name], f"{prefix}{f.name}.")}
+    return out
+
+
+def expand_sections(params: dict[str, Any], schema: type | None = None) -> dict[str, Any]:
+    """``params`` with every mapping given to a *section* of ``schema`` (default :class:`Config`) spread into
+    its dotted keys, in place of the mapping: ``train={lr: 2e-3}`` is ``train.lr=2e-3``.
+
+    Set as a value, the mapping would replace the whole section, and the keys it does not name would fall
+    back to the code's defaults, not the file's (``--set 'base.train={lr: 2e-3}'`` trained 120 epochs of
+    161,984 samples). A mapping-valued key that is not a section (``space``, ``retrain.overrides``) stays a
+    value. A later key wins over an earlier one, as with repeated ``--set``.
+    """
+    sections = section_paths(schema or Config)
+    out: dict[str, Any] = {}
+
+    def put(key: str, value: Any) -> None:
+        if isinstance(value, dict) and key in sections:
+            for sub, v in value.items():
+                put(f"{key}.{sub}", v)
+        else:
+            out.pop(key, None)
+            out[key] = value
+
+    for key, value in params.items():
+        put(str(key), value)
+    return out
+
+
 def apply_params(
-    data: dict[str, Any], params: dict[str, Any], where: str = "", flat_sections: tuple[str, ...] = ()
+    data: dict[str, Any],
+    params: dict[str, Any],
+    where: str = "",
+    flat_sections: tuple[str, ...] = (),
+    schema: type | None = None,
 ) -> dict[str, Any]:
     """The one override function: dotted ``params`` onto a raw nested config dict, in order, in place.
 
@@ -452,8 +540,11 @@ def apply_params(
     model keys already there (a trial's base is fully resolved, so "only unset keys" would make
     the variant a no-op), and the params' own model keys then override the preset, as
     ``--set model.variant=tiny --set model.filters=12`` does. Sections named in ``flat_sections``
-    hold *dotted* keys themselves (the search space's ``train.lr``). Validation is :func:`build`'s.
+    hold *dotted* keys themselves (the search space's ``train.lr``). A mapping given to a section of
+    ``schema`` (default :class:`Config`) merges into it key by key (:func:`expand_sections`). Validation
+    is :func:`build`'s.
     """
+    params = expand_sections(params, schema)
     paths = {}
     for key in params:
         path = str(key).split(".")
@@ -487,8 +578,18 @@ def _set_key(data: dict[str, Any], path: list[str], value: Any, where: str, key:
     node[path[-1]] = value
 
 
+def set_string(key: str, value: str) -> str:
+    """A ``--set`` item that gives ``key`` the string ``value`` exactly, whatever it looks like to YAML.
+
+    For flags whose value is a name or a path (``--name``, ``--storage-path``, ``--data-dir``): read as
+    YAML, ``2026-12-01`` is a date, ``~`` is null and ``exp #2`` is ``exp`` followed by a comment.
+    """
+    quoted = yaml.safe_dump(value, default_style='"', width=math.inf)  # a double-quoted scalar: escapes all
+    return f"{key}={quoted.rstrip(chr(10))}"
+
+
 def apply_overrides(
-    data: dict[str, Any], sets: list[str] | None, flat_sections: tuple[str, ...] = ()
+    data: dict[str, Any], sets: list[str] | None, flat_sections: tuple[str, ...] = (), schema: type | None = None
 ) -> dict[str, Any]:
     """Apply ``--set`` items onto a raw nested dict (see :func:`apply_params`; validation happens in :func:`build`)."""
     params: dict[str, Any] = {}
@@ -497,7 +598,7 @@ def apply_overrides(
         key = ".".join(path)
         params.pop(key, None)  # the last --set of a key wins, in its own place in the order
         params[key] = value
-    return apply_params(data, params, "--set ", flat_sections)
+    return apply_params(data, params, "--set ", flat_sections, schema)
 
 
 def with_overrides(base: dict[str, Any], params: dict[str, Any], where: str = "") -> Config:
@@ -533,10 +634,24 @@ def describe_diff(diff: dict[str, tuple[Any, Any]], old: str = "run", new: str =
     return "; ".join(f"{key}: {old} {a!r}, {new} {b!r}" for key, (a, b) in diff.items())
 
 
+def _not_a_regular_file(mode: int) -> str:
+    """What a file of ``mode`` is, if it is neither a regular file nor a directory (whose error is read_text's)."""
+    import stat
+
+    kinds = {stat.S_ISFIFO: "a FIFO (named pipe)", stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device",
+             stat.S_ISSOCK: "a socket"}  # fmt: skip
+    return next((name for test, name in kinds.items() if test(mode)), "")
+
+
 def read_text(path: Path, what: str, fix: str) -> str:
     """A UTF-8 text file's contents, or one ConfigError saying why it cannot be read: ``what`` names the
     file's role (``config file``), ``fix`` the remedy when it is missing or not a file."""
     try:
+        # Before opening: reading a FIFO blocks until a writer comes (forever, for a config), and a device
+        # file (/dev/zero, /dev/tty) never ends or waits for input. Only a regular file is a config.
+        kind = _not_a_regular_file(path.stat().st_mode)
+        if kind:
+            raise ConfigError(f"{what} {path} is {kind}, not a regular file: {fix}")
         raw = path.read_bytes()
     except FileNotFoundError:
         dangling = f" (a symlink to {os.readlink(path)}, which does not exist)" if path.is_symlink() else ""
@@ -558,12 +673,129 @@ def read_text(path: Path, what: str, fix: str) -> str:
         ) from None
 
 
+class YamlLimitError(yaml.YAMLError):
+    """YAML that parses but that no config can mean: a repeated key, nesting or aliases beyond the limits.
+
+    ``problem`` completes "<the file / the value> ..."; ``fix`` is the remedy."""
+
+    def __init__(self, problem: str, fix: str) -> None:
+        super().__init__(problem)
+        self.problem, self.fix = problem, fix
+
+
+def _line(node_or_mark: Any) -> int:
+    mark = getattr(node_or_mark, "start_mark", node_or_mark)
+    return mark.line + 1 if mark is not None else 0
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a repeated key, and bounds nesting depth and alias expansion.
+
+    PyYAML keeps the last of two equal keys without a word (a second ``space:`` silently replaces the
+    first). Aliases share one node, so a 1.5 KB "billion laughs" file loads as a small graph but expands
+    to millions of values in whatever walks it (flatten, deepcopy, the repr of an error); a 5,000-deep
+    nesting exhausts the recursion of the composer itself. Both are bounded here, as the nodes are composed.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._alias_values = 0
+        self._open: set[str] = set()  # anchors whose node is still being composed
+        self._sizes: dict[int, tuple[int, int]] = {}  # id(node) -> (values, depth), once composed
+
+    def _measure(self, node: yaml.Node) -> tuple[int, int]:
+        """(values, depth) of a node as expanded (memoised: an anchored node is measured once)."""
+        if id(node) not in self._sizes:
+            children: list[yaml.Node] = []
+            if isinstance(node, yaml.MappingNode):
+                children = [n for pair in node.value for n in pair]
+            elif isinstance(node, yaml.SequenceNode):
+                children = list(node.value)
+            sizes = [self._measure(c) for c in children]  # bounded: nesting was checked as it was composed
+            self._sizes[id(node)] = (1 + sum(v for v, _ in sizes), 1 + max((d for _, d in sizes), default=0))
+        return self._sizes[id(node)]
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            node = self.anchors.get(event.anchor)
+            if node is not None:
+                if event.anchor in self._open:
+                    raise YamlLimitError(
+                        f"uses the alias *{event.anchor} inside its own anchor &{event.anchor} (line "
+                        f"{_line(event)}), a value that never ends",
+                        "remove that alias",
+                    )
+                values, depth = self._measure(node)
+                self._alias_values += values
+                if self._alias_values > MAX_YAML_ALIAS_VALUES:
+                    raise YamlLimitError(
+                        f"has aliases (*name) that expand to more than {MAX_YAML_ALIAS_VALUES:,} values (line "
+                        f"{_line(event)}: *{event.anchor})",
+                        "write the values out, or use fewer aliases",
+                    )
+                if self._depth + depth > MAX_YAML_DEPTH:
+                    raise YamlLimitError(
+                        f"nests more than {MAX_YAML_DEPTH} levels deep through the alias *{event.anchor} (line "
+                        f"{_line(event)})",
+                        "a config needs a few levels: flatten it",
+                    )
+            return super().compose_node(parent, index)
+        event = self.peek_event()
+        if self._depth >= MAX_YAML_DEPTH:
+            raise YamlLimitError(
+                f"nests more than {MAX_YAML_DEPTH} levels deep (line {_line(event)})",
+                "a config needs a few levels: flatten it",
+            )
+        anchor = getattr(event, "anchor", None)
+        self._depth += 1
+        if anchor:
+            self._open.add(anchor)
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+            self._open.discard(anchor)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, yaml.Node] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *defaults`: keys written beside a merge override it, by design
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node)
+                except TypeError:
+                    continue  # an unhashable key: SafeConstructor refuses it with its own message
+                if first is not key_node:
+                    raise YamlLimitError(
+                        f"repeats the key {shown(key)} (lines {_line(first)} and {_line(key_node)}; YAML would keep "
+                        "only the last, silently)",
+                        "keep one of them",
+                    )
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    """The one YAML loader for configs and ``--set`` values: ``yaml.safe_load`` (no Python tags), refusing
+    repeated keys and bounding depth and aliases (:class:`_ConfigLoader`; raises :class:`YamlLimitError`)."""
+    loader = _ConfigLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping safely; every failure is a one-line ConfigError."""
     path = Path(path)
     text = read_text(path, "config file", "pass an existing YAML file to --config")
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
+    except YamlLimitError as exc:
+        raise ConfigError(f"config file {path} {exc.problem}: {exc.fix}") from None
     except yaml.constructor.ConstructorError as exc:
         # e.g. !!python/object: safe_load refuses to build arbitrary objects.
         mark = f" at line {exc.problem_mark.line + 1}" if exc.problem_mark else ""

@@ -33,9 +33,21 @@ class CheckpointError(BssError):
     """A checkpoint that is missing, not a checkpoint, or from an incompatible config."""
 
 
+# A line a person reads: a message that quotes a huge value (a list of millions) is cut to this length.
+MAX_LINE = 2000
+
+
 def one_line(message: str) -> str:
     """Collapse a message onto one line so the CLI contract ("one line") holds."""
     return " ".join(str(message).split())
+
+
+def error_line(message: str) -> str:
+    """:func:`one_line`, cut to about MAX_LINE characters."""
+    line = one_line(message)
+    if len(line) <= MAX_LINE:
+        return line
+    return f"{line[: MAX_LINE - 40]} ... [{len(line) - MAX_LINE + 40:,} more characters]"
 
 
 def cli_entry(main: Callable[..., Any]) -> Callable[..., Any]:
@@ -49,7 +61,7 @@ def cli_entry(main: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return main(*args, **kwargs)
         except BssError as exc:
-            print(f"error: {one_line(exc)}", file=sys.stderr)
+            print(f"error: {error_line(exc)}", file=sys.stderr)
             raise SystemExit(exc.exit_code) from None
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)

@@ -56,9 +56,26 @@ def batched_mse(
     ``digit``/``fashion`` are uint8 [N,32,32] tensors already on the device. Sums are kept in
     float64 so 20,000 x 2 x 1024 squared errors add up without drift.
     """
+    return batched_mses([predict], digit, fashion, idx_digit, idx_fashion, batch_size)[0]
+
+
+@torch.no_grad()
+def batched_mses(
+    predicts: Sequence[Predictor],
+    digit: torch.Tensor,
+    fashion: torch.Tensor,
+    idx_digit: np.ndarray,
+    idx_fashion: np.ndarray,
+    batch_size: int,
+    ensemble_of: int = 0,
+) -> list[dict[str, float]]:
+    """:func:`batched_mse` of several predictors in one pass over the pairs: each batch is mixed once and fed
+    to every predictor. With ``ensemble_of`` = k, one more result follows: the MSE of the first k predictors'
+    averaged predictions (in float32), computed from the very predictions scored alone, so the ensemble
+    costs no extra forward."""
     device = digit.device
-    sum_digit = torch.zeros((), dtype=torch.float64, device=device)
-    sum_fashion = torch.zeros((), dtype=torch.float64, device=device)
+    outputs = len(predicts) + (1 if ensemble_of else 0)
+    sums = torch.zeros(outputs, 2, dtype=torch.float64, device=device)  # [output, (digit, fashion)]
     i_digit = torch.as_tensor(idx_digit, device=device)
     i_fashion = torch.as_tensor(idx_fashion, device=device)
     n = len(idx_digit)
@@ -69,12 +86,21 @@ def batched_mse(
         rows = torch.arange(start, start + size, device=device).clamp_(max=n - 1)
         keep = min(size, n - start)
         x, y = mix(digit[i_digit[rows]], fashion[i_fashion[rows]])
-        err = (predict(x)[:keep].float() - y[:keep]) ** 2
-        sum_digit += err[:, 0].sum(dtype=torch.float64)
-        sum_fashion += err[:, 1].sum(dtype=torch.float64)
+        preds = [p(x)[:keep].float() for p in predicts]
+        if ensemble_of:
+            total = preds[0]
+            for pred in preds[1:ensemble_of]:
+                total = total + pred
+            preds.append(total / ensemble_of)
+        for k, pred in enumerate(preds):
+            err = (pred - y[:keep]) ** 2
+            sums[k, 0] += err[:, 0].sum(dtype=torch.float64)
+            sums[k, 1] += err[:, 1].sum(dtype=torch.float64)
     per = n * digit.shape[-1] * digit.shape[-2]
-    digit, fashion = (sum_digit / per).item(), (sum_fashion / per).item()
-    return {"mse": (digit + fashion) / 2, "mse_digit": digit, "mse_fashion": fashion}
+    out = []
+    for d, f in (sums / per).tolist():
+        out.append({"mse": (d + f) / 2, "mse_digit": d, "mse_fashion": f})
+    return out
 
 
 def model_predictor(model: torch.nn.Module, runtime: Runtime) -> Predictor:
@@ -109,14 +135,7 @@ def mix_baseline(x: torch.Tensor) -> torch.Tensor:
     return x.expand(-1, 2, -1, -1)
 
 
-def run_protocol(
-    predict: Predictor, test_digit: torch.Tensor, test_fashion: torch.Tensor, cfg: EvalConfig
-) -> dict[str, Any]:
-    """Per-draw MSEs of ``predict`` and their summary (mean, std, min, per component)."""
-    draws = [
-        batched_mse(predict, test_digit, test_fashion, i_digit, i_fashion, cfg.batch_size)
-        for i_digit, i_fashion in protocol_indices(len(test_digit), len(test_fashion), cfg.draws, cfg.pairs, cfg.seed)
-    ]
+def _summary(draws: list[dict[str, float]]) -> dict[str, Any]:
     per_draw = np.array([d["mse"] for d in draws])
     return {
         "mse_mean": float(per_draw.mean()),
@@ -128,6 +147,50 @@ def run_protocol(
     }
 
 
+def run_protocol(
+    predict: Predictor, test_digit: torch.Tensor, test_fashion: torch.Tensor, cfg: EvalConfig
+) -> dict[str, Any]:
+    """Per-draw MSEs of ``predict`` and their summary (mean, std, min, per component)."""
+    return run_protocols([predict], test_digit, test_fashion, cfg)[0]
+
+
+def run_protocols(
+    predicts: Sequence[Predictor],
+    test_digit: torch.Tensor,
+    test_fashion: torch.Tensor,
+    cfg: EvalConfig,
+    ensemble_of: int = 0,
+) -> list[dict[str, Any]]:
+    """:func:`run_protocol` for several predictors on the same draws in one pass (:func:`batched_mses`), and,
+    with ``ensemble_of`` = k, for the first k's averaged predictions last."""
+    return summarize_draws(protocol_draws(predicts, test_digit, test_fashion, cfg, ensemble_of))
+
+
+def protocol_draws(
+    predicts: Sequence[Predictor],
+    test_digit: torch.Tensor,
+    test_fashion: torch.Tensor,
+    cfg: EvalConfig,
+    ensemble_of: int = 0,
+    subset: Sequence[int] | None = None,
+) -> dict[int, list[dict[str, float]]]:
+    """The protocol's raw figures, ``{draw: [one dict per output]}``, for the draws in ``subset`` (default all).
+
+    Every draw's pairs come from the one seeded generator in order, so a subset scores exactly the pairs the
+    whole protocol would: the draws can be split between processes and merged (:func:`summarize_draws`)."""
+    indices = protocol_indices(len(test_digit), len(test_fashion), cfg.draws, cfg.pairs, cfg.seed)
+    wanted = range(cfg.draws) if subset is None else subset
+    return {
+        k: batched_mses(predicts, test_digit, test_fashion, *indices[k], cfg.batch_size, ensemble_of) for k in wanted
+    }
+
+
+def summarize_draws(per_draw: dict[int, list[dict[str, float]]]) -> list[dict[str, Any]]:
+    """Each output's summary (:func:`_summary`) over the draws, in draw order."""
+    draws = [per_draw[k] for k in sorted(per_draw)]
+    return [_summary([d[i] for d in draws]) for i in range(len(draws[0]))]
+
+
 def evaluate_model(
     model: torch.nn.Module,
     test_digit: np.ndarray,
@@ -136,13 +199,7 @@ def evaluate_model(
     runtime: Runtime,
 ) -> dict[str, Any]:
     """The full protocol result: the model's figures plus the mix baseline's, on the same draws."""
-    digit = torch.as_tensor(test_digit, device=runtime.device)
-    fashion = torch.as_tensor(test_fashion, device=runtime.device)
-    model.eval()
-    result = {f"test_{k}": v for k, v in run_protocol(model_predictor(model, runtime), digit, fashion, cfg).items()}
-    result.update({f"baseline_mix_{k}": v for k, v in run_protocol(mix_baseline, digit, fashion, cfg).items()})
-    result.update({"draws": cfg.draws, "pairs": cfg.pairs, "seed": cfg.seed})
-    return result
+    return evaluate_models([model], test_digit, test_fashion, cfg, runtime)["models"][0]
 
 
 def evaluate_ensemble(
@@ -157,11 +214,10 @@ def evaluate_ensemble(
     Keys say "ensemble" so nobody confuses the result with the mean of the single models' MSEs
     (by convexity of the squared error it is never worse than that mean).
     """
-    digit = torch.as_tensor(test_digit, device=runtime.device)
-    fashion = torch.as_tensor(test_fashion, device=runtime.device)
-    for m in models:
-        m.eval()
-    r = run_protocol(ensemble_predictor(models, runtime), digit, fashion, cfg)
+    return evaluate_models(models, test_digit, test_fashion, cfg, runtime)["ensemble"]
+
+
+def _ensemble_keys(r: dict[str, Any], size: int, cfg: EvalConfig) -> dict[str, Any]:
     return {
         "test_mse_ensemble": r["mse_mean"],
         "test_mse_ensemble_std": r["mse_std"],
@@ -169,11 +225,64 @@ def evaluate_ensemble(
         "test_mse_ensemble_per_draw": r["mse_per_draw"],
         "test_mse_ensemble_digit": r["mse_digit"],
         "test_mse_ensemble_fashion": r["mse_fashion"],
-        "ensemble_size": len(models),
+        "ensemble_size": size,
         "draws": cfg.draws,
         "pairs": cfg.pairs,
         "seed": cfg.seed,
     }
+
+
+def evaluate_models(
+    models: Sequence[torch.nn.Module],
+    test_digit: np.ndarray,
+    test_fashion: np.ndarray,
+    cfg: EvalConfig,
+    runtime: Runtime,
+) -> dict[str, Any]:
+    """The protocol for several models and their ensemble in one pass over the draws (one forward per model
+    and pair: a separate ensemble pass would run every model twice).
+
+    ``{"models": [evaluate_model's result for each], "ensemble": evaluate_ensemble's result}``, each figure
+    equal to what the one-model functions compute on the same draws.
+    """
+    return assemble(models_draws(models, test_digit, test_fashion, cfg, runtime), len(models), cfg)
+
+
+def models_draws(
+    models: Sequence[torch.nn.Module],
+    test_digit: np.ndarray,
+    test_fashion: np.ndarray,
+    cfg: EvalConfig,
+    runtime: Runtime,
+    subset: Sequence[int] | None = None,
+) -> dict[int, list[dict[str, float]]]:
+    """:func:`evaluate_models`'s raw figures for the draws in ``subset``: per draw, each model, the mix baseline,
+    and (with several models) their average, in that order; :func:`assemble` turns every draw's into results."""
+    if not models:
+        raise ValueError("nothing to evaluate: pass at least one model")
+    digit = torch.as_tensor(test_digit, device=runtime.device)
+    fashion = torch.as_tensor(test_fashion, device=runtime.device)
+    for m in models:
+        m.eval()
+    predicts = [model_predictor(m, runtime) for m in models]
+    ensemble_of = len(models) if len(models) > 1 else 0
+    return protocol_draws([*predicts, mix_baseline], digit, fashion, cfg, ensemble_of, subset)
+
+
+def assemble(per_draw: dict[int, list[dict[str, float]]], n_models: int, cfg: EvalConfig) -> dict[str, Any]:
+    """:func:`evaluate_models`'s result from the raw figures of every draw (:func:`models_draws`, merged)."""
+    if sorted(per_draw) != list(range(cfg.draws)):
+        raise ValueError(f"the protocol has draws 0..{cfg.draws - 1}, got {sorted(per_draw)}")
+    out = summarize_draws(per_draw)
+    singles, baseline = out[:n_models], out[n_models]
+    averaged = out[-1] if n_models > 1 else singles[0]
+    results = []
+    for single in singles:
+        result = {f"test_{k}": v for k, v in single.items()}
+        result.update({f"baseline_mix_{k}": v for k, v in baseline.items()})
+        result.update({"draws": cfg.draws, "pairs": cfg.pairs, "seed": cfg.seed})
+        results.append(result)
+    return {"models": results, "ensemble": _ensemble_keys(averaged, n_models, cfg)}
 
 
 def load_for_evaluation(
@@ -181,6 +290,7 @@ def load_for_evaluation(
     data_dir: str | None = None,
     eval_overrides: dict[str, Any] | None = None,
     device: str = "auto",
+    threads: int = 0,
 ) -> tuple[list[torch.nn.Module], Config, Runtime]:
     """Checkpoints' evaluated weights (the EMA when on) ready to score, with the first one's config.
 
@@ -197,7 +307,7 @@ def load_for_evaluation(
     for key, value in (eval_overrides or {}).items():
         setattr(cfg.eval, key, value)
     cfg.eval.validate()
-    runtime = inference_runtime(cfg, device)
+    runtime = inference_runtime(cfg, device, threads)
     return [runtime.prepare_model(model) for model, _ in loaded], cfg, runtime
 
 
@@ -254,7 +364,22 @@ def check_flags(overrides: dict[str, Any]) -> None:
         raise ConfigError(message) from None
 
 
+def check_finite_result(result: dict[str, Any], checkpoint: str | Path) -> None:
+    """Refuse a protocol result with a non-finite score: finite weights can still overflow to inf or NaN."""
+    import math
+
+    from bss_model.errors import CheckpointError
+
+    bad = [k for k, v in result.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        raise CheckpointError(
+            f"{checkpoint} predicts non-finite values ({bad[0]}={result[bad[0]]}): its weights overflow; pass "
+            "another checkpoint, or retrain"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
+    from bss_model.cli import add_common_flags
     from bss_model.errors import cli_entry
 
     @cli_entry
@@ -266,12 +391,14 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--pairs", type=int, default=None)
         p.add_argument("--seed", type=int, default=None)
         p.add_argument("--device", default="auto")
+        add_common_flags(p, "bss-evaluate")
         args = p.parse_args(argv)
         overrides = {k: v for k in ("draws", "pairs", "seed") if (v := getattr(args, k)) is not None}
         check_flags(overrides)
         resolve_device(args.device, "--device")
         result = evaluate_checkpoint(args.checkpoint, args.data_dir, overrides, args.device)
-        json.dump(result, sys.stdout, indent=2)
+        check_finite_result(result, args.checkpoint)
+        json.dump(result, sys.stdout, indent=2, allow_nan=False)  # NaN is not JSON: refused above, never printed
         print()
         return 0
 

@@ -16,7 +16,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TextIO
 
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
@@ -77,14 +77,16 @@ def next_run_dir(root: Path, name: str) -> Path:
             n += 1
 
 
-def setup_logging(log_file: Path | None = None, level: int = logging.INFO) -> logging.Logger:
-    """Log to the console and, if given, to a file. Idempotent per file."""
+def setup_logging(
+    log_file: Path | None = None, level: int = logging.INFO, stream: TextIO | None = None
+) -> logging.Logger:
+    """Log to the console (``stream``, default stdout) and, if given, to a file. Idempotent per file."""
     logger = logging.getLogger("bss")
     logger.setLevel(level)
     logger.propagate = False
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
     if not any(getattr(h, "_bss_console", False) for h in logger.handlers):
-        console = logging.StreamHandler(sys.stdout)
+        console = logging.StreamHandler(stream or sys.stdout)
         console.setFormatter(fmt)
         console._bss_console = True  # type: ignore[attr-defined]
         logger.addHandler(console)
@@ -99,14 +101,16 @@ def setup_logging(log_file: Path | None = None, level: int = logging.INFO) -> lo
 
 
 @contextlib.contextmanager
-def logging_to(log_file: Path | None = None, level: int = logging.INFO) -> Iterator[logging.Logger]:
+def logging_to(
+    log_file: Path | None = None, level: int = logging.INFO, stream: TextIO | None = None
+) -> Iterator[logging.Logger]:
     """:func:`setup_logging` for the length of a command, then the ``bss`` logger as it was (its level,
     handlers and propagation): for the CLI entry points, so that calling one in-process (a test, a
     notebook) leaves the process's logging as it found it."""
     logger = logging.getLogger("bss")
     level_before, propagate_before, handlers_before = logger.level, logger.propagate, list(logger.handlers)
     try:
-        yield setup_logging(log_file, level)
+        yield setup_logging(log_file, level, stream)
     finally:
         for h in [h for h in logger.handlers if h not in handlers_before]:
             logger.removeHandler(h)

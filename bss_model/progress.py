@@ -45,7 +45,7 @@ class EpochProgress:
             from tqdm import tqdm
 
             self._bar = tqdm(
-                total=steps * batch_size,
+                total=steps * batch_size or None,  # 0 steps: an epoch that ends on time (no percentage, no ETA)
                 desc=f"epoch {epoch}/{epochs}",
                 unit=" samples",
                 unit_scale=True,

@@ -2,9 +2,10 @@
 
 ``auto`` picks what is fast *and* safe on the hardware found (benchmarks/train_throughput.py
 measures every choice against eager fp32):
-- bf16 autocast on CUDA GPUs that support it, and on CPUs with native bf16 (AVX-512
-  BF16 or AMX). On CPUs without it PyTorch emulates bf16 and runs ~10x *slower*
-  than fp32 (measured on an AVX2-only EPYC), so auto stays in fp32 there.
+- bf16 autocast where bf16 is native (:func:`native_bf16`): CUDA GPUs from Ampere on, and CPUs
+  with AVX-512 BF16 or AMX. Elsewhere PyTorch emulates bf16 -- ~10x *slower* than fp32 on an
+  AVX2-only EPYC (measured), and without cuDNN's bf16 convolutions on a V100 or T4 -- so auto
+  stays in fp32 there.
 - channels_last everywhere: oneDNN (CPU) and cuDNN (tensor cores) prefer NHWC.
 - CUDA graphs on CUDA: small-batch steps are launch-bound, and a replayed graph removes the
   launches (bss_model/step.py).
@@ -17,6 +18,7 @@ that changes torch's process-wide settings (threads, cuDNN autotuning, TF32).
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 from functools import cache
 
@@ -37,6 +39,18 @@ def cpu_has_native_bf16() -> bool:
     except OSError:
         pass
     return False
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes in bf16 natively (not emulated).
+
+    ``torch.cuda.is_bf16_supported()`` counts emulation by default: it says True on pre-Ampere GPUs
+    (V100, T4), where bf16 autocast is emulated and slower than fp32. Only the native answer counts.
+    """
+    if device.type == "cuda":
+        with torch.cuda.device(device):  # the device asked about, not merely the current one
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+    return device.type == "cpu" and cpu_has_native_bf16()
 
 
 @dataclass(frozen=True)
@@ -86,8 +100,7 @@ def resolve_runtime(t: TrainConfig) -> Runtime:
     """What ``t``'s hardware knobs mean on this machine; changes no global state."""
     device = resolve_device(t.device)
     cuda = device.type == "cuda"
-    native_bf16 = torch.cuda.is_bf16_supported() if cuda else cpu_has_native_bf16()
-    bf16 = t.precision == "bf16" or (t.precision == "auto" and native_bf16)
+    bf16 = t.precision == "bf16" or (t.precision == "auto" and native_bf16(device))
     channels_last = t.channels_last != "off"
     compile_ = t.compile == "on" or (t.compile == "auto" and cuda)
     graphs = t.cuda_graphs == "on" or (t.cuda_graphs == "auto" and cuda)
@@ -96,9 +109,42 @@ def resolve_runtime(t: TrainConfig) -> Runtime:
     return Runtime(device=device, bf16=bf16, channels_last=channels_last, compile=compile_, cuda_graphs=graphs)
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity (a container's cpuset, ``taskset``), not the machine's."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # no sched_getaffinity (macOS)
+        return max(1, os.cpu_count() or 1)
+
+
+def check_threads(threads: int, said: str | None = None) -> None:
+    """Refuse more torch threads than the CPUs this process may use; ``said`` is how the user typed it
+    (``--threads 100000``), else ``train.threads=N``.
+
+    More threads than CPUs only contend: 4,096 turned a 7 s run into minutes, loaded 2 cores to 2,500 and
+    starved every other process of threads; 100,000 crashed torch (a segmentation fault).
+    """
+    n = usable_cpus()
+    if threads > n:
+        said = said or f"train.threads={threads}"
+        raise ConfigError(
+            f"{said} is more than the {n} CPU(s) this process may use (os.sched_getaffinity): use {n} or fewer "
+            "(0 = torch's default)"
+        )
+
+
+def check_machine(t: TrainConfig) -> None:
+    """What ``t`` asks of *this* machine, before anything starts: its device and CUDA options exist here, and
+    its threads fit the CPUs. (A config is validated where it is written; this runs where it will train.)"""
+    resolve_runtime(t)
+    check_threads(t.threads)
+
+
 def apply_torch_settings(rt: Runtime, threads: int = 0) -> None:
-    """Torch's process-wide settings for a run on ``rt``: the one place they are changed."""
+    """Torch's process-wide settings for a run on ``rt``: the one place they are changed (a thread count this
+    process's CPUs cannot hold is refused here too: on a cluster, this is where the node checks it)."""
     if threads:
+        check_threads(threads)
         torch.set_num_threads(threads)
     if rt.device.type == "cuda":
         # Fixed shapes throughout a run, so cuDNN's per-shape autotuning pays for itself at once;

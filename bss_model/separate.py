@@ -256,6 +256,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     preds = separate_images(model, runtime, [item.image for item in items], depth)
     seconds = time.perf_counter() - start
+    bad = next((item.name for item, pred in zip(items, preds, strict=True) if not np.isfinite(pred).all()), None)
+    if bad is not None:  # finite weights can still overflow: a NaN picture (and JSON) is no result
+        raise BssError(
+            f"{args.checkpoint} predicts non-finite values for {bad}: its weights overflow; pass another checkpoint"
+        )
 
     # Encode every file in memory first: nothing is written unless all of it can be.
     files: list[tuple[Path, bytes]] = []
@@ -358,6 +363,7 @@ def _seed(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from bss_model.cli import add_common_flags
     from bss_model.errors import cli_entry
 
     @cli_entry
@@ -377,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--data-dir", default=None, help="for --demo: folder with mnist/ and fashion-mnist/")
         p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
         p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default")
+        add_common_flags(p, "bss-separate")
         args = p.parse_args(argv)
         if not args.images and not args.demo:
             p.error("give at least one IMAGE, or --demo N to try the model on test mixtures")
@@ -385,6 +392,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         if not ok_device or args.threads < 0:
             p.error("--device must be auto, cpu, cuda or cuda:N, and --threads >= 0")
+        from bss_model.runtime import check_threads
+
+        check_threads(args.threads, f"--threads {args.threads}")  # before any file is read
         doc = run(args)
         if args.json:
             json.dump(doc, sys.stdout, indent=2)

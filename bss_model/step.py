@@ -49,12 +49,24 @@ FINITE_CHECK_EVERY = 50
 CAPTURE_WARMUP = 3
 
 
+def _cosine(progress: float, lr: float, min_lr: float) -> float:
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(1.0, max(0.0, progress))))
+
+
 def cosine_lr(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float:
     """Linear warmup to ``lr`` over ``warmup`` steps, then cosine decay to ``min_lr``."""
     if warmup and step < warmup:
         return lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+    return _cosine((step - warmup) / max(1, total - warmup), lr, min_lr)
+
+
+def progress_lr(progress: float, warmup: float, lr: float, min_lr: float) -> float:
+    """:func:`cosine_lr` over a fraction of the run instead of a step count (a time-limited run, whose
+    progress is the larger of its step and time fractions): linear warmup over the first ``warmup``
+    of the run, then cosine decay, reaching ``min_lr`` at progress 1."""
+    if warmup > 0 and progress < warmup:
+        return lr * max(progress, 1e-6) / warmup
+    return _cosine((progress - warmup) / max(1e-12, 1 - warmup), lr, min_lr)
 
 
 def build_optimizer(model: torch.nn.Module, t: TrainConfig, **kwargs) -> torch.optim.Optimizer:
@@ -127,6 +139,7 @@ class TrainStep:
         self.loss_sum = torch.zeros((), device=dev)  # sums of step losses since reset_sums()
         self.mse_sum = torch.zeros((), device=dev)  # ... and of step MSEs (== loss_sum with the mse loss)
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.steps_run = 0  # steps the last run() call ran
 
     # -- the learning rate -------------------------------------------------------------
     def set_lr(self, lr: float) -> None:
@@ -218,8 +231,11 @@ class TrainStep:
         start: int = 0,
         on_step: Callable[[int, float | None], None] | None = None,
         check_every: int = FINITE_CHECK_EVERY,
+        until: Callable[[], bool] | None = None,
     ) -> int | None:
-        """Run ``n`` steps (global step numbers ``start``, ``start + 1``, ...).
+        """Run ``n`` steps (global step numbers ``start``, ``start + 1``, ...), or fewer: ``until()`` is asked
+        after every step (a time-limited epoch's clock) and ends the call when it says so. ``steps_run`` then
+        holds the steps this call ran.
 
         Returns None, or the step (1-based within this call) at whose check the running loss was
         found non-finite; the run stops there.
@@ -230,11 +246,14 @@ class TrainStep:
         read the loss at no extra cost.
         """
         check_every = max(1, min(check_every, FINITE_CHECK_EVERY))
+        self.steps_run = 0
         for i in range(n):
             if lr_at is not None:
                 self.set_lr(lr_at(start + i))
             self()
-            if (i + 1) % check_every == 0 or i + 1 == n:
+            self.steps_run = i + 1
+            last = i + 1 == n or (until is not None and until())
+            if (i + 1) % check_every == 0 or last:
                 total = float(self.loss_sum)
                 if on_step is not None:
                     on_step(i + 1, total)
@@ -242,4 +261,6 @@ class TrainStep:
                     return i + 1
             elif on_step is not None:
                 on_step(i + 1, None)
+            if last:
+                break
         return None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import logging
 import math
@@ -30,6 +31,7 @@ import torch
 
 from bss_model import checkpoint as ckpt
 from bss_model import losses
+from bss_model.cli import add_common_flags, command_name, overrides, print_config, require_extra, resolve_config
 from bss_model.config import (
     Config,
     apply_overrides,
@@ -39,21 +41,29 @@ from bss_model.config import (
     load_config,
     parse_set,
     save_config,
+    set_string,
 )
 from bss_model.data import PairSampler, Splits, draw_pairs, load_splits, mix
 from bss_model.ema import EMA
 from bss_model.errors import CheckpointError, ConfigError, cli_entry
 from bss_model.evaluate import batched_mse, model_predictor
-from bss_model.io import atomic_write_json, logging_to, next_run_dir
+from bss_model.io import atomic_write_json, atomic_write_text, logging_to, next_run_dir
 from bss_model.model import build_model, count_parameters
 from bss_model.progress import EpochProgress
-from bss_model.runtime import Runtime, apply_torch_settings, resolve_runtime
-from bss_model.step import FINITE_CHECK_EVERY, TrainStep, build_plateau, cosine_lr
+from bss_model.runtime import Runtime, apply_torch_settings, check_machine, resolve_runtime
+from bss_model.step import FINITE_CHECK_EVERY, TrainStep, build_plateau, cosine_lr, progress_lr
 from bss_model.viz import separation_grid
 
 log = logging.getLogger("bss")
 
 OnEpoch = Callable[[dict[str, Any], Path], None]
+# The step cap of an epoch that ends on time alone (train.samples_per_epoch 0 with a time limit).
+UNCAPPED_STEPS = 2**62
+
+# Each epoch's metrics, one JSON line, appended as the epoch ends (after its checkpoint), so that an outside
+# agent (a W&B agent, Syne Tune's local backend, an Optuna ask/tell loop) can follow a run while it trains.
+# metrics.json, written at the end, holds the same history with the run's status.
+METRICS_LOG = "metrics.jsonl"
 
 
 @dataclass
@@ -109,9 +119,15 @@ class _Trainer:
         self.epoch = 0  # epochs completed
         self.step = 0  # optimizer steps completed
         self.samples = 0  # training samples seen (steps x batch_size, summed over epochs)
+        # A time-limited run's clock: the wall time it has used (checkpointed, so a resumed run goes on with
+        # what is left), and the seconds the last epoch spent after training (validation, checkpoint,
+        # reporting), which the next epoch leaves free at the end of its time slice.
+        self.time_used = 0.0
+        self.clock0 = time.perf_counter()
+        self.epoch_tail = 0.0
         self.history: list[dict[str, Any]] = []
         self.writer = None
-        self.progress = False  # a per-epoch bar on stderr (bss_model.progress); the CLI turns it on for terminals
+        self.progress_bar = False  # a per-epoch bar on stderr (bss_model.progress); the CLI turns it on for terminals
 
     def open_writer(self) -> None:
         """Start TensorBoard logging (after a resume was accepted: a refused one leaves no event file)."""
@@ -145,6 +161,7 @@ class _Trainer:
             "epoch": self.epoch,
             "step": self.step,
             "samples": self.samples,
+            "time_used_s": self.elapsed(),
             "history": self.history,
             "n_params": self.n_params,
         }
@@ -166,9 +183,24 @@ class _Trainer:
                 f"checkpoint {path} was trained as another model ({describe_diff(diff, 'checkpoint', 'asked')}): "
                 "resume with the checkpoint's config or start a new run"
             )
-        ckpt.load_weights(self.model, state.get("train_model", state["model"]), path)
+        weights = ckpt.model_weights(state, path)
+        train_weights = ckpt.model_weights(state, path, "train_model") if "train_model" in state else weights
+        ckpt.load_weights(self.model, train_weights, path)
+        try:
+            self._restore_training_state(state, weights, path)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as exc:
+            # A body that carries the format marker but not what training wrote (a hand-edited or foreign file).
+            raise CheckpointError(
+                f"{path} is damaged: its training state cannot be restored ({type(exc).__name__}: "
+                f"{' '.join(str(exc).split())[:200]}): resume from another checkpoint, or start a new run"
+            ) from None
+        log.info("resumed from %s at epoch %d (step %d)", path, self.epoch, self.step)
+
+    def _restore_training_state(
+        self, state: dict[str, Any], weights: dict[str, torch.Tensor], path: str | Path
+    ) -> None:
         if self.ema and "ema" in state:
-            self.ema.load_state_dict({"model": state["model"], "num_updates": state["ema"]["num_updates"]})
+            self.ema.load_state_dict({"model": weights, "num_updates": state["ema"]["num_updates"]})
         elif self.ema:
             # The checkpoint was trained without an EMA: start the average at the restored weights.
             log.warning("%s has no EMA state: the EMA starts from its weights", path)
@@ -181,24 +213,58 @@ class _Trainer:
         if state["rng"]["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
         random.setstate(state["rng"]["python"])
-        self.epoch, self.step, self.history = state["epoch"], state["step"], list(state["history"])
+        epoch, step, history = state["epoch"], state["step"], list(state["history"])
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (epoch, step)):
+            raise ValueError(f"epoch {epoch!r} and step {step!r} must be counts")
+        self.epoch, self.step, self.history = epoch, step, history
         # Checkpoints from before sample budgets lack the count: their batch size never changed mid-run.
         self.samples = state.get("samples", self.step * self.cfg.train.batch_size)
-        log.info("resumed from %s at epoch %d (step %d)", path, self.epoch, self.step)
+        self.time_used = float(state.get("time_used_s", 0.0))
+
+    # -- the clock of a time-limited run -------------------------------------------------
+    def start_clock(self) -> None:
+        """Start (or, after a resume, continue) the run's clock: just before its first step."""
+        self.clock0 = time.perf_counter() - self.time_used
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.clock0
+
+    def progress(self, step: int) -> float:
+        """How far the run is, in [0, 1]: the larger of its step fraction (when it has a sample budget) and,
+        with a time limit, its time fraction. The schedule follows it, so it reaches its end either way."""
+        t = self.cfg.train
+        total = t.epochs * t.steps_per_epoch
+        p = step / total if total else 0.0
+        if t.time_limit_s:
+            p = max(p, self.elapsed() / t.time_limit_s)
+        return min(p, 1.0)
 
     # -- one epoch ---------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
         t = self.cfg.train
+        if t.time_limit_s:
+            return progress_lr(self.progress(step), t.warmup_epochs / t.epochs, t.lr, t.min_lr)
         total = t.epochs * t.steps_per_epoch
         return cosine_lr(step, total, int(t.warmup_epochs * t.steps_per_epoch), t.lr, t.min_lr)
 
-    def train_epoch(self) -> tuple[float, float, str]:
-        """Run one epoch; returns (mean train loss, mean train MSE, reason if the loss went non-finite)."""
+    def epoch_clock(self) -> tuple[int, Callable[[], bool] | None]:
+        """This epoch's step cap, and (with a time limit) when it must stop: at the end of its time slice,
+        k/epochs of the limit, less the time the last epoch needed after training (validation, checkpoint)."""
+        t = self.cfg.train
+        cap = t.steps_per_epoch or UNCAPPED_STEPS
+        if not t.time_limit_s:
+            return cap, None
+        end = self.clock0 + t.time_limit_s * (self.epoch + 1) / t.epochs - self.epoch_tail
+        return cap, lambda: time.perf_counter() >= end
+
+    def train_epoch(self) -> tuple[float, float, int, str]:
+        """Run one epoch; returns (mean train loss, mean train MSE, steps run, reason if the loss went non-finite)."""
         t = self.cfg.train
         self.model.train()
         self.step_fn.reset_sums()
         lr_at = self.lr_at if t.schedule == "cosine" else None
-        bar = EpochProgress(self.epoch + 1, t.epochs, t.steps_per_epoch, t.batch_size, self.progress)
+        cap, until = self.epoch_clock()
+        bar = EpochProgress(self.epoch + 1, t.epochs, t.steps_per_epoch, t.batch_size, self.progress_bar)
 
         def on_step(done: int, loss_sum: float | None) -> None:
             # The loss arrives only at the finite checks, where the step loop has just synced.
@@ -208,15 +274,15 @@ class _Trainer:
 
         try:
             check_every = t.log_every or FINITE_CHECK_EVERY
-            bad = self.step_fn.run(t.steps_per_epoch, lr_at, start=self.step, on_step=on_step, check_every=check_every)
+            bad = self.step_fn.run(cap, lr_at, start=self.step, on_step=on_step, check_every=check_every, until=until)
         finally:
             bar.close()
-        self.step += bad or t.steps_per_epoch
+        n = self.step_fn.steps_run
+        self.step += n
         if bad:
             reason = f"non-finite loss at epoch {self.epoch + 1} step {bad} (lr={t.lr:g})"
-            return float("nan"), float("nan"), reason
-        n = t.steps_per_epoch
-        return float(self.step_fn.loss_sum) / n, float(self.step_fn.mse_sum) / n, ""
+            return float("nan"), float("nan"), n, reason
+        return float(self.step_fn.loss_sum) / n, float(self.step_fn.mse_sum) / n, n, ""
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
@@ -251,7 +317,7 @@ def train(
     progress: bool = False,
     tensorboard_dir: str | Path | None = None,
 ) -> TrainResult:
-    """Train ``cfg`` into ``out_dir`` (checkpoint/, tb/, metrics.json), resuming if asked.
+    """Train ``cfg`` into ``out_dir`` (checkpoint/, tb/, metrics.jsonl as it goes, metrics.json), resuming if asked.
 
     The checkpoint goes to ``checkpoint_dir`` (default ``out_dir/checkpoint``), rewritten
     atomically after every epoch; the TensorBoard events go to ``tensorboard_dir`` (default
@@ -293,23 +359,32 @@ def _train(
     out_dir = Path(out_dir)
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else out_dir / "checkpoint"
     tr = _Trainer(cfg, out_dir, splits, ckpt_dir, Path(tensorboard_dir) if tensorboard_dir else None)
-    tr.progress = progress
+    tr.progress_bar = progress
     if resume is not None:
         tr.restore(resume)  # before writing anything: a refused resume must leave the run folder as it was
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir / "config.yaml")
+    # The epochs the checkpoint holds (none for a new run): a run resumed after a kill between a checkpoint and
+    # its line has every epoch once, and one resumed from an older checkpoint drops the epochs it will redo.
+    metrics_log = out_dir / METRICS_LOG
+    atomic_write_text(metrics_log, "".join(json.dumps(m) + "\n" for m in tr.history))
     tr.open_writer()
     t = cfg.train
+    budget = (
+        f"{t.epochs} epochs x {t.steps_per_epoch} steps x batch {t.batch_size} = {t.epochs * t.epoch_samples} samples"
+    )
+    if t.time_limit_s:
+        budget = (f"{t.epochs} epochs in {t.time_limit_s:.0f} s" + (f", at most {t.epochs * t.epoch_samples} samples"
+                  if t.steps_per_epoch else ", as many samples as fit"))  # fmt: skip
     log.info(
-        "training %s (%d params) %s into %s: %d epochs x %d steps x batch %d = %d samples",
-        cfg.model.variant, tr.n_params, tr.rt.describe(), out_dir, t.epochs, t.steps_per_epoch, t.batch_size,
-        t.epochs * t.epoch_samples,
-    )  # fmt: skip
+        "training %s (%d params) %s into %s: %s", cfg.model.variant, tr.n_params, tr.rt.describe(), out_dir, budget
+    )
     status, reason = "completed", ""
+    tr.start_clock()
     try:
         while tr.epoch < t.epochs:
             t0 = time.perf_counter()
-            train_loss, train_mse, reason = tr.train_epoch()
+            train_loss, train_mse, steps, reason = tr.train_epoch()
             if reason:
                 status = "diverged"
                 log.warning("run diverged: %s", reason)
@@ -325,7 +400,8 @@ def _train(
             if tr.plateau:
                 tr.plateau.step(val["mse"])
             tr.epoch += 1
-            tr.samples += t.epoch_samples
+            epoch_samples = steps * t.batch_size
+            tr.samples += epoch_samples
             metrics = {
                 "epoch": tr.epoch,
                 "step": tr.step,
@@ -336,8 +412,10 @@ def _train(
                 "val_mse_digit": val["mse_digit"],
                 "val_mse_fashion": val["mse_fashion"],
                 "lr": tr.opt.param_groups[0]["lr"],
-                "samples_per_s": t.epoch_samples / train_time,
+                "samples_per_s": epoch_samples / train_time,
+                "train_time_s": train_time,  # the epoch's training; epoch_time_s adds its validation and checkpoint
                 "epoch_time_s": time.perf_counter() - t0,
+                "time_used_s": tr.elapsed(),  # the run's clock (a time-limited run ends at train.time_limit_s)
             }
             tr.history.append(metrics)
             if tr.writer:
@@ -353,12 +431,15 @@ def _train(
                     tr.log_images()
                 w.flush()
             tr.save()
+            with open(metrics_log, "a", encoding="utf-8") as f:
+                f.write(json.dumps(metrics) + "\n")
             log.info(
                 "epoch %d/%d train %.3e val %.3e lr %.1e %.0f samples/s",
                 tr.epoch, t.epochs, train_mse, val["mse"], metrics["lr"], metrics["samples_per_s"],
             )  # fmt: skip
             if on_epoch is not None:
                 on_epoch(metrics, tr.ckpt_dir)
+            tr.epoch_tail = time.perf_counter() - t0 - train_time  # validation, checkpoint, reporting
     finally:
         tr.close()
     last = tr.history[-1] if tr.history else {}
@@ -368,7 +449,8 @@ def _train(
         {"status": status, "reason": reason, "epochs_done": tr.epoch, "n_params": tr.n_params,
          # The budget as run: samples seen in total, and per epoch (= steps_per_epoch x batch_size).
          "samples": tr.samples, "samples_per_epoch": t.epoch_samples, "steps_per_epoch": t.steps_per_epoch,
-         "batch_size": t.batch_size, "final": last, "history": tr.history},
+         "batch_size": t.batch_size, "time_limit_s": t.time_limit_s, "time_used_s": tr.elapsed(),
+         "final": last, "history": tr.history},
     )  # fmt: skip
     return result
 
@@ -395,6 +477,7 @@ def resume_config(
     """
     state = ckpt.load(resume)
     saved = ckpt.config_of(state, resume)
+    ckpt.model_weights(state, resume)  # damaged or non-finite weights: refused now, not after loading the data
     asked = load_config(config, sets) if config else config_from_dict(apply_overrides(saved.to_dict(), sets))
     named = {".".join(parse_set(item)[0]) for item in sets}
     diff = config_diff(saved, asked)
@@ -446,8 +529,10 @@ def new_run_dir(root: Path, name: str) -> Path:
 def main(argv: list[str] | None = None) -> int:
     @cli_entry
     def _main() -> int:
-        p = argparse.ArgumentParser(prog="python -m bss_model.train", description="Train one U-Net configuration.")
-        p.add_argument("--config", default=None, help="YAML config, e.g. configs/seed.yaml (else the defaults)")
+        prog = command_name("bss-train", "python -m bss_model.train")
+        p = argparse.ArgumentParser(prog=prog, description="Train one U-Net configuration.")
+        p.add_argument("--config", default=None,
+                       help="a YAML file or a shipped config's name (seed); else the defaults")  # fmt: skip
         p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. --set train.lr=3e-4 (repeatable)")  # fmt: skip
         p.add_argument("--out", default="runs", help="root folder; each run gets an auto-numbered subfolder")
@@ -455,8 +540,15 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--resume", default=None,
                        help="checkpoint.pt or run folder to continue from, with the run's own config; "
                        "--set may change its epochs, hardware, logging and eval settings")  # fmt: skip
+        p.add_argument("--metrics-stdout", action="store_true",
+                       help="also print each epoch's metrics as a JSON line on stdout as it ends (they always go to "
+                       "metrics.jsonl in the run folder), for an outside sweeper reading them live")  # fmt: skip
+        add_common_flags(p, "bss-train", "model")
         args = p.parse_args(argv)
-        sets = list(args.sets) + ([f"data.dir={Path(args.data_dir).resolve()}"] if args.data_dir else [])
+        if args.config:
+            args.config = resolve_config(args.config, "model")
+        # A path is a string as typed, never YAML (`data #1` is no comment): set_string quotes it.
+        sets = overrides(args) + ([set_string("data.dir", str(Path(args.data_dir).resolve()))] if args.data_dir else [])
         changes: dict[str, tuple[Any, Any]] = {}
         if args.resume:
             resume = ckpt.resolve_path(args.resume)
@@ -465,13 +557,29 @@ def main(argv: list[str] | None = None) -> int:
         else:
             cfg = load_config(args.config, sets)
             resume = None
+        if args.print_config:
+            print_config(cfg.to_dict())
+            return 0
+        check_machine(cfg.train)  # this machine's devices and CPUs, before a run folder is made
+        if cfg.train.tensorboard:
+            require_extra("search", "bss-train's TensorBoard logging (train.tensorboard=true; false turns it off)",
+                          ("tensorboard",))  # fmt: skip
+        if resume is None:
             out = new_run_dir(Path(args.out), Path(args.config).stem if args.config else "default")
-        with logging_to(out / "train.log"):
+
+        def on_epoch(metrics: dict[str, Any], checkpoint_dir: Path) -> None:
+            if args.metrics_stdout:
+                print(json.dumps(metrics), flush=True)
+
+        # With --metrics-stdout, stdout carries JSON lines alone (each epoch's, then the result's); the log: stderr.
+        with logging_to(out / "train.log", stream=sys.stderr if args.metrics_stdout else None):
             if changes:
                 log.info("resuming with changes asked for: %s", describe_diff(changes, "was", "now"))
-            # The bar only on a terminal: CI logs and redirected output keep just the plain per-epoch lines.
+            # The bar only on a terminal (and with tqdm, of the search extra): CI logs and redirected output keep
+            # just the plain per-epoch lines.
+            bar = sys.stderr.isatty() and importlib.util.find_spec("tqdm") is not None
             try:
-                result = train(cfg, out_dir=out, resume=resume, progress=sys.stderr.isatty())
+                result = train(cfg, on_epoch=on_epoch, out_dir=out, resume=resume, progress=bar)
             except (torch.OutOfMemoryError, RuntimeError) as exc:
                 if not out_of_memory(exc):
                     raise

@@ -38,8 +38,12 @@ from bss_model.config import (
     check_fair_budget,
     check_range,
     check_seed,
+    expand_sections,
+    flatten,
     read_yaml,
     resolve_variant,
+    section_paths,
+    shown,
     with_overrides,
 )
 from bss_model.errors import ConfigError
@@ -47,6 +51,9 @@ from search.objectives import check_objectives, check_pick, parse_pick
 from search.space import Dimension, parse_space
 
 MAX_TRIALS = 100_000
+# Ray counts resources in units of 1/10,000: a smaller non-zero request is refused by every task it starts.
+RESOURCE_UNIT = 1e-4
+NAME_MAX = 255  # bytes in one folder name on ext4, XFS, APFS, NTFS and object-storage key segments alike
 MAX_SEEDS = 1000
 MAX_IMAGES = 64  # test mixtures in one separation picture
 MAX_LATENCY_BATCH = 4096
@@ -76,6 +83,13 @@ class TuneSection:
     objectives: list = field(default_factory=lambda: ["val_mse"])
     latency_batch: int = 1  # the images in the one batch cpu_ms / gpu_ms time (search/costs.py)
     verbose: int = 0  # 0: the project's lines (search/console.py); 1: + Ray Tune's trial table; 2-3: + its results
+    # Experiment trackers, by name, with their settings: {mlflow: {tracking_uri: ...}, wandb: {mode: offline}}
+    # (Ray's integrations; search/trackers.py). Each needs its extra: pip install 'bss-search[mlflow]'.
+    callbacks: dict = field(default_factory=dict)
+    # Where the Optuna study lives (search/study.py): "" = <experiment>/optuna.db, one SQLite file per experiment;
+    # or an Optuna storage URL a team shares (postgresql://user@host/studies; ${VAR}s are read from the environment
+    # when connecting, so no password is saved). The study is named after the experiment either way.
+    study_storage: str = ""
 
     def validate(self) -> None:
         def check(ok: bool, key: str, value: Any, expected: str) -> None:
@@ -84,8 +98,14 @@ class TuneSection:
         check(1 <= self.num_samples <= MAX_TRIALS, "num_samples", self.num_samples, f"1..{MAX_TRIALS:,} trials")
         check(self.max_concurrent >= 1, "max_concurrent", self.max_concurrent, ">= 1")
         cpus, gpus = self.cpus_per_trial, self.gpus_per_trial
-        check(0 < cpus < math.inf, "cpus_per_trial", cpus, "a finite number > 0")
-        check(0 <= gpus < math.inf, "gpus_per_trial", gpus, "a finite number >= 0")
+        unit = f"Ray's smallest unit, {RESOURCE_UNIT:g}"
+        check(RESOURCE_UNIT <= cpus < math.inf, "cpus_per_trial", cpus, f"a finite number >= {unit}, e.g. 1")
+        check(
+            gpus == 0 or RESOURCE_UNIT <= gpus < math.inf,
+            "gpus_per_trial",
+            gpus,
+            f"0, or a finite number >= {unit}, e.g. 0.25",
+        )
         check_seed("tune.seed", self.seed)
         check(self.n_startup_trials >= 0, "n_startup_trials", self.n_startup_trials, ">= 0")
         check(self.grace_period >= 1, "grace_period", self.grace_period, ">= 1 epoch")
@@ -103,6 +123,19 @@ class TuneSection:
               f"1..{MAX_LATENCY_BATCH} images")  # fmt: skip
         if self.name and (Path(self.name).name != self.name or self.name.startswith(".")):
             raise ConfigError(f"tune.name={self.name!r} must be a plain folder name: drop slashes and leading dots")
+        if len(self.name.encode("utf-8", "surrogatepass")) > NAME_MAX:
+            raise ConfigError(
+                f"tune.name={shown(self.name, 60)} is {len(self.name.encode('utf-8', 'surrogatepass'))} bytes long, "
+                f"and a folder name holds at most {NAME_MAX}: shorten it"
+            )
+        if self.callbacks:
+            from search.trackers import check_callbacks
+
+            check_callbacks(self.callbacks)
+        if self.study_storage:
+            from search.study import check_storage_url
+
+            check_storage_url(self.study_storage)
 
 
 @dataclass
@@ -145,6 +178,10 @@ class RetrainSection:
             if not isinstance(key, str):
                 raise ConfigError(f"retrain.overrides key {key!r} must be a dotted config key, e.g. train.epochs")
         parse_pick(self.pick)
+        for key in expand_sections(self.overrides):
+            fixed = not_for_the_retrain(key)
+            if fixed:
+                raise ConfigError(f"retrain.overrides sets {key}, {fixed}")
 
     @property
     def seed_list(self) -> list[int]:
@@ -156,14 +193,45 @@ class RetrainSection:
 
 
 @dataclass
+class PlanSection:
+    """How a budget (``budget:``, or ``--budget``) is divided: search/budget.py plans the rest from throughput
+    measured on the machine. Without a budget these are unused."""
+
+    # The search's share of the training time (what the budget leaves after startup, the evaluation and the
+    # report); the retrain gets the rest. benchmarks/time_to_quality.py measures the job at several shares.
+    search_share: float = 0.35
+    # A full-budget trial's time is at least this share of a retrain seed's: at small budgets the search runs
+    # fewer, longer trials rather than many that rank nothing. 0.25 because the learning-curve table's rank
+    # correlation between a configuration's val MSE at a quarter of the budget and at its end is 0.75, at an
+    # eighth only 0.61 (benchmarks/results/learning-curves-cpu.json, README "Does the search search well?").
+    min_trial_share: float = 0.25
+
+    def validate(self) -> None:
+        check_range(0 < self.search_share < 1, "plan.search_share", self.search_share, "in (0, 1), e.g. 0.35")
+        check_range(0 < self.min_trial_share <= 1, "plan.min_trial_share", self.min_trial_share, "in (0, 1], e.g. 0.25")
+
+
+@dataclass
 class SearchConfig:
     base: Config = field(default_factory=Config)
     space: dict = field(default_factory=dict)
     tune: TuneSection = field(default_factory=TuneSection)
     retrain: RetrainSection = field(default_factory=RetrainSection)
+    # The whole job's wall-clock budget, e.g. "10m" (units s, m, h; `--budget` sets it): the job plans its
+    # search, retrain and evaluation to end within it (search/budget.py). "" = no budget: the sample budgets
+    # above (base.train.samples_per_epoch, retrain.*) are run as they are set.
+    budget: str = ""
+    plan: PlanSection = field(default_factory=PlanSection)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def budget_s(self) -> float:
+        """The budget in seconds, 0 = none."""
+        from search.budget import parse_duration
+
+        return parse_duration(self.budget) if self.budget else 0.0
 
     def dimensions(self) -> dict[str, Dimension]:
         """The space, parsed and checked against the base (empty for a retrain of a named config)."""
@@ -171,12 +239,63 @@ class SearchConfig:
 
 
 # --------------------------------------------------------------------------------------
+# Keys that mean something in a trial, and in the retrain
+
+
+# Never a search dimension: what every trial must share so their validation MSEs compare (the data and the
+# validation split), what the search never uses (the test protocol: the retrain's, picked as the winner's
+# params), the seed (the retrain's own seeds replace it), and how the hardware runs and logs a trial.
+NOT_SEARCHABLE = {
+    "data.": "the data and the validation split every trial is scored on must be the same for all: set it in base.data",
+    "eval.": "the test protocol is the retrain's, never a trial's (the search does not touch the test sets): "
+    "set it in base.eval",
+    "train.seed": "the retrain trains its own seeds (retrain.first_seed, retrain.seeds): set base.train.seed",
+    "train.device": "a hardware setting, not a hyperparameter: set base.train.device",
+    "train.threads": "a hardware setting, not a hyperparameter: set base.train.threads",
+    "train.compile": "a hardware setting, not a hyperparameter: set base.train.compile",
+    "train.channels_last": "a hardware setting, not a hyperparameter: set base.train.channels_last",
+    "train.cuda_graphs": "a hardware setting, not a hyperparameter: set base.train.cuda_graphs",
+    "train.tensorboard": "a logging setting: set base.train.tensorboard",
+    "train.image_every": "a logging setting: set base.train.image_every",
+    "train.log_every": "a logging setting: set base.train.log_every",
+}
+# The experiment's own, never the retrain's: its data and validation split, its test protocol (changeable
+# on --resume until the retrain finishes, which retrain.overrides is not) and the seeds.
+NOT_RETRAINABLE = {
+    "data.": "which is the experiment's (its data and validation split): set base.data (or pass --data-dir) instead",
+    "eval.": "which is the experiment's test protocol: set base.eval instead (it may change on --resume until the "
+    "retrain finishes)",
+    "train.seed": "which the retrain sets itself: use retrain.first_seed and retrain.seeds",
+}
+
+
+def _match(key: str, table: dict[str, str]) -> str:
+    return next((why for k, why in table.items() if key == k or (k.endswith(".") and key.startswith(k))), "")
+
+
+def not_searchable(key: str) -> str:
+    """Why ``key`` cannot be a space dimension ('' if it can)."""
+    return _match(key, NOT_SEARCHABLE)
+
+
+def not_for_the_retrain(key: str) -> str:
+    """Why ``key`` cannot be a ``retrain.overrides`` key ('' if it can)."""
+    return _match(key, NOT_RETRAINABLE)
 
 
 def validate_space(base: dict[str, Any], space: dict[str, Any]) -> dict[str, Dimension]:
     """Parse every dimension and prove each endpoint/choice yields a valid config."""
     dims = parse_space(space)
+    leaves = set(flatten(base))
     for key, dim in dims.items():
+        if key in section_paths(Config):
+            raise ConfigError(
+                f"space.{key} is a section, not a key: give each of its keys its own dimension, e.g. "
+                f"space.{key}.{next(k for k in sorted(leaves) if k.startswith(key + '.')).split('.')[-1]}"
+            )
+        why = not_searchable(key) if key in leaves else ""
+        if why:
+            raise ConfigError(f"space.{key} cannot be a search dimension: {why}, and remove it from the space")
         for value in dim.args:  # both endpoints of a range, every value of a choice
             with_overrides(base, {key: value}, where=f"space.{key}: ")
     return dims
@@ -239,8 +358,12 @@ def check_misplaced_base_keys(raw: dict[str, Any]) -> None:
 
 def load_search_config(path: str | Path | None, sets: list[str] | None = None) -> SearchConfig:
     """Defaults <- YAML <- ``--set``; base, space, points_to_evaluate and retrain overrides validated."""
-    raw = apply_overrides(read_yaml(path) if path else {}, sets, flat_sections=("space",))
+    raw = apply_overrides(read_yaml(path) if path else {}, sets, flat_sections=("space",), schema=SearchConfig)
     check_misplaced_base_keys(raw)
+    if isinstance(raw.get("budget"), (int, float)) and not isinstance(raw.get("budget"), bool):
+        from search.budget import parse_duration
+
+        parse_duration(raw["budget"])  # a bare number: "has no unit", not "the wrong type"
     base_raw = raw.get("base") or {}
     if not isinstance(base_raw, dict):
         raise ConfigError("base must be a mapping (a bss_model config: data/model/train/eval)")
@@ -256,7 +379,15 @@ def load_search_config(path: str | Path | None, sets: list[str] | None = None) -
     cfg.retrain.validate()
     base = cfg.base.to_dict()
     parsed = validate_space(base, cfg.space)
-    for i, point in enumerate(cfg.tune.points_to_evaluate):
+    check_reduction_factor(cfg)
+    points = cfg.tune.points_to_evaluate
+    if len(points) > cfg.tune.num_samples:
+        raise ConfigError(
+            f"tune.points_to_evaluate has {len(points)} starting points but tune.num_samples={cfg.tune.num_samples}, "
+            f"so {len(points) - cfg.tune.num_samples} would never run: raise tune.num_samples to {len(points)} or "
+            "more, or drop points"
+        )
+    for i, point in enumerate(points):
         if not isinstance(point, dict):
             raise ConfigError(f"tune.points_to_evaluate[{i}] must be a mapping of space keys to values")
         unknown = set(point) - set(parsed)
@@ -268,12 +399,71 @@ def load_search_config(path: str | Path | None, sets: list[str] | None = None) -
         for key, value in point.items():
             parsed[key].check_value(value, f"tune.points_to_evaluate[{i}].{key}")
         with_overrides(base, point, where=f"tune.points_to_evaluate[{i}]: ")
-    check_budget(cfg.base, parsed, cfg.tune.points_to_evaluate)
+    cfg.plan.validate()
+    if cfg.budget:
+        cfg.budget_s  # noqa: B018 -- parses it: a bad duration is one line now
+        if len(cfg.tune.objectives) > 1:
+            # The budget's plan, deadline and time-boxed trials judge val MSE alone (search/budgeted.py).
+            raise ConfigError(
+                f"budget: {cfg.budget} with tune.objectives {cfg.tune.objectives}: a budgeted job searches val_mse "
+                "alone; drop budget (and --budget) for a two-objective search, or set tune.objectives: [val_mse]"
+            )
+    else:
+        # Under a budget the trials are time-boxed (equal wall time, search/budget.py), so no sample budget
+        # needs to divide by their batch sizes.
+        check_budget(cfg.base, parsed, points)
+    points[:] = [complete_point(base, parsed, point, i) for i, point in enumerate(points)]
     with_overrides(base, cfg.retrain.params(), where="retrain.overrides: ")
     check_pick(parse_pick(cfg.retrain.pick), cfg.tune.objectives)
     if not cfg.tune.name:
         cfg.tune.name = Path(path).stem if path else "search"
     return cfg
+
+
+def complete_point(base: dict[str, Any], dims: dict[str, Dimension], point: dict[str, Any], i: int) -> dict[str, Any]:
+    """A starting point with a value for every dimension, in the space's order.
+
+    Ray's searchers take only complete points (a partial one is a ValueError after Ray started). A key the
+    point leaves out takes the value it has in the point's own config, the base with the point's keys set
+    (so ``{model.variant: seed}`` gets the seed preset's filters), as long as the space could draw it;
+    otherwise the point is refused, naming the key to add.
+    """
+    if set(point) == set(dims):
+        return {key: point[key] for key in dims}
+    resolved = flatten(with_overrides(base, point).to_dict())
+    out = {}
+    for key, dim in dims.items():
+        if key in point:
+            out[key] = point[key]
+            continue
+        try:
+            dim.check_value(resolved[key], f"{key}")
+        except ConfigError:
+            raise ConfigError(
+                f"tune.points_to_evaluate[{i}] leaves out {key}, and the value it would train with "
+                f"({resolved[key]!r}, from the base) is outside space.{key}: give {key} in the point"
+            ) from None
+        out[key] = resolved[key]
+    return out
+
+
+def check_reduction_factor(cfg: SearchConfig) -> None:
+    """Refuse an ASHA reduction factor whose rungs come less than an epoch apart.
+
+    ASHA's rungs are at ``grace_period x reduction_factor**k`` epochs, one for every k up to the budget.
+    Closer than an epoch, they are rungs no trial stops at; close to 1 there are millions of them, and
+    building them hangs the driver before the first trial starts (1.000000000001 did). Rungs an epoch or
+    more apart need ``grace_period x (reduction_factor - 1) >= 1``: 2 or more always qualifies.
+    """
+    grace = min(cfg.tune.grace_period, cfg.base.train.epochs)
+    rf = cfg.tune.reduction_factor
+    if grace * (rf - 1) < 1 - 1e-9:
+        least = math.ceil((1 + 1 / grace) * 100) / 100
+        raise ConfigError(
+            f"tune.reduction_factor={rf!r} is too close to 1: ASHA's rungs are at tune.grace_period x "
+            f"reduction_factor**k epochs, and with grace_period {grace} they would come less than an epoch apart "
+            f"(close to 1, millions of them, and no trial starts): use {least:g} or more, e.g. 2, 3 or 4"
+        )
 
 
 def search_config_from_dict(data: dict[str, Any]) -> SearchConfig:

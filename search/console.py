@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,8 +21,9 @@ from typing import Any
 
 from ray.tune import Callback
 
+from bss_model.cli import command_name  # noqa: F401  (its old home: search.console.command_name)
 from bss_model.io import logging_to
-from search.results import STOPPED
+from search.results import CUT, STOPPED
 from search.selection import METRIC, trial_status
 
 # Often enough to see a search move, rarely enough that 8 trials stay one screen.
@@ -125,6 +125,10 @@ class SearchProgress(Callback):
         speed = f", {m['samples_per_s']:.0f} samples/s" if isinstance(m.get("samples_per_s"), (int, float)) else ""
         status = trial_status(m, None, self.budget)
         self.ended[trial.trial_id] = status
+        if status == CUT:
+            when = f"after epoch {epochs}/{self.budget}" if epochs else "before its first epoch"
+            print(f"trial {label} cut by the budget's deadline {when}: it could not finish in time", flush=True)
+            return
         if status == STOPPED:
             print(
                 f"trial {label} stopped early by ASHA after epoch {epochs}/{self.budget}: val MSE {_mse(val)} "
@@ -175,12 +179,6 @@ class SearchProgress(Callback):
         return line
 
 
-def command_name(script: str, by_path: str) -> str:
-    """How the user ran the command, for its usage line and the ``--resume`` command it prints: the console
-    script (``bss-search``) or the file run by path (``python search/run.py``)."""
-    return script if Path(sys.argv[0]).name == script else by_path
-
-
 def shown_path(path: str | Path) -> str:
     """A local path as the user would type it: relative to the working directory when inside it."""
     text = str(path)
@@ -193,14 +191,17 @@ def shown_path(path: str | Path) -> str:
         return str(p)
 
 
-def where_lines(root: str, name: str) -> list[str]:
+def where_lines(root: str, name: str, study_storage: str = "") -> list[str]:
     """Where the experiment is and how to look at it: the folder, TensorBoard, the Optuna dashboard."""
     folder = shown_path(root)
-    dashboard = (
-        f"make dashboard NAME={name}"
-        if "://" not in root and Path(root).resolve() == (Path("results") / name).resolve()
-        else f"optuna-dashboard sqlite:///{Path(root).resolve() / 'optuna.db'} --host 127.0.0.1"
-    )
+    if study_storage:  # a shared database: its dashboard shows this experiment beside the others
+        from search.study import shown_url
+
+        dashboard = f"optuna-dashboard {shown_url(study_storage)} --host 127.0.0.1 (study '{name}')"
+    elif "://" not in root and Path(root).resolve() == (Path("results") / name).resolve():
+        dashboard = f"make dashboard NAME={name}"
+    else:
+        dashboard = f"optuna-dashboard sqlite:///{Path(root).resolve() / 'optuna.db'} --host 127.0.0.1"
     return [
         f"experiment: {folder}",
         f"TensorBoard: tensorboard --logdir {folder} --host 127.0.0.1",

@@ -9,22 +9,28 @@ before Ray starts, so bad input costs seconds and leaves nothing behind.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import os
 import time
 from pathlib import Path
 from typing import Any
 
+import ray
 import yaml
 
 from bss_model.config import Config, describe_diff, load_config
 from bss_model.errors import ConfigError
-from bss_model.io import atomic_write_text, log_file
+from bss_model.io import atomic_write_json, atomic_write_text, log_file
 from search import best_model, figures, objectives, pareto_report, report, selection, storage, study, tuners
-from search.cluster import cluster_gpus, init_ray, trial_gpus
+from search.budgeted import Budgeted, eval_workers, local_cpus
+from search.cluster import check_local_run, cluster_gpus, init_ray, local_gpus
 from search.config import SearchConfig, TuneSection, with_overrides
 from search.console import where_lines
-from search.results import SearchSummary
+from search.results import Evaluation, SearchSummary, SeedResult, TrialRow
+
+EVALUATION_FILE = "evaluation.json"
 
 log = logging.getLogger("bss")
 
@@ -61,37 +67,92 @@ def check_data(cfg: Config, address: str | None) -> None:
         load_dataset(dataset, cfg.data.dir or None, cfg.data.download)
 
 
-def best_config(cfg: SearchConfig, summary: SearchSummary) -> Config:
+def best_config(cfg: SearchConfig, summary: SearchSummary, planned: dict[str, Any] | None = None) -> Config:
     """What the retrain trains: the base config with the winner's params (the trial ``retrain.pick`` names: the
     best by default), then the retrain's sample budget (``retrain.epochs`` x ``retrain.samples_per_epoch``,
-    whatever the winner's batch size), then its overrides."""
+    whatever the winner's batch size), then its overrides; under a budget, the planned budget keys last
+    (search/budgeted.py: each seed's time limit and samples)."""
     params = summary.best_params
     if cfg.retrain.pick != "best":
         params = objectives.choose(summary, objectives.parse_pick(cfg.retrain.pick)).row.params
-    return with_overrides(cfg.base.to_dict(), {**params, **cfg.retrain.params()})
+    return with_overrides(cfg.base.to_dict(), {**params, **cfg.retrain.params(), **(planned or {})})
 
 
-def search_step(cfg: SearchConfig, root: str, resume: bool, resume_cmd: str, t0: float) -> SearchSummary:
-    """Run (or resume) the search and write search_summary.json -- or read it if the search had finished."""
+def search_step(
+    cfg: SearchConfig, root: str, resume: bool, resume_cmd: str, t0: float, job: Budgeted | None = None
+) -> SearchSummary:
+    """Run (or resume) the search and write search_summary.json -- or read it if the search had finished.
+    ``job``: a budget's plan, which time-boxes the trials and ends the search on time."""
     summary = storage.load_summary(root)
     if summary is not None:
         log.info("search already finished (%d trials): going on to the retrain", len(summary.trials))
         return summary
-    results = tuners.run_search(cfg, root, resume, resume_cmd)
+    kwargs = None
+    if job is not None:
+        cfg = job.search_config(cfg)
+        _, deadline = job.search_clock()
+        kwargs = {"deadline": deadline, "splits": job.splits}
+    with job.ledger.ticking() if job else contextlib.nullcontext():
+        results = tuners.run_search(cfg, root, resume, resume_cmd, kwargs)
     rows = selection.summarize_trials(results, cfg.base.train.epochs)
     summary = selection.search_summary(cfg.base, rows, time.time() - t0)
     if objectives.cost_of(cfg.tune.objectives):  # a two-objective search: its costs and its front
         summary.pareto = objectives.summarize_pareto(cfg.tune.objectives, cfg.base.to_dict(), rows, list(results))
     # Before the summary: a kill in between reruns this step on --resume, and the study adds no trial twice.
-    study.record_results(root, cfg.tune.name, cfg.dimensions(), results, cfg.base.train.epochs, cfg.tune.objectives)
+    study.record_results(
+        root, cfg.tune.name, cfg.dimensions(), results, cfg.base.train.epochs, cfg.tune.study_storage,
+        cfg.tune.objectives,
+    )  # fmt: skip
     storage.save_summary(root, summary)
+    if job is not None:
+        job.search_done(summary)
     s = summary.to_dict()
     log.info(
-        "search done: %d trials, %d full budget, %d stopped early, %d errored; best val MSE %.3e (%s)",
-        s["num_trials"], s["num_completed"], s["num_stopped_early"], s["num_errored"], s["best_val_mse"],
-        s["best_params"],
+        "search done: %d trials, %d full budget, %d stopped early, %d cut by the deadline, %d errored; best val "
+        "MSE %.3e (%s)",
+        s["num_trials"], s["num_completed"], s["num_stopped_early"], s["num_cut"], s["num_errored"],
+        s["best_val_mse"], s["best_params"],
     )  # fmt: skip
     return summary
+
+
+def evaluation_resources(cfg: SearchConfig) -> tuple[int, float]:
+    """The evaluation runs alone after the retrain: one task on a whole GPU where the cluster has one, else
+    one single-threaded task per CPU of the cluster (at most one per draw): ``(tasks, gpus per task)``."""
+    if cluster_gpus():
+        return 1, 1.0
+    return eval_workers(cfg, ray.cluster_resources().get("CPU", 1), 0), 0.0
+
+
+def evaluation_step(
+    cfg: SearchConfig, root: str, seeds: list[SeedResult], device: str, resume_cmd: str = ""
+) -> Evaluation:
+    """The protocol for every finished seed and their ensemble in one Ray task, once: ``evaluation.json`` keeps
+    it, so a --resume after a later failure does not run it again (an evaluation setting changed on
+    --resume runs it again: the file records the settings it was run with)."""
+    eval_settings = dataclasses.asdict(cfg.base.eval)
+    members = [s.seed for s in best_model.ensemble_members(seeds)]
+    saved = storage.load_json(root, EVALUATION_FILE)
+    if saved and saved.get("eval") == eval_settings and saved.get("members") == members:
+        return Evaluation.from_dict(saved["evaluation"])
+    workers, gpus = evaluation_resources(cfg)
+    t0 = time.time()
+    try:
+        evaluation = best_model.evaluation_task(seeds, eval_settings, device, workers, gpus)
+    except best_model.EvaluationFailed as exc:
+        raise best_model.EvaluationFailed(
+            f"the evaluation of the retrained seeds failed ({exc}); their checkpoints are kept: fix the cause (an "
+            f"evaluation setting, base.eval.*, may change) and resume with `{resume_cmd}`"
+        ) from None
+    e = cfg.base.eval
+    scores = ", ".join(f"seed {seed} {m['test_mse_mean']:.3e}" for seed, m in sorted(evaluation.seeds.items()))
+    ensemble = f"; ensemble {evaluation.ensemble.test_mse:.3e}" if evaluation.ensemble else ""
+    print(f"evaluation ({e.draws} x {e.pairs:,} test pairs, {time.time() - t0:.0f} s): {scores}{ensemble}", flush=True)
+    out = storage.local_dir(root)
+    atomic_write_json(out / EVALUATION_FILE, {"eval": eval_settings, "members": members,
+                                              "evaluation": evaluation.to_dict()})  # fmt: skip
+    storage.upload(root, out, [EVALUATION_FILE])
+    return evaluation
 
 
 def retrain_step(
@@ -101,26 +162,45 @@ def retrain_step(
     summary: SearchSummary | None,
     resume_cmd: str,
     t0: float,
+    job: Budgeted | None = None,
     out: Path | None = None,
 ) -> dict[str, Any]:
-    """Retrain ``best_cfg`` over the configured seeds, export the best seed, then write the report (into ``out``,
-    default the experiment's folder; a second pick's retrain has its own, ``picks/<pick>``)."""
+    """Retrain ``best_cfg`` over the configured seeds, evaluate them and their ensemble, export the best seed,
+    then write the report (into ``out``, default the experiment's folder; a second pick's retrain has its own,
+    ``picks/<pick>``, and its own evaluation.json). ``job``: a budget's plan (the retrain's clock, the phases'
+    accounting)."""
     out = out or storage.local_dir(root)
     picked = None
     if summary is not None and summary.pareto is not None:  # which point of the front, and why
         picked = objectives.choose(summary, objectives.parse_pick(cfg.retrain.pick)).to_dict()
-    results = tuners.run_retrain(cfg, best_cfg, root, resume_cmd)
-    retrain = selection.retrain_summary(selection.summarize_retrain(results))
-    # The seed ensemble: every finished seed's final checkpoint, their predictions averaged, on the same draws.
-    gpus = trial_gpus(cfg.tune.gpus_per_trial)
-    retrain.ensemble = best_model.seed_ensemble(retrain.seeds, best_cfg.train.device, cfg.tune.cpus_per_trial, gpus)
+    kwargs = None
+    if job is not None:
+        job.retrain_clock()
+        kwargs = {"splits": job.splits}
+    with job.ledger.ticking() if job else contextlib.nullcontext():
+        results = tuners.run_retrain(cfg, best_cfg, root, resume_cmd, kwargs)
+    seeds = selection.summarize_retrain(results)
+    if job is not None:
+        job.ledger.end("retrain", samples=sum(s.samples or 0 for s in seeds), seeds=len(seeds))
+        job.ledger.begin("eval", job.plan.eval_s)
+    # The protocol: every finished seed alone and their ensemble (averaged predictions), on the same draws.
+    evaluation = evaluation_step(cfg, root, seeds, best_cfg.train.device, resume_cmd)
+    retrain = selection.retrain_summary(evaluation.apply(seeds))
+    retrain.ensemble = evaluation.ensemble
+    if job is not None:
+        pairs = cfg.base.eval.draws * cfg.base.eval.pairs
+        job.ledger.end("eval", pairs=pairs * len(evaluation.seeds))
+        job.ledger.begin("report", job.plan.report_s)
     best_model.export_best_model(retrain.best, out / best_model.FILENAME)
     separations = best_model.predict_separations(out / best_model.FILENAME, cfg.retrain.images, best_cfg.data.dir)
     result = report.write_report(
-        out, summary, retrain, best_cfg.to_dict(), cfg.dimensions(), separations, time.time() - t0, pick=picked
-    )
+        out, summary, retrain, best_cfg.to_dict(), cfg.dimensions(), separations, time.time() - t0,
+        budget=job.report() if job else None, pick=picked,
+    )  # fmt: skip
     pictures = [*figures.PICTURES.values(), *pareto_report.PICTURES.values()]
     storage.upload(root, out, ["report.json", "report.md", best_model.FILENAME, *pictures])
+    if job is not None:
+        job.ledger.end("report")
     print(f"report: {out / 'report.md'}")
     mean, std, n = result["test_mse_mean"], result["test_mse_std"], len(result["seeds"])
     print(f"test MSE {mean:.3e} ± {std:.1e}: single model, mean ± std over {n} seeds")
@@ -129,15 +209,28 @@ def retrain_step(
             f"test MSE {result['test_mse_ensemble']:.3e} ± {result['test_mse_ensemble_std']:.1e}: ensemble of "
             f"{len(result['ensemble_seeds'])} seeds (predictions averaged), ± std over the protocol's draws"
         )
+    if job is not None:
+        print(job.summary_line(), flush=True)
     return result
 
 
 def search_retrain_report(
-    cfg: SearchConfig, resume: bool, address: str | None, data_dir: str | None, resume_cmd: str
+    cfg: SearchConfig,
+    resume: bool,
+    address: str | None,
+    data_dir: str | None,
+    resume_cmd: str,
+    started_at: float | None = None,
 ) -> dict[str, Any]:
-    """The main job. ``resume_cmd`` is what the console tells the user to run after an interruption."""
+    """The main job. ``resume_cmd`` is what the console tells the user to run after an interruption;
+    ``started_at``: when the command started (``time.time()``), from which a budget counts."""
     t0 = time.time()
+    started_at = started_at or t0
     check_local_gpus(cfg, address)
+    if not on_cluster(address):  # on a cluster, the nodes: cluster.warn_unschedulable, and each trial
+        retrain_cfg = with_overrides(cfg.base.to_dict(), cfg.retrain.params())
+        check_local_run(cfg.tune.cpus_per_trial, cfg.tune.gpus_per_trial,
+                        {"base.": cfg.base, "retrain.overrides: ": retrain_cfg})  # fmt: skip
     resolve_data_dir(cfg.base, data_dir, on_cluster(address))
     check_data(cfg.base, address)
     root = storage.prepare_experiment(cfg, resume)
@@ -149,21 +242,42 @@ def search_retrain_report(
         print(f"experiment {root} is already finished: nothing was rerun or rewritten; report: "
               f"{storage.local_dir(root) / 'report.md'}")  # fmt: skip
         return {}
+    if cfg.tune.study_storage:  # a shared database: it answers, and the study of this name is this experiment's
+        study.claim_study(cfg.tune.study_storage, cfg.tune.name, root, resume, cfg.tune.objectives)
     if resume:
         storage.load_summary(root)  # a damaged summary is one line now, not after Ray has started
         # A driver on another machine (an empty mirror) goes on with the study in storage.
         storage.download(root, storage.local_dir(root), [study.STUDY_FILE], missing_only=True)
+    changes = storage.resume_changes(saved, cfg, root) if saved is not None else {}
+    cluster = on_cluster(address)
+    job = None
+    if cfg.budget and not cluster:
+        # Measured and planned here, before Ray starts: a budget too small for the job is one line, and
+        # nothing is written (search/budgeted.py).
+        job = Budgeted.start(cfg, root, resume, started_at, local_cpus(), local_gpus(), remote=False)
     with log_file(storage.local_dir(root) / "search.log"):
-        changes = storage.resume_changes(saved, cfg, root) if saved is not None else {}
         if changes:
             log.info("resuming with changed settings: %s", describe_diff(changes, "was", "now"))
-        print("\n".join(where_lines(root, cfg.tune.name)), flush=True)
+        print("\n".join(where_lines(root, cfg.tune.name, cfg.tune.study_storage)), flush=True)
+        ray_t0 = time.time()
         init_ray(address)
         objectives.check_gpus_available(cfg.tune.objectives, cluster_gpus(), "the Ray cluster")
+        if cfg.budget and cluster:  # the trials' hardware is the cluster's: probe it there, before any trial
+            resources = ray.cluster_resources()
+            job = Budgeted.start(cfg, root, resume, started_at, resources.get("CPU", 1), cluster_gpus(), remote=True)
+        if job is not None:
+            job.ray_started(time.time() - ray_t0)
+            job.ledger.record("startup", job.plan.startup_s, time.time() - started_at)
+            print(job.describe(), flush=True)
         if saved is None or changes:
             storage.save_resolved_config(cfg, root)
-        summary = search_step(cfg, root, resume, resume_cmd, t0)
-        return retrain_step(cfg, best_config(cfg, summary), root, summary, resume_cmd, t0)
+        summary = search_step(cfg, root, resume, resume_cmd, t0, job)
+        planned = job.retrain_params(winner_of(summary), best_config(cfg, summary)) if job else None
+        return retrain_step(cfg, best_config(cfg, summary, planned), root, summary, resume_cmd, t0, job)
+
+
+def winner_of(summary: SearchSummary) -> TrialRow:
+    return next(t for t in summary.trials if t.trial_id == summary.best_trial)
 
 
 def check_local_gpus(cfg: SearchConfig, address: str | None) -> None:
@@ -178,6 +292,7 @@ def check_local_gpus(cfg: SearchConfig, address: str | None) -> None:
 def finished_search(folder: str) -> tuple[str, SearchConfig, SearchSummary]:
     """A finished search's root, saved config and summary, or one line saying what is missing."""
     root = storage.root_of(folder)
+    storage.check_folder(root, "--experiment", "pass the folder of an experiment made by search/run.py")
     if storage.is_uri(root):  # endpoint, bucket and credentials: one line now, not a traceback later
         storage.check_writable(root)
     cfg = storage.load_saved_config(root)
@@ -214,6 +329,8 @@ def retrain_report(
     cfg.retrain.validate()
     cfg.tune.validate()
     best_cfg = best_config(cfg, summary) if summary is not None else cfg.base
+    if not on_cluster(address):
+        check_local_run(cfg.tune.cpus_per_trial, cfg.tune.gpus_per_trial, {"": best_cfg})
     resolve_data_dir(best_cfg, data_dir, on_cluster(address))
     check_data(best_cfg, address)
     if root is None:
@@ -262,6 +379,8 @@ def pick_retrain_report(
     sub = f"{root.rstrip('/')}/{PICKS}/{pick.slug}"
     out = storage.local_dir(root) / PICKS / pick.slug
     best_cfg = best_config(cfg, summary)
+    if not on_cluster(address):
+        check_local_run(cfg.tune.cpus_per_trial, cfg.tune.gpus_per_trial, {"": best_cfg})
     resolve_data_dir(best_cfg, data_dir, on_cluster(address))
     check_data(best_cfg, address)
     t0 = time.time()

@@ -34,9 +34,11 @@ def build_report(
     best_config: dict[str, Any],
     wall_s: float,
     importances: Importances | None = None,
+    budget: dict[str, Any] | None = None,
     pick: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """report.json's content. ``search`` is None for a named config retrained directly (no trials). A
+    """report.json's content. ``search`` is None for a named config retrained directly (no trials);
+    ``budget``: a budgeted job's plan and phases (search/budgeted.py Budgeted.report), else None. A
     two-objective search adds ``pareto`` (its costs, front and hypervolume) and ``pick`` (the point retrained)."""
     if search is None:  # then the best seed's validation MSE is the best there is
         search = SearchSummary("", {}, retrain.best.val_mse, best_config, search_wall_s=None, trials=[])
@@ -57,6 +59,7 @@ def build_report(
         "num_stopped_early": s["num_stopped_early"],
         "num_errored": s["num_errored"],
         "num_diverged": s["num_diverged"],
+        "num_cut": s.get("num_cut", 0),
         "param_importances": (importances or Importances(note="no search")).to_dict(),
         "seeds": [r.seed for r in evaluated],
         "test_mse_per_seed": per_seed,
@@ -82,6 +85,7 @@ def build_report(
         "trials": s["trials"],
         "search_wall_s": s["search_wall_s"],
         "wall_s": wall_s,
+        "budget": budget,
     }
     if search.pareto is not None:
         report |= {"pareto": s["pareto"], "pick": pick}
@@ -96,6 +100,7 @@ def write_report(
     dims: dict[str, Dimension],
     separations: Separations,
     wall_s: float,
+    budget: dict[str, Any] | None = None,
     pick: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Every picture, then report.json and report.md (which link the pictures); returns the report."""
@@ -104,7 +109,7 @@ def write_report(
     write_pictures(trials, importances, separations, out)
     if search is not None and search.pareto is not None:
         pareto_report.write_pictures(search.pareto, trials, pick, out)
-    report = build_report(search, retrain, best_config, wall_s, importances, pick)
+    report = build_report(search, retrain, best_config, wall_s, importances, budget, pick)
     atomic_write_json(out / "report.json", report)
     atomic_write_text(out / "report.md", render_markdown(report))
     return report
@@ -140,10 +145,14 @@ def render_markdown(r: dict[str, Any]) -> str:
         "## Search",
         "",
         f"{r['num_trials']} trials: {r['num_completed']} ran their full budget, {r['num_stopped_early']} stopped "
-        f"early by ASHA, {r['num_errored']} errored ({r['num_diverged']} diverged). Best validation MSE "
+        f"early by ASHA, "
+        + (f"{r['num_cut']} cut by the budget's deadline, " if r.get("num_cut") else "")
+        + f"{r['num_errored']} errored ({r['num_diverged']} diverged). Best validation MSE "
         f"{_fmt(r['best_val_mse'])}.",
         "",
     ]
+    if r.get("budget"):
+        lines += render_budget(r["budget"])
     imp = r["param_importances"]
     if imp["values"]:
         ranked = ", ".join(f"`{k}` {v:.2f}" for k, v in imp["values"].items())
@@ -152,7 +161,13 @@ def render_markdown(r: dict[str, Any]) -> str:
     elif r["trials"]:
         lines += [f"Importances: none ({imp['note']}).", ""]
     per_epoch = {t["samples"] // t["epochs"] for t in r["trials"] if t.get("samples") and t["epochs"]}
-    if len(per_epoch) == 1:
+    if r.get("budget"):
+        lines += [
+            f"Budgets are time: every trial had {r['budget']['plan']['trial_s']:.0f} s (its epochs equal time "
+            "slices), so ASHA compared trials at equal wall time, and a faster model saw more samples.",
+            "",
+        ]
+    elif len(per_epoch) == 1:
         lines += [
             f"Budgets are samples: every trial saw {per_epoch.pop():,} training samples per epoch whatever its "
             "batch size, so ASHA compared trials at equal samples.",
@@ -215,6 +230,50 @@ def render_markdown(r: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+PHASE_NAMES = {"startup": "startup (imports, probe, Ray)", "search": "search", "retrain": "retrain",
+               "eval": "evaluation (protocol, every seed and the ensemble)", "report": "report"}  # fmt: skip
+
+
+def render_budget(b: dict[str, Any]) -> list[str]:
+    """The budget's section: each phase's planned and actual time and the work it did."""
+    from search.budget import format_duration
+
+    lines = [
+        "## Budget",
+        "",
+        f"Budget {format_duration(b['budget_s'])} for the whole command; spent {format_duration(b['spent_s'])} "
+        f"before the report was written, over {b['runs']} run(s) of the command.",
+        "",
+        "| phase | planned | actual | work |",
+        "|---|---|---|---|",
+    ]
+    for key, name in PHASE_NAMES.items():
+        p = b["phases"].get(key)
+        if p is None:
+            continue
+        work = ""
+        if "samples" in p:
+            work = f"{p['samples']:,} training samples"
+        if "pairs" in p:
+            work = f"{p['pairs']:,} test pairs"
+        planned = "" if p.get("planned_s") is None else f"{p['planned_s']:.0f} s"
+        actual = f"{p['actual_s']:.0f} s" if key != "report" or p.get("actual_s") else "(this report)"
+        lines.append(f"| {name} | {planned} | {actual} | {work} |")
+    plan = b["plan"]
+    lines += ["", f"Plan: {plan['trials']} trials of {plan['trial_s']:.0f} s each; each retrain seed "
+              f"{plan['retrain_seed_s']:.0f} s; search share {plan['search_share']:g}."]  # fmt: skip
+    speeds, expected = b.get("winner_speeds"), b.get("retrain_expected_samples")
+    if speeds and expected:
+        lines.append(
+            f"The winner trained {speeds['train_samples_per_s']:.0f} samples/s in the search, so a retrain seed was "
+            f"expected to see about {expected:,} samples (its epochs run on its time limit: the seeds' own "
+            f"counts are above); the evaluation was planned at {speeds['infer_images_per_s']:.0f} images/s."
+        )
+    lines.append("")
+    lines += [f"- {note}" for note in plan.get("notes", [])]
+    return lines + ([""] if plan.get("notes") else [])
 
 
 def _yaml(data: Any) -> str:

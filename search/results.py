@@ -13,8 +13,9 @@ from typing import Any
 
 import numpy as np
 
-# A trial's status. Only "completed" (ran its full budget with a finite validation MSE) can win.
-COMPLETED, STOPPED, DIVERGED, ERRORED = "completed", "stopped", "diverged", "errored"
+# A trial's status. Only "completed" (ran its full budget with a finite validation MSE) can win. "stopped":
+# ASHA stopped it at a rung; "cut": a budgeted search's deadline ended it (or left no time to start it).
+COMPLETED, STOPPED, CUT, DIVERGED, ERRORED = "completed", "stopped", "cut", "diverged", "errored"
 
 
 @dataclass
@@ -24,13 +25,17 @@ class TrialRow:
     params: dict[str, Any]  # the sampled dotted keys
     epochs: int  # epochs it ran (ASHA may stop it early)
     val_mse: float  # last reported validation MSE; NaN if none
-    status: str  # completed | stopped (ASHA) | diverged | errored
+    status: str  # completed | stopped (ASHA) | cut (the budget's deadline) | diverged | errored
     error: str  # the reason a trial diverged or errored, else ""
     node: str  # hostname[:node id] it last ran on
     path: str  # its Tune trial folder
     # Training samples it saw (epochs x steps x batch size, as the trial reported them); equal for
     # every trial at equal epochs (a compute-fair search). None in summaries written before this field.
     samples: int | None = None
+    # Its speed in its last epoch: training samples/s, and the seconds the epoch spent after training
+    # (validation, checkpoint). A budgeted job plans the winner's retrain from them (search/budgeted.py).
+    samples_per_s: float | None = None
+    epoch_tail_s: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -106,6 +111,7 @@ class SearchSummary:
             "num_stopped_early": self.count(STOPPED),
             "num_errored": self.count(ERRORED, DIVERGED),
             "num_diverged": self.count(DIVERGED),
+            "num_cut": self.count(CUT),
             "search_wall_s": self.search_wall_s,
             "trials": [t.to_dict() for t in self.trials],
         } | ({"pareto": self.pareto.to_dict()} if self.pareto is not None else {})
@@ -135,6 +141,7 @@ class SeedResult:
     error: str
     path: str
     samples: int | None = None  # training samples it saw (its last report)
+    finished: bool = True  # it ran its whole retrain (every epoch) without error: only then is it evaluated
 
     @property
     def evaluated(self) -> bool:
@@ -156,6 +163,40 @@ class EnsembleResult:
     per_draw: list[float]
     checkpoints: list[str]  # the seeds' final retrain checkpoints it averaged
     error: str = ""  # why it could not be evaluated (then test_mse is NaN)
+
+
+@dataclass
+class Evaluation:
+    """The evaluation phase: the protocol's result for each finished seed (by seed; the keys
+    bss_model.evaluate.evaluate_model returns) and for their ensemble, from one pass over the draws.
+    ``evaluation.json`` in the experiment holds it, so a --resume never runs it twice."""
+
+    seeds: dict[int, dict[str, Any]]
+    ensemble: EnsembleResult | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "seeds": {str(k): v for k, v in self.seeds.items()},
+            "ensemble": dataclasses.asdict(self.ensemble) if self.ensemble else None,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Evaluation:
+        ens = data.get("ensemble")
+        return cls(seeds={int(k): v for k, v in data["seeds"].items()}, ensemble=EnsembleResult(**ens) if ens else None)
+
+    def apply(self, seeds: list[SeedResult]) -> list[SeedResult]:
+        """The seeds with their test figures (``test_mse_mean`` and the protocol's keys) filled in."""
+        out = []
+        for s in seeds:
+            m = self.seeds.get(s.seed)
+            if m is None:
+                out.append(s)
+                continue
+            metrics = {k: v for k, v in m.items() if not isinstance(v, list) and k not in ("draws", "pairs", "seed")}
+            metrics.update({"protocol_draws": m["draws"], "protocol_pairs": m["pairs"], "protocol_seed": m["seed"]})
+            out.append(dataclasses.replace(s, test_mse_mean=m["test_mse_mean"], metrics={**s.metrics, **metrics}))
+        return out
 
 
 @dataclass

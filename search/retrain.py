@@ -15,9 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from bss_model.cli import add_common_flags, command_name, overrides, print_config, require_extra, resolve_config
 from bss_model.errors import ConfigError, cli_entry
-from search.console import command_name, entry_point
-from search.pipeline import finished_search, named_config, pick_retrain_report, retrain_report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
         p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
         src = p.add_mutually_exclusive_group(required=True)
         src.add_argument("--experiment", help="a finished search's folder (results/<name>)")
-        src.add_argument("--config", help="a bss_model config (e.g. configs/seed.yaml) to retrain directly")
+        src.add_argument("--config", help="a bss_model config to retrain directly: a YAML file or a shipped name")
         p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                        help="with --config: override a config key (repeatable)")  # fmt: skip
         p.add_argument("--pick", default=None, metavar="RULE",
@@ -45,8 +44,21 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--verbose", action="store_true", help="Ray Tune's own trial tables too (tune.verbose=2)")
         p.add_argument("--address", default=None, help="Ray cluster address (else $RAY_ADDRESS, else local Ray)")
         p.add_argument("--data-dir", default=None, help="folder with mnist/ and fashion-mnist/")
+        add_common_flags(p, "bss-retrain", "model")
         args = p.parse_args(argv)
-        if args.experiment:
+        require_extra("search", prog)
+        from search.console import entry_point
+        from search.pipeline import finished_search, named_config, pick_retrain_report, retrain_report
+
+        args.sets = overrides(args)  # bare KEY=VALUE arguments are --set items
+        given = {"--experiment": (args.experiment, "a finished search's folder (results/<name>)"),
+                 "--config": (args.config, "a bss_model config file"), "--name": (args.name, "a name"),
+                 "--storage-path": (args.storage_path, "a folder"),
+                 "--pick": (args.pick, "best, knee or a limit such as params<=50000")}  # fmt: skip
+        for flag, (value, what) in given.items():
+            if value is not None and not value.strip():
+                raise ConfigError(f"{flag} {value!r} is empty: pass {what}")
+        if args.experiment is not None:
             # These shape a new experiment from --config; a finished search's retrain has its own (never ignore them).
             given = [flag for flag, value in (("--set", args.sets), ("--name", args.name),
                      ("--storage-path", args.storage_path), ("--resume", args.resume)) if value]  # fmt: skip
@@ -65,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         else:
             storage_path = args.storage_path or "results"
-            root, cfg, summary = None, named_config(args.config, args.sets, args.name, storage_path), None
+            config = resolve_config(args.config, "model")
+            root, cfg, summary = None, named_config(config, args.sets, args.name, storage_path), None
         for flag, section, key in (("seeds", cfg.retrain, "seeds"),
                                    ("max_concurrent", cfg.retrain, "max_concurrent"),
                                    ("cpus_per_trial", cfg.tune, "cpus_per_trial"),
@@ -74,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
                 setattr(section, key, getattr(args, flag))
         if args.verbose:
             cfg.tune.verbose = 2
+        if args.print_config:
+            print_config(cfg.to_dict())
+            return 0
         cmd = " ".join([prog, *(argv if argv is not None else sys.argv[1:])])
         resume_cmd = cmd if "--resume" in cmd or args.experiment else cmd + " --resume"
         with entry_point(cfg.tune.verbose):

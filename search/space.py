@@ -74,7 +74,7 @@ class Dimension:
         """
         k = KINDS[self.kind]
         if k.categorical:
-            if not any(value == c and type(value) is type(c) or _same_number(value, c) for c in self.args):
+            if not any(_same_choice(value, c) for c in self.args):
                 raise ConfigError(f"{where}={value!r} is not one of space.{self.key}'s choices {self.args}")
             return
         low, high = self.args
@@ -84,6 +84,11 @@ class Dimension:
             raise ConfigError(
                 f"{where}={value!r} is outside space.{self.key} ({self.kind} [{low}, {high}]): use {what} in that range"
             )
+
+
+def _same_choice(a: Any, b: Any) -> bool:
+    """One choice: equal values of one type, or equal numbers (8 and 8.0); never True and 1."""
+    return (a == b and type(a) is type(b)) or _same_number(a, b)
 
 
 def _same_number(a: Any, b: Any) -> bool:
@@ -117,6 +122,12 @@ def parse_dimension(key: str, spec: Any) -> Dimension:
     if kind.categorical:
         if not args:
             raise ConfigError(f"{where}.{name} is an empty list: give at least one value")
+        for i, value in enumerate(args):
+            if any(_same_choice(value, other) for other in args[:i]):
+                raise ConfigError(
+                    f"{where}.{name} lists {value!r} twice ({args!r}): list each value once (a repeated choice is "
+                    "drawn more often, and the study counts it as two)"
+                )
         return Dimension(key, name, args)
     if len(args) != 2:
         raise ConfigError(f"{where}.{name} must be [low, high], got {args!r}")

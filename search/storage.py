@@ -167,10 +167,23 @@ def check_writable(root: str) -> None:
         probe.write_text("ok")
         probe.unlink()
     except OSError as exc:
+        # The folder itself: prepare_experiment probes the storage path, not the experiment under it.
         raise ConfigError(
-            f"storage_path {path.parent} cannot be written ({exc.strerror or exc}): "
+            f"storage_path {path} cannot be written ({exc.strerror or exc}): "
             "set tune.storage_path (or --storage-path) to a writable folder"
         ) from None
+
+
+def check_folder(root: str, what: str, fix: str = "move the file, or choose another --name or --storage-path") -> None:
+    """Refuse an experiment path that is a file (or below one): every write into it would fail later."""
+    if is_uri(root):
+        return
+    for path in (Path(root), *Path(root).parents):
+        if path.exists():
+            if not path.is_dir():
+                below = "" if path == Path(root) else f" ({path} is a file)"
+                raise ConfigError(f"{what} {root} is not a folder{below}: {fix}")
+            return
 
 
 def local_dir(root: str) -> Path:
@@ -242,6 +255,26 @@ def load_saved_config(root: str) -> SearchConfig | None:
         return search_config_from_dict(data if isinstance(data, dict) else {})
     except ConfigError as exc:
         raise ConfigError(f"experiment file {path} does not hold a valid search config ({exc}): {fix}") from None
+
+
+def read_local_json(path: Path) -> Any:
+    """A JSON file of the local mirror, or None if it does not exist."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+
+
+def load_json(root: str, name: str) -> Any:
+    """An experiment file as JSON, from storage (the mirror's copy for URI storage), or None if it has none;
+    a damaged one is one line naming it."""
+    path = local_dir(root) / name
+    if name not in download(root, path.parent, [name]):
+        return None
+    try:
+        return json.loads(read_text(path, "experiment file", "restore it from a copy"))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"experiment file {path} is damaged ({exc}): restore it from a copy") from None
 
 
 def save_summary(root: str, summary: SearchSummary) -> None:
@@ -334,6 +367,8 @@ def resume_changes(saved: SearchConfig, cfg: SearchConfig, root: str) -> dict[st
     retrain_started = bool(_tune_entries(tune_path(root, "retrain")))
 
     def allowed(key: str) -> bool:
+        if key == "budget":  # a budget may grow or shrink on --resume (its ledger counts what was spent), not
+            return all(diff[key])  # appear or go: the search ran time-boxed or it did not
         return key.startswith(DATA_KEYS + EVAL_KEYS) or (key.startswith("retrain.") and not retrain_started)
 
     refused = {k: v for k, v in diff.items() if not allowed(k)}
@@ -341,8 +376,8 @@ def resume_changes(saved: SearchConfig, cfg: SearchConfig, root: str) -> dict[st
         later = "retrain.* (before the retrain starts), " if not retrain_started else ""
         raise ConfigError(
             f"cannot --resume {root} with other settings ({describe_diff(refused, 'experiment', 'now')}): the run so "
-            f"far used the experiment's; only {later}base.eval.*, base.data.dir and tune.verbose may change on "
-            "--resume. Resume "
+            f"far used the experiment's; only {later}base.eval.*, base.data.dir, tune.verbose and budget (a "
+            "budget's size, not whether there is one) may change on --resume. Resume "
             f"with its config ({local_dir(root) / CONFIG_FILE}) or start a new experiment with --name NEW"
         )
     return diff
@@ -352,6 +387,7 @@ def prepare_experiment(cfg: SearchConfig, resume: bool) -> str:
     """Check the experiment folder against --resume; returns the experiment root."""
     root = experiment_root(cfg)
     check_writable(str(Path(root).parent) if not is_uri(root) else root)
+    check_folder(root, "the experiment")
     saved = load_saved_config(root)
     exists = saved is not None or (not is_uri(root) and Path(root, "search").exists())
     if resume:

@@ -36,6 +36,14 @@ The study is named after the experiment and keyed by Tune's trial id, so a resum
 each trial once. With URI storage the file lives in the local mirror (``storage.local_dir``) and is
 uploaded at the end of the search. The study is a view of the search: a failure to write it is
 logged and never stops the search.
+
+Where: by default ``<experiment>/optuna.db``, a SQLite file of its own. ``tune.study_storage`` names an
+Optuna storage URL instead (``postgresql://bss@db.lab:5432/studies``), which a team shares: one
+``optuna-dashboard <url>`` shows every experiment, each its own study. The study carries its experiment
+(the user attribute ``bss_experiment``: the experiment's root), so before Ray starts (:func:`claim_study`)
+a ``--resume`` goes on with its own study, and a new experiment is refused a name whose study holds
+another experiment's trials -- never merged into it. A database that does not answer, or refuses the
+credentials, is one line then too.
 """
 
 from __future__ import annotations
@@ -44,6 +52,8 @@ import contextlib
 import datetime
 import logging
 import math
+import os
+import re
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -51,9 +61,10 @@ from typing import Any
 
 from ray.tune import Callback
 
+from bss_model.errors import ConfigError
 from search import storage
 from search.objectives import cost_of, trial_costs
-from search.results import COMPLETED, DIVERGED, ERRORED, STOPPED, TrialRow
+from search.results import COMPLETED, CUT, DIVERGED, ERRORED, STOPPED, TrialRow
 from search.selection import METRIC, trial_row
 from search.space import Dimension, optuna_distributions
 
@@ -61,7 +72,7 @@ log = logging.getLogger("bss")
 
 STUDY_FILE = "optuna.db"
 # Optuna's TrialState names, by our status (search/results.py).
-STATES = {COMPLETED: "COMPLETE", STOPPED: "PRUNED", DIVERGED: "FAIL", ERRORED: "FAIL"}
+STATES = {COMPLETED: "COMPLETE", STOPPED: "PRUNED", CUT: "PRUNED", DIVERGED: "FAIL", ERRORED: "FAIL"}
 # What the study keeps of each reported result (the callback's state stays small).
 RESULT_KEYS = ("epoch", METRIC, "samples", "timestamp", "time_this_iter_s", "diverged")
 
@@ -72,6 +83,155 @@ def study_path(root: str) -> Path:
 
 def storage_url(path: Path) -> str:
     return f"sqlite:///{Path(path).resolve()}"
+
+
+# --------------------------------------------------------------------------------------
+# tune.study_storage: a shared database
+
+OWNER = "bss_experiment"  # the study's user attribute naming the experiment it belongs to (its root)
+_VAR = re.compile(r"\$\{(\w+)\}")
+
+
+def _parse(url: str) -> Any:
+    import sqlalchemy.engine
+    import sqlalchemy.exc
+
+    try:
+        return sqlalchemy.engine.make_url(url)
+    except (sqlalchemy.exc.ArgumentError, ValueError):
+        return None
+
+
+def shown_url(url: str) -> str:
+    """A storage URL fit to print: any password masked."""
+    parsed = _parse(url)
+    return parsed.render_as_string(hide_password=True) if parsed is not None else url
+
+
+def check_storage_url(url: str) -> None:
+    """``tune.study_storage`` is a database URL without a password in it (the config is saved with the results)."""
+    parsed = _parse(_VAR.sub("x", url))
+    if parsed is None or not parsed.drivername:
+        raise ConfigError(
+            f"tune.study_storage={url!r} is not a database URL: use e.g. postgresql://user@host:5432/studies or "
+            "sqlite:////absolute/path/studies.db (empty: the experiment's own optuna.db)"
+        )
+    password = _parse(url).password if _parse(url) is not None else None
+    if password and not _VAR.search(str(password)):
+        raise ConfigError(
+            f"tune.study_storage {shown_url(url)} holds a password, which would be saved in plain text beside the "
+            "results: drop it from the URL and set PGPASSWORD or ~/.pgpass (PostgreSQL), or write ${VAR} there "
+            "for a variable read from the environment when connecting"
+        )
+
+
+def location(root: str, storage: str = "") -> Path | str:
+    """Where the study lives: the experiment's own SQLite file, or ``tune.study_storage``'s URL."""
+    return storage or study_path(root)
+
+
+def _expanded(url: str) -> str:
+    missing = [v for v in _VAR.findall(url) if v not in os.environ]
+    if missing:
+        raise ConfigError(
+            f"tune.study_storage {shown_url(url)} reads ${{{missing[0]}}} from the environment, which does not set "
+            f"it: export {missing[0]}=..."
+        )
+    return _VAR.sub(lambda m: os.environ[m.group(1)], url)
+
+
+def rdb_storage(url: str) -> Any:
+    """Optuna's storage for a database URL; a database that does not answer fails in seconds, not minutes."""
+    import optuna
+
+    parsed = _parse(url)
+    connect_args = {}
+    if parsed is not None and parsed.get_backend_name() == "postgresql" and "connect_timeout" not in parsed.query:
+        connect_args["connect_timeout"] = 10
+    return optuna.storages.RDBStorage(
+        _expanded(url),
+        engine_kwargs={"pool_pre_ping": True, **({"connect_args": connect_args} if connect_args else {})},
+    )
+
+
+def _storage_error(url: str, exc: BaseException) -> ConfigError:
+    """One line for a database that cannot be used: its driver, the server, the credentials, the database."""
+    from bss_model.cli import MissingExtra
+
+    shown, text = shown_url(url), " ".join(str(exc).split())
+    if isinstance(exc, ModuleNotFoundError):
+        if "psycopg" in text:
+            return MissingExtra(
+                f"tune.study_storage {shown} needs the 'postgresql' extra (psycopg not installed): "
+                "pip install 'bss-search[postgresql]'"
+            )
+        return ConfigError(f"tune.study_storage {shown}: the database driver is not installed ({text}): install it")
+    low = text.lower()
+    if "password authentication failed" in low or "access denied" in low or "no password supplied" in low:
+        why = "the server refused the credentials"
+        fix = "fix the user in the URL and its password (PGPASSWORD or ~/.pgpass for PostgreSQL)"
+    elif "does not exist" in low and "database" in low:
+        why, fix = "the database does not exist", "create it (e.g. `createdb`) or fix the database name in the URL"
+    elif any(k in low for k in ("connection refused", "could not connect", "timeout expired", "could not translate",
+                                "name or service not known", "no such host", "can't connect")):  # fmt: skip
+        why, fix = "the database server cannot be reached", "start it, or fix the host and port in the URL"
+    else:
+        why, fix = "the database cannot be used", "check the URL, the server and the credentials"
+    detail = text.split("(Background on this error")[0].strip()[:200]
+    return ConfigError(f"tune.study_storage {shown}: {why} ({detail}): {fix}")
+
+
+def claim_study(storage: str, name: str, root: str, resume: bool, objectives: Sequence[str] = (METRIC,)) -> None:
+    """Before Ray starts: the database answers, and study ``name`` in it is this experiment's (or is made so).
+
+    A new experiment may not take a name whose study already holds trials (any experiment's, this
+    folder's earlier one included): they would merge. A ``--resume`` goes on with its own study only.
+    """
+    import optuna
+
+    try:
+        rdb = rdb_storage(storage)
+        try:
+            study_id = rdb.get_study_id_from_name(name)
+        except KeyError:
+            study_id = None
+        if study_id is None:
+            with quiet_optuna():
+                study = optuna.create_study(
+                    storage=rdb, study_name=name, directions=["minimize"] * len(objectives)
+                )  # fmt: skip
+            study.set_user_attr(OWNER, root)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                study.set_metric_names(list(objectives))
+            return
+        owner = rdb.get_study_user_attrs(study_id).get(OWNER)
+        trials = len(rdb.get_all_trials(study_id, deepcopy=False))
+        directions = len(rdb.get_study_directions(study_id))
+    except ConfigError:
+        raise
+    except Exception as exc:  # SQLAlchemy's, the driver's: one line naming the fix
+        raise _storage_error(storage, exc) from None
+    shown = shown_url(storage)
+    if owner not in (None, root):
+        raise ConfigError(
+            f"optuna study '{name}' in {shown} belongs to another experiment ({owner}, {trials} trials): a "
+            f"{'resume' if resume else 'new experiment'} here would merge into it; choose another --name"
+        )
+    if trials and not resume:
+        raise ConfigError(
+            f"optuna study '{name}' in {shown} already holds {trials} trials of an earlier experiment at {root}: a "
+            "new one would merge into it; choose another --name, or delete that study first "
+            f"(optuna delete-study --study-name {name} --storage <url>)"
+        )
+    if directions != len(objectives):
+        raise ConfigError(
+            f"optuna study '{name}' in {shown} has {directions} objective(s) and tune.objectives {list(objectives)} "
+            f"{len(objectives)}: choose another --name, or delete that study first "
+            f"(optuna delete-study --study-name {name} --storage <url>)"
+        )
+    if owner is None:
+        optuna.load_study(study_name=name, storage=rdb).set_user_attr(OWNER, root)
 
 
 def _finite(value: Any) -> float | None:
@@ -180,14 +340,16 @@ def quiet_optuna() -> Iterator[None]:
         optuna.logging.set_verbosity(before)
 
 
-def open_study(path: Path, name: str, objectives: Sequence[str] = (METRIC,)) -> Any:
-    """The study ``name`` in the SQLite file ``path``, created on first use; one direction per objective."""
+def open_study(path: Path | str, name: str, objectives: Sequence[str] = (METRIC,)) -> Any:
+    """The study ``name`` in the SQLite file ``path`` (or at the storage URL ``path``), created on first use;
+    one direction per objective."""
     import optuna
 
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(path, Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
     with quiet_optuna():
         study = optuna.create_study(
-            storage=optuna.storages.RDBStorage(storage_url(path)),
+            storage=optuna.storages.RDBStorage(storage_url(path)) if isinstance(path, Path) else rdb_storage(path),
             study_name=name,
             directions=["minimize"] * len(objectives),
             load_if_exists=True,
@@ -255,10 +417,16 @@ def _is_missing(value: Any) -> bool:
 
 
 def record_results(
-    root: str, name: str, dims: dict[str, Dimension], results: Any, budget: int, objectives: Sequence[str] = (METRIC,)
-) -> Path:
+    root: str,
+    name: str,
+    dims: dict[str, Dimension],
+    results: Any,
+    budget: int,
+    study_storage: str = "",
+    objectives: Sequence[str] = (METRIC,),
+) -> Path | str:
     """Add every finished Tune trial the study lacks, from the search's final results; upload for URIs."""
-    path = study_path(root)
+    path = location(root, study_storage)
     try:
         entries = [
             study_trial(
@@ -267,9 +435,10 @@ def record_results(
             for r in results
         ]
         added = add_new(open_study(path, name, objectives), entries)
-        storage.upload(root, path.parent, [STUDY_FILE])
+        if isinstance(path, Path):
+            storage.upload(root, path.parent, [STUDY_FILE])
     except Exception as exc:  # the study is a view: the retrain and the report go on without it
-        log.warning("optuna study %s not written (%s: %s)", path, type(exc).__name__, exc)
+        log.warning("optuna study %s not written (%s: %s)", shown_url(str(path)), type(exc).__name__, exc)
         return path
     if added:
         log.info("optuna study: %d trial(s) added at the end of the search (the driver missed their end)", added)
@@ -288,9 +457,16 @@ class StudyRecorder(Callback):
     """Adds each search trial to the study as it ends (see the module docstring)."""
 
     def __init__(
-        self, root: str, name: str, dims: dict[str, Dimension], budget: int, objectives: Sequence[str] = (METRIC,)
+        self,
+        root: str,
+        name: str,
+        dims: dict[str, Dimension],
+        budget: int,
+        study_storage: str = "",
+        objectives: Sequence[str] = (METRIC,),
     ) -> None:
         self.root, self.name, self.dims, self.budget = root, name, dims, budget
+        self.study_storage = study_storage
         self.objectives = list(objectives)
         self.results: dict[str, list[dict[str, Any]]] = {}  # trial id -> its reported results (RESULT_KEYS)
         self._study: Any = None
@@ -308,8 +484,10 @@ class StudyRecorder(Callback):
     def _open(self, trial_id: str | None) -> bool:
         try:
             if self._study is None:
-                # (A recorder pickled before objectives existed has none: the single-objective study.)
-                self._study = open_study(study_path(self.root), self.name, self.__dict__.get("objectives", [METRIC]))
+                # (A recorder pickled before study_storage or objectives existed has none: the experiment's own
+                # file, the single-objective study.)
+                where = location(self.root, getattr(self, "study_storage", ""))
+                self._study = open_study(where, self.name, self.__dict__.get("objectives", [METRIC]))
             return True
         except Exception as exc:  # a view of the search must never stop it; the end of the search reconciles
             what = f"trial {trial_id} not recorded yet" if trial_id else "not opened yet"

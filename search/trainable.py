@@ -3,8 +3,8 @@
 It turns the sampled hyperparameters into a ``bss_model`` config, trains with an
 ``on_epoch`` that calls ``ray.tune.report(metrics, checkpoint=...)``, and resumes
 from ``ray.tune.get_checkpoint()`` when Tune restarts the trial after a failure.
-Everything the trial writes in its working directory (TensorBoard events,
-metrics.json, config.yaml) is synced to ``storage_path`` as trial artifacts.
+Everything the trial writes in its folder (``tune.get_context().get_trial_dir()``: TensorBoard
+events, metrics.json, metrics.jsonl, config.yaml) is synced to ``storage_path`` as trial artifacts.
 
 A trial given a fraction of a GPU (``tune.gpus_per_trial`` < 1) caps its CUDA memory at that
 share first: Ray's fractional GPUs are a scheduling promise, not isolation, and without the cap
@@ -14,6 +14,7 @@ its share fails with one line naming ``tune.gpus_per_trial``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -26,21 +27,23 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray
 import torch
 from ray import tune
 
-from bss_model.evaluate import evaluate_checkpoint
+from bss_model.data import Splits
 from bss_model.runtime import cap_gpu_memory, resolve_device
 from bss_model.train import train
 from search.config import with_overrides
+
+METRIC = "val_mse"  # search.selection.METRIC (not imported: selection imports the storage layer)
 
 log = logging.getLogger("bss")
 
 # Written into a checkpoint when its run diverged: a retry restored from it fails at
 # once with the same reason instead of re-training into the same NaN.
 DIVERGED_MARKER = "diverged.json"
-TEST_METRICS = "test_metrics.json"
 
 # A trial hands Tune a checkpoint at its first and its last epoch, and in between at most once per
 # CHECKPOINT_EVERY_S (it reports its metrics every epoch, for ASHA). Tune forces an experiment-state
@@ -50,6 +53,9 @@ TEST_METRICS = "test_metrics.json"
 # multiple times" can still come from trials ending together: search.console.entry_point turns that
 # warning off at tune.verbose 0. A retry after a failure repeats at most this much training.
 CHECKPOINT_EVERY_S = 30.0
+# A time-boxed trial may end this much after the search's deadline and still count: its last epoch's
+# validation and report, which the epoch slices cannot time to the second.
+DEADLINE_SLACK_S = 5.0
 
 
 class TrialDiverged(RuntimeError):
@@ -127,17 +133,37 @@ def setup_worker() -> None:
     logging.getLogger("ray.train").setLevel(logging.WARNING)
 
 
+def cannot_finish(now: float, deadline: float | None, time_limit_s: float, time_used_s: float) -> bool:
+    """Whether a time-boxed trial would end after the search's ``deadline`` (plus DEADLINE_SLACK_S): its
+    clock says exactly how much it has left."""
+    return deadline is not None and time_limit_s > 0 and now + time_limit_s - time_used_s > deadline + DEADLINE_SLACK_S
+
+
+class _Cut(Exception):
+    """Raised through train() by a trial that stops because the search's deadline is too near (see on_epoch)."""
+
+
 def train_trial(
     params: dict[str, Any],
     base: dict[str, Any],
-    evaluate_test: bool = False,
     gpu_share: float = 0.0,
+    deadline: float | None = None,
+    splits: Splits | None = None,
     costs: dict[str, Any] | None = None,
 ) -> None:
     """Ray Tune function trainable. ``params``: sampled dotted keys; ``base``: a resolved config dict;
     ``gpu_share``: the GPUs Ray gave the trial (``tune.gpus_per_trial``, 0 on a cluster without GPUs);
+    ``deadline``: a budgeted search's end (``time.time()``, search/budget.py): a trial restored from its
+    checkpoint (a --resume, a retry) that can no longer finish its time box by then ends at its next epoch
+    as "cut" (a new trial is only started when it can finish: search/deadline.py DeadlineSearcher);
+    ``splits``: the training and validation images, shared by every trial through Ray's object store (a
+    local Ray), else each trial reads its node's files;
     ``costs``: for a two-objective search, ``{"measure": [latencies to time], "batch": n}`` (search/costs.py)."""
     cfg = with_overrides(base, params)
+    if splits is not None:
+        # Ray's object store hands out read-only arrays; torch wants to own writable memory (a copy takes
+        # ~50 ms, reading and checking the files ~1-2 s).
+        splits = Splits(**{k: np.array(v) for k, v in dataclasses.asdict(splits).items()})
     device = resolve_device(cfg.train.device)
     if 0 < gpu_share < 1:
         cap_gpu_memory(gpu_share, device)  # before the first allocation: the cap is the trial's share
@@ -148,11 +174,11 @@ def train_trial(
         from search.costs import model_costs
 
         info.update(model_costs(cfg.model, tuple(costs["measure"]), costs["batch"]))
+    restored = tune.get_checkpoint()
     # Checkpoints are staged outside the working dir: the working dir is synced as
     # artifacts, and Tune already persists each reported checkpoint separately.
     stage = Path(tempfile.mkdtemp(prefix="bss-ckpt-"))
     resume = None
-    restored = tune.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as d:
             marker = Path(d) / DIVERGED_MARKER
@@ -167,27 +193,31 @@ def train_trial(
         out = {**metrics, **info, "diverged": False, "budget_epochs": cfg.train.epochs}
         now = time.monotonic()
         final = metrics["epoch"] >= cfg.train.epochs
+        cut = (
+            resume is not None
+            and not final
+            and cannot_finish(time.time(), deadline, cfg.train.time_limit_s, metrics["time_used_s"])
+        )
+        if cut:  # this epoch's report says so, then the trial ends (never a winner: search/selection.py)
+            out["cut"] = True
+            tune.report(out, checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))
+            raise _Cut
         if not (final or metrics["epoch"] == 1 or now - last_checkpoint[0] >= CHECKPOINT_EVERY_S):
             tune.report(out)
             return
         last_checkpoint[0] = now
-        if evaluate_test and final:
-            # The final evaluation: the reference protocol on the test sets (retrain trials only).
-            test = evaluate_checkpoint(checkpoint_dir, device=cfg.train.device)
-            (checkpoint_dir / TEST_METRICS).write_text(json.dumps(test, indent=2))
-            out.update(
-                {k: v for k, v in test.items() if not isinstance(v, list) and k not in ("draws", "pairs", "seed")}
-            )
-            out.update(
-                {"protocol_draws": test["draws"], "protocol_pairs": test["pairs"], "protocol_seed": test["seed"]}
-            )
         tune.report(out, checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))
 
+    # The trial's folder from Tune itself, not the working directory: that is the folder only while Ray's
+    # RAY_CHDIR_TO_TRIAL_DIR is on (its default), and users turn it off to read files relative to their own.
+    trial_dir = Path(tune.get_context().get_trial_dir())
     try:
         try:
             # TensorBoard events into the trial folder itself, beside Tune's: one run per trial.
-            result = train(cfg, on_epoch=on_epoch, out_dir=Path.cwd(), resume=resume, checkpoint_dir=stage / "current",
-                           tensorboard_dir=Path.cwd())  # fmt: skip
+            result = train(cfg, on_epoch=on_epoch, out_dir=trial_dir, resume=resume, splits=splits,
+                           checkpoint_dir=stage / "current", tensorboard_dir=trial_dir)  # fmt: skip
+        except _Cut:
+            return
         except SystemExit as exc:
             # Tune stops a trial (ASHA, or the end of the experiment) by raising SystemExit(0) inside
             # tune.report, in the trial's training thread (ray/train/_internal/session.py). That is an

@@ -26,14 +26,16 @@ from ray.tune.search.optuna import OptunaSearch
 from bss_model.config import Config
 from bss_model.errors import BssError
 from search import objectives
-from search.cluster import trial_gpus
+from search.cluster import trial_gpus, warn_unschedulable
 from search.config import SearchConfig
 from search.console import STATUS_EVERY_S, SearchProgress, seed_label, trial_label
+from search.deadline import DeadlineSearcher, DeadlineStopper, read_deadline
 from search.selection import METRIC, MODE
 from search.space import param_space
-from search.storage import check_writable, is_uri, storage_failure, storage_lost, tune_path
+from search.storage import check_writable, is_uri, local_dir, storage_failure, storage_lost, tune_path
 from search.study import StudyRecorder
 from search.tb_logger import TensorBoardLogger
+from search.trackers import make_callbacks
 from search.trainable import train_trial
 
 log = logging.getLogger("bss")
@@ -45,15 +47,21 @@ class Interrupted(BssError):
     exit_code = 130
 
 
-def _trainable(cfg: SearchConfig, base: Config, evaluate_test: bool) -> Any:
+def _trainable(
+    cfg: SearchConfig, base: Config, trial_kwargs: dict[str, Any] | None = None, search: bool = False
+) -> Any:
+    """The trainable with its fixed arguments. ``trial_kwargs``: a budgeted phase's (search/trainable.py:
+    ``start_by``, ``deadline``, and ``splits``, the data shared by every trial through Ray's object store).
+    ``search``: the search's trials, which measure the costs of a two-objective search (search/costs.py)."""
     gpus = trial_gpus(cfg.tune.gpus_per_trial)
     if cfg.tune.gpus_per_trial and not gpus:
         log.warning("tune.gpus_per_trial=%s but the cluster has no GPU: trials run on CPU", cfg.tune.gpus_per_trial)
-    extra = {}
-    if not evaluate_test and objectives.cost_of(cfg.tune.objectives):  # a two-objective search's trials
+    warn_unschedulable(cfg.tune.cpus_per_trial, gpus)
+    extra = dict(trial_kwargs or {})
+    if search and objectives.cost_of(cfg.tune.objectives):  # a two-objective search's trials
         measure = [c for c in objectives.recorded(cfg.tune.objectives) if c in objectives.MEASURED]
         extra["costs"] = {"measure": measure, "batch": cfg.tune.latency_batch}
-    fn = tune.with_parameters(train_trial, base=base.to_dict(), evaluate_test=evaluate_test, gpu_share=gpus, **extra)
+    fn = tune.with_parameters(train_trial, base=base.to_dict(), gpu_share=gpus, **extra)
     return tune.with_resources(fn, {"cpu": cfg.tune.cpus_per_trial, "gpu": gpus})
 
 
@@ -195,9 +203,12 @@ def make_mo_search(cfg: SearchConfig) -> tuple[OptunaSearch, Any]:
     return searcher, make_mo_scheduler(epochs, cfg.tune.grace_period, cfg.tune.reduction_factor, cost)
 
 
-def _run_config(cfg: SearchConfig, root: str, name: str, callbacks: list[Callback]) -> tune.RunConfig:
+def _run_config(cfg: SearchConfig, root: str, name: str, callbacks: list[Callback], stop: Any = None) -> tune.RunConfig:
+    # The trackers of tune.callbacks (MLflow, W&B: search/trackers.py) follow both phases.
+    trackers = make_callbacks(cfg.tune.callbacks, cfg.tune.name, str(local_dir(root)), name)
     return tune.RunConfig(
         name=name,
+        stop=stop,
         storage_path=root if is_uri(root) else str(Path(root)),
         failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.tune.checkpoints_to_keep),
@@ -206,11 +217,13 @@ def _run_config(cfg: SearchConfig, root: str, name: str, callbacks: list[Callbac
         sync_config=tune.SyncConfig(sync_artifacts=True),
         verbose=cfg.tune.verbose,
         # The search's trials are the HPARAMS tab's rows; the retrain's seeds differ by seed alone.
-        callbacks=[*callbacks, TensorBoardLogger(hparams=name == "search")],
+        callbacks=[*callbacks, *trackers, TensorBoardLogger(hparams=name == "search")],
     )
 
 
-def _fit(tuner: tune.Tuner, root: str, what: str, expected: int, resume_cmd: str) -> tune.ResultGrid:
+def _fit(
+    tuner: tune.Tuner, root: str, what: str, expected: int, resume_cmd: str, start_by: float | None = None
+) -> tune.ResultGrid:
     """``tuner.fit()``, then :func:`_finish` and :func:`_check_storage_after`; storage that fails meanwhile is
     one line, not a traceback.
 
@@ -219,7 +232,7 @@ def _fit(tuner: tune.Tuner, root: str, what: str, expected: int, resume_cmd: str
     summarised, and a --resume restores the state saved before the failure and reruns no finished trial.
     """
     try:
-        results = _finish(tuner.fit(), expected, what, resume_cmd)
+        results = _finish(tuner.fit(), expected, what, resume_cmd, start_by)
     except OSError as exc:  # pyarrow's errors for storage that does not answer
         raise storage_lost(root, what, exc, resume_cmd) from None
     _check_storage_after(results, root, what, resume_cmd)
@@ -238,14 +251,18 @@ def _check_storage_after(results: tune.ResultGrid, root: str, what: str, resume_
             raise storage_lost(root, what, exc, resume_cmd) from None
 
 
-def _finish(results: tune.ResultGrid, expected: int, what: str, resume_cmd: str) -> tune.ResultGrid:
-    """Raise Interrupted if Ctrl-C (or a lost driver) left trials unfinished."""
+def _finish(
+    results: tune.ResultGrid, expected: int, what: str, resume_cmd: str, start_by: float | None = None
+) -> tune.ResultGrid:
+    """Raise Interrupted if Ctrl-C (or a lost driver) left trials unfinished. A budgeted search whose
+    deadline left no time for the trials it did not start (``start_by`` passed) has finished."""
     # Judge by the experiment state Tune saved, not by the in-memory Trial objects: on Ctrl-C
     # Tune saves the state (running trials RUNNING, which is what --resume restores) and *then*
     # stops the running trials, which marks them TERMINATED in memory as if they had finished.
     trials = ExperimentAnalysis(results.experiment_path, storage_filesystem=results.filesystem).trials
     unfinished = [t for t in trials if t.status not in ("TERMINATED", "ERROR")]
-    if unfinished or len(trials) < expected:
+    short = len(trials) < expected and not (start_by is not None and time.time() > start_by)
+    if unfinished or short:
         raise Interrupted(
             f"{what} interrupted with {len(trials) - len(unfinished)}/{expected} trials finished; "
             f"the state is saved: resume with `{resume_cmd}`"
@@ -253,8 +270,17 @@ def _finish(results: tune.ResultGrid, expected: int, what: str, resume_cmd: str)
     return results
 
 
-def run_search(cfg: SearchConfig, root: str, resume: bool, resume_cmd: str) -> tune.ResultGrid:
-    trainable = _trainable(cfg, cfg.base, evaluate_test=False)
+def run_search(
+    cfg: SearchConfig, root: str, resume: bool, resume_cmd: str, trial_kwargs: dict[str, Any] | None = None
+) -> tune.ResultGrid:
+    """The search. With ``trial_kwargs`` (a budget: search/budgeted.py) its trials are time-boxed, no trial
+    starts once it could not finish by the deadline the ledger holds (DeadlineSearcher), Tune stops what
+    overruns it (DeadlineStopper), and on CPUs actors are reused between trials: a time-boxed trial pays for
+    its start in its own time, so on a small budget the start matters (benchmarks/trial_overhead.py). Not on
+    GPUs: a reused process keeps torch.compile's caches, and past its 8 graphs per function dynamo would run
+    a trial eagerly, not time-fair."""
+    budgeted = trial_kwargs is not None
+    trainable = _trainable(cfg, cfg.base, trial_kwargs, search=True)
     path = tune_path(root, "search")
     if resume and tune.Tuner.can_restore(path):
         log.info("resuming the search at %s", path)
@@ -262,13 +288,15 @@ def run_search(cfg: SearchConfig, root: str, resume: bool, resume_cmd: str) -> t
     else:
         budget = cfg.base.train.epochs
         metric, mode = METRIC, MODE
-        if objectives.cost_of(cfg.tune.objectives):
+        if objectives.cost_of(cfg.tune.objectives):  # (never budgeted: search/config.py refuses the pair)
             searcher, scheduler = make_mo_search(cfg)
             metric = mode = None  # the searcher and the scheduler carry their own
         else:
             sampler = make_sampler(cfg.tune.seed, cfg.tune.n_startup_trials)
             searcher = make_searcher(sampler, cfg.tune.points_to_evaluate, stopped_as_pruned=False)
             scheduler = make_scheduler(cfg.base.train.epochs, cfg.tune.grace_period, cfg.tune.reduction_factor)
+        if budgeted:
+            searcher = DeadlineSearcher(searcher, root, first_wave=cfg.tune.max_concurrent)
         tuner = tune.Tuner(
             trainable,
             param_space=param_space(cfg.dimensions()),
@@ -280,6 +308,8 @@ def run_search(cfg: SearchConfig, root: str, resume: bool, resume_cmd: str) -> t
                 num_samples=cfg.tune.num_samples,
                 max_concurrent_trials=cfg.tune.max_concurrent,
                 trial_dirname_creator=trial_label,  # also its TensorBoard run: search/007-f785168e
+                trial_name_creator=trial_label,  # ... and its name in Ray's own views (console, dashboard, ResultGrid)
+                reuse_actors=budgeted and not trial_gpus(cfg.tune.gpus_per_trial),
             ),
             # Tune pickles these into the experiment (tuner.pkl), so a --resume restores them, the
             # study recorder with the epochs it had seen.
@@ -289,11 +319,15 @@ def run_search(cfg: SearchConfig, root: str, resume: bool, resume_cmd: str) -> t
                 "search",
                 [
                     SearchProgress(budget, cfg.tune.num_samples),
-                    StudyRecorder(root, cfg.tune.name, cfg.dimensions(), budget, cfg.tune.objectives),
+                    StudyRecorder(
+                        root, cfg.tune.name, cfg.dimensions(), budget, cfg.tune.study_storage, cfg.tune.objectives
+                    ),
                 ],
+                stop=DeadlineStopper(root, "search") if budgeted else None,
             ),
         )
-    return _fit(tuner, root, "search", cfg.tune.num_samples, resume_cmd)
+    start_by = read_deadline(root, "search_start_by") if budgeted else None
+    return _fit(tuner, root, "search", cfg.tune.num_samples, resume_cmd, start_by)
 
 
 class RetrainProgress(Callback):
@@ -326,9 +360,13 @@ class RetrainProgress(Callback):
         print(f"retrain seed {seed} finished [{len(self.done)}/{self.seeds} seeds done]", flush=True)
 
 
-def run_retrain(cfg: SearchConfig, best_cfg: Config, root: str, resume_cmd: str) -> tune.ResultGrid:
+def run_retrain(
+    cfg: SearchConfig, best_cfg: Config, root: str, resume_cmd: str, trial_kwargs: dict[str, Any] | None = None
+) -> tune.ResultGrid:
+    """The retrain of ``best_cfg`` over the seeds (a grid over ``train.seed``); with ``trial_kwargs`` (a budget)
+    Tune stops it should it overrun the ledger's retrain deadline (each seed is time-limited already)."""
     seeds = cfg.retrain.seed_list
-    trainable = _trainable(cfg, best_cfg, evaluate_test=True)
+    trainable = _trainable(cfg, best_cfg, trial_kwargs)
     path = tune_path(root, "retrain")
     if tune.Tuner.can_restore(path):
         log.info("resuming the retrain at %s", path)
@@ -343,8 +381,15 @@ def run_retrain(cfg: SearchConfig, best_cfg: Config, root: str, resume_cmd: str)
                 num_samples=1,
                 max_concurrent_trials=cfg.retrain.max_concurrent or cfg.tune.max_concurrent,
                 trial_dirname_creator=seed_label,  # retrain/seed-1000
+                trial_name_creator=seed_label,
             ),
-            run_config=_run_config(cfg, root, "retrain", [RetrainProgress(len(seeds), best_cfg.train.epochs)]),
+            run_config=_run_config(
+                cfg,
+                root,
+                "retrain",
+                [RetrainProgress(len(seeds), best_cfg.train.epochs)],
+                stop=DeadlineStopper(root, "retrain") if trial_kwargs is not None else None,
+            ),
         )
     t0 = time.time()
     results = _fit(tuner, root, "retrain", len(seeds), resume_cmd)

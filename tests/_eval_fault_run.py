@@ -2,9 +2,9 @@
 
     python tests/_eval_fault_run.py LIMIT <search/run.py arguments>
 
-This is ``search/run.py`` with a test-only trainable: a retrain seed's final evaluation fails as a
-GPU's would when ``eval.batch_size`` exceeds LIMIT (an evaluation-only setting the config accepts
-but the machine cannot run), after the search has finished and the seed has trained its budget.
+This is ``search/run.py`` with a test-only evaluation: the protocol's evaluation of the retrained seeds fails as
+a GPU's would when ``eval.batch_size`` exceeds LIMIT (an evaluation-only setting the config accepts but the
+machine cannot run), after the search has finished and every seed has trained its budget.
 """
 
 from __future__ import annotations
@@ -12,35 +12,24 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-import search.tuners
+import search.best_model
 from search.run import main
 
 LIMIT = int(sys.argv[1])
 
 
-# The same name as search.trainable.train_trial: Tune names trial folders after the trainable.
-def train_trial(params: dict[str, Any], base: dict[str, Any], evaluate_test: bool = False, **kwargs: Any) -> None:
-    """search.trainable.train_trial, its protocol evaluation refusing batches above LIMIT."""
-    import search.trainable as trainable
-    from bss_model import checkpoint as ckpt
+# Defined in __main__, it reaches the Ray worker of the evaluation task by value, with LIMIT.
+def evaluate_seeds(seeds: Any, eval_overrides: dict[str, Any] | None = None, *args: Any, **kwargs: Any) -> Any:
+    """search.best_model.evaluate_seeds, refusing batches above LIMIT."""
+    from search.best_model import evaluate_seeds as real_evaluate_seeds
 
-    real_evaluate = trainable.evaluate_checkpoint
-
-    def evaluate_checkpoint(checkpoint: Any, *args: Any, **kw: Any) -> Any:
-        cfg = ckpt.config_of(ckpt.load(checkpoint), checkpoint)
-        if cfg.eval.batch_size > LIMIT:
-            raise RuntimeError(
-                f"injected: eval.batch_size={cfg.eval.batch_size} does not fit (tests/_eval_fault_run.py)"
-            )
-        return real_evaluate(checkpoint, *args, **kw)
-
-    trainable.evaluate_checkpoint = evaluate_checkpoint  # in this worker process only, for this trial
-    try:
-        trainable.train_trial(params, base, evaluate_test, **kwargs)
-    finally:
-        trainable.evaluate_checkpoint = real_evaluate
+    if (eval_overrides or {}).get("batch_size", 0) > LIMIT:
+        raise RuntimeError(
+            f"injected: eval.batch_size={eval_overrides['batch_size']} does not fit (tests/_eval_fault_run.py)"
+        )
+    return real_evaluate_seeds(seeds, eval_overrides, *args, **kwargs)
 
 
 if __name__ == "__main__":
-    search.tuners.train_trial = train_trial  # what search.tuners hands to Tune, in this driver only
+    search.best_model.evaluate_seeds = evaluate_seeds  # what the evaluation task runs, in this driver only
     raise SystemExit(main(sys.argv[2:]))

@@ -44,7 +44,7 @@ def offer_to_be_killed() -> None:
 
 # The same name as search.trainable.train_trial, as Tune reports it. Defined in __main__, it
 # reaches the Ray workers by value, with AT and MARKER.
-def train_trial(params: dict[str, Any], base: dict[str, Any], evaluate_test: bool = False, **kwargs: Any) -> None:
+def train_trial(params: dict[str, Any], base: dict[str, Any], **kwargs: Any) -> None:
     """search.trainable.train_trial, its bss_model ``train`` wrapped so one epoch ends in a fault."""
     import search.trainable as trainable
 
@@ -65,7 +65,7 @@ def train_trial(params: dict[str, Any], base: dict[str, Any], evaluate_test: boo
 
     trainable.train = train  # in this worker process only, for this trial
     try:
-        trainable.train_trial(params, base, evaluate_test, **kwargs)
+        trainable.train_trial(params, base, **kwargs)
     finally:
         trainable.train = real_train
 

@@ -191,7 +191,7 @@ def test_job_submit_on_nodes_that_share_only_s3_survives_losing_the_worker(tmp_p
                     for pid in children_of(worker.proc.pid):
                         with contextlib.suppress(OSError):
                             trial = Path(os.readlink(f"/proc/{pid}/cwd")).name
-                            tid = "train_trial_" + trial.split("-", 1)[-1]  # folder NNN-<id>: Tune's name
+                            tid = trial  # the folder NNN-<id> is Tune's name for the trial too
                             told = f"Trial {tid} finished iteration 1 " in out
                             left = f"Trial {tid} finished iteration 3 " not in out
                             keys = s3_tree(s3, f"{prefix}/search") if told and left else {}

@@ -140,11 +140,13 @@ def test_no_excessive_snapshot_warning_at_verbose_0(monkeypatch: pytest.MonkeyPa
 
 
 def test_verbose_flag_sets_tune_verbose(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import search.pipeline
     import search.run
 
     seen = {}
+    # run.py imports the pipeline when it runs (after checking the search extra is installed)
     monkeypatch.setattr(
-        search.run, "search_retrain_report", lambda cfg, *a: seen.setdefault("verbose", cfg.tune.verbose)
+        search.pipeline, "search_retrain_report", lambda cfg, *a: seen.setdefault("verbose", cfg.tune.verbose)
     )
     config = str(Path(search.run.__file__).parent.parent / "configs" / "smoke.yaml")
     assert search.run.main(["--config", config, "--verbose"]) == 0

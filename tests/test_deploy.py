@@ -203,9 +203,10 @@ def test_gpu_workers_request_and_limit_gpus_and_credentials_come_from_a_secret(n
 
 def test_containerfile_installs_the_project_with_its_pins() -> None:
     text = (DEPLOY / "Containerfile").read_text()
-    assert "-c /tmp/constraints.txt ." in text and "grep -v '^torch==' constraints.txt" in text
+    # The search extra: `pip install .` alone is the model only (no Ray Tune, Optuna or TensorBoard).
+    assert "-c /tmp/constraints.txt '.[search]'" in text and "grep -v '^torch==' constraints.txt" in text
     assert "sed -n 's/^torch==//p' constraints.txt" in text, "torch at the pinned version, CUDA build"
-    for path in ("bss_model", "search", "configs", "pyproject.toml", "constraints.txt"):
+    for path in ("bss_model", "search", "configs", "pyproject.toml", "constraints.txt", "LICENSE"):
         assert re.search(rf"^COPY .*\b{re.escape(path)}\b", text, re.M), path
 
 

@@ -50,7 +50,7 @@ def test_console_scripts_beside_bss_separate(
 def test_the_license_is_an_spdx_string() -> None:
     lines = (ROOT / "pyproject.toml").read_text().splitlines()
     # A table ({text = "MIT"}) makes setuptools warn twice on every install.
-    assert [line for line in lines if line.startswith("license")] == ['license = "MIT"']
+    assert [line for line in lines if line.startswith("license")] == ['license = "MIT"', 'license-files = ["LICENSE"]']
 
 
 def test_a_search_run_in_process_leaves_the_process_as_it_found_it(

@@ -57,6 +57,18 @@ def test_bad_objectives_are_one_line_before_ray_starts(value, message, tmp_path,
     assert not list(tmp_path.iterdir())  # nothing was written
 
 
+@pytest.mark.parametrize("how", [["--budget", "10m"], ["--set", "budget=10m"]])
+def test_a_budget_with_two_objectives_is_one_line_before_ray_starts(how, tmp_path, no_ray, capsys):
+    from search.run import main
+
+    argv = ["--config", str(SMOKE), "--storage-path", str(tmp_path), "--set", "tune.objectives=[val_mse, cpu_ms]", *how]
+    line = cli_error(main, argv, capsys)
+    assert "budget: 10m with tune.objectives ['val_mse', 'cpu_ms']: a budgeted job searches val_mse alone" in line
+    assert "drop budget (and --budget)" in line
+    assert not list(tmp_path.iterdir())  # nothing was written
+    assert load_search_config(SMOKE, ["budget=10m"]).budget == "10m"  # one objective: the budget stays
+
+
 def test_gpu_ms_on_a_machine_without_gpus_is_one_line_before_ray_starts(tmp_path, no_ray, capsys, monkeypatch):
     import torch
 
@@ -274,6 +286,7 @@ def built_search(cfg, monkeypatch, tmp_path) -> tuple[dict, object]:
     captured: dict = {}
     monkeypatch.setattr(tune, "with_parameters", lambda fn, **kw: captured.update(kw) or fn)
     monkeypatch.setattr(tuners, "trial_gpus", lambda gpus: 0.0)
+    monkeypatch.setattr(tuners, "warn_unschedulable", lambda *args: None)  # (it asks a running Ray)
     monkeypatch.setattr(tuners, "_fit", lambda tuner, *args: tuner)
     tuner = tuners.run_search(cfg, str(tmp_path), resume=False, resume_cmd="x")
     return captured, tuner._local_tuner._tune_config
@@ -288,7 +301,7 @@ def test_the_default_job_is_todays_and_two_objectives_change_only_what_they_must
     from search.tuners import StoppedAsPrunedSearch
 
     kw, tc = built_search(load_search_config(SMOKE), monkeypatch, tmp_path)
-    assert set(kw) == {"base", "evaluate_test", "gpu_share"}  # the trials measure no cost
+    assert set(kw) == {"base", "gpu_share"}  # the trials measure no cost
     assert (tc.metric, tc.mode) == ("val_mse", "min")
     assert type(tc.search_alg) is OptunaSearch and tc.search_alg.metric is None  # Tune hands it val_mse
     assert (

@@ -160,9 +160,18 @@ def test_search_trials_never_touch_the_test_set(experiment: tuple[Path, subproce
     for trial in trial_dirs(exp, "search"):
         for line in result_lines(trial):
             assert not [k for k in line if k.startswith(("test_", "baseline_"))], trial.name
-    # ... while every retrain seed carries its protocol result.
-    for trial in trial_dirs(exp, "retrain"):
-        assert "test_mse_mean" in result_lines(trial)[-1]
+    # Nor do the retrain's seeds: the evaluation step scores every finished seed and their ensemble in one pass
+    # over the protocol, after the retrain (evaluation.json), and the report takes each seed's figure from it.
+    seeds = trial_dirs(exp, "retrain")
+    for trial in seeds:
+        assert not [k for k in result_lines(trial)[-1] if k.startswith(("test_", "baseline_"))], trial.name
+    evaluation = json.loads((exp / "evaluation.json").read_text())
+    r = json.loads((exp / "report.json").read_text())
+    per_seed = evaluation["evaluation"]["seeds"]
+    assert sorted(map(int, per_seed)) == r["seeds"] and len(seeds) == len(r["seeds"])
+    assert [per_seed[str(s)]["test_mse_mean"] for s in r["seeds"]] == r["test_mse_per_seed"]
+    assert evaluation["evaluation"]["ensemble"]["test_mse"] == r["test_mse_ensemble"]
+    assert evaluation["eval"]["draws"] == r["protocol"]["draws"] == 2
 
 
 def test_best_model_reloads_and_reproduces_test_mse(experiment: tuple[Path, subprocess.CompletedProcess]) -> None:
@@ -253,8 +262,12 @@ def test_resume_of_finished_experiment_loses_nothing(
 def test_retrain_progress_lines(experiment: tuple[Path, subprocess.CompletedProcess]) -> None:
     _, proc = experiment
     progress = [line for line in proc.stdout.splitlines() if line.startswith("retrain seed ")]
-    assert any("epoch 2/2" in line and " test " in line for line in progress), progress
+    assert any("epoch 2/2" in line for line in progress), progress
     assert any(line.endswith("[2/2 seeds done]") for line in progress), progress
+    # then one line for the evaluation: each seed's protocol MSE and the ensemble's, after the retrain
+    evaluation = [line for line in proc.stdout.splitlines() if line.startswith("evaluation (")]
+    assert len(evaluation) == 1 and "seed 1000 " in evaluation[0] and "; ensemble " in evaluation[0], evaluation
+    assert proc.stdout.index(evaluation[0]) > proc.stdout.index(progress[-1])
 
 
 def run_retrain(cwd: Path, data_dir: Path, *args: str) -> subprocess.CompletedProcess:

@@ -124,6 +124,11 @@ def test_pick_retrains_a_second_point_and_leaves_the_first_retrain_byte_identica
     first = torch.load(exp / "best_model.pt", weights_only=True)["config"]["model"]["filters"]
     assert first == r["best_config"]["model"]["filters"] == 12  # best_model.pt stays the one report.json names
     assert (pick / "retrain" / "seed-1000").is_dir() and (pick / "search_config.yaml").is_file()
+    # Its seeds are scored by the pipeline's joint evaluation (search/best_model.evaluate_seeds), into its own
+    # evaluation.json, which the report's test MSE comes from.
+    ev = json.loads((pick / "evaluation.json").read_text())
+    assert ev["members"] == [1000] and pr["test_mse_mean"] == ev["evaluation"]["seeds"]["1000"]["test_mse_mean"]
+    assert "evaluation (" in proc.out and pr["test_mse_mean"] != r["test_mse_mean"]
     assert f"Retrained: trial {small['trial_id']} (retrain.pick: `params<={limit}`)" in (pick / "report.md").read_text()
     # A limit below every front point: one line naming the smallest cost on the front, nothing written.
     proc = run_to_end([*args[:-1], "params<=10"], tmp, env_with(experiment["data_dir"]), "pick-none", timeout=120)

@@ -17,12 +17,12 @@ from search.space import parse_dimension
 # report.json's format: these keys, in this order.
 REPORT_KEYS = [
     "best_config", "best_params", "best_val_mse", "num_trials", "num_completed", "num_stopped_early", "num_errored",
-    "num_diverged", "param_importances", "seeds", "test_mse_per_seed", "test_mse_mean", "test_mse_std",
+    "num_diverged", "num_cut", "param_importances", "seeds", "test_mse_per_seed", "test_mse_mean", "test_mse_std",
     "test_mse_ensemble", "test_mse_ensemble_std", "test_mse_ensemble_per_draw", "ensemble_seeds",
     "ensemble_checkpoints", "ensemble_error",
     "val_mse_per_seed", "samples_per_seed", "best_seed",
     "best_seed_test", "baseline_mix_mse", "reference_test_mse", "protocol", "retrain_errors", "trials",
-    "search_wall_s", "wall_s",
+    "search_wall_s", "wall_s", "budget",
 ]  # fmt: skip
 # The keys report.json had before the ensemble and the samples were added: still there, in the same order.
 EARLIER_KEYS = [
@@ -31,7 +31,8 @@ EARLIER_KEYS = [
     "best_seed_test", "baseline_mix_mse", "reference_test_mse", "protocol", "retrain_errors", "trials",
     "search_wall_s", "wall_s",
 ]  # fmt: skip
-ROW_KEYS = ["trial_id", "number", "params", "epochs", "val_mse", "status", "error", "node", "path", "samples"]
+ROW_KEYS = ["trial_id", "number", "params", "epochs", "val_mse", "status", "error", "node", "path", "samples",
+            "samples_per_s", "epoch_tail_s"]  # fmt: skip
 BEST_CONFIG = {"model": {"filters": 12}, "train": {"lr": 2e-3, "epochs": 3}}
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ray import tune
 from ray.tune import Result
 
 from bss_model.config import Config
@@ -86,13 +87,13 @@ def test_search_summary_sorts_counts_and_builds_the_best_config() -> None:
     # search_summary.json's format: these keys, in this order.
     assert list(d) == [
         "best_trial", "best_params", "best_val_mse", "best_config", "num_trials", "num_completed",
-        "num_stopped_early", "num_errored", "num_diverged", "search_wall_s", "trials",
+        "num_stopped_early", "num_errored", "num_diverged", "num_cut", "search_wall_s", "trials",
     ]  # fmt: skip
     assert (d["num_trials"], d["num_completed"], d["num_stopped_early"], d["num_errored"], d["num_diverged"]) == (
         6, 2, 2, 2, 1,
     )  # fmt: skip
     assert list(d["trials"][0]) == ["trial_id", "number", "params", "epochs", "val_mse", "status", "error", "node",
-                                    "path", "samples"]  # fmt: skip
+                                    "path", "samples", "samples_per_s", "epoch_tail_s"]  # fmt: skip
     # The samples each trial saw, as it reported them: equal at equal epochs in a compute-fair search.
     assert {t["trial_id"]: t["samples"] for t in d["trials"]} == {
         "t5": 1920, "t0": 1920, "t1": 640, "t3": 1920, "t2": 640, "t4": 1920,
@@ -112,23 +113,29 @@ def test_summary_file_round_trip_keeps_types_and_bytes(tmp_path: Path) -> None:
     assert storage.load_summary(str(tmp_path / "none")) is None
 
 
-def seed_result(seed: int, val: float | None, test: float | None, error: Exception | None = None) -> Result:
-    metrics = {"val_mse": val, "config": {"train.seed": seed}, "epoch": 2, "samples": 3840, "protocol_draws": 2}
+def seed_result(
+    seed: int, val: float | None, test: float | None, error: Exception | None = None, epoch: int = 2, tmp: Path = None
+) -> Result:
+    metrics = {"val_mse": val, "config": {"train.seed": seed}, "epoch": epoch, "budget_epochs": 2, "samples": 3840,
+               "protocol_draws": 2}  # fmt: skip
     if test is not None:
         metrics |= {"test_mse_mean": test, "baseline_mix_mse_mean": 0.05}
-    return Result(metrics=metrics, checkpoint=None, error=error, path=f"/r/retrain/train_trial_cd34e_{seed}")
+    checkpoint = tune.Checkpoint.from_directory(str(tmp)) if tmp is not None else None
+    return Result(metrics=metrics, checkpoint=checkpoint, error=error, path=f"/r/retrain/train_trial_cd34e_{seed}")
 
 
-def test_best_seed_is_chosen_by_validation_never_by_test() -> None:
+def test_best_seed_is_chosen_by_validation_never_by_test(tmp_path: Path) -> None:
     seeds = summarize_retrain(
-        [seed_result(1001, 0.010, 0.001), seed_result(1000, 0.008, 0.009), seed_result(1002, 0.001, None, OSError())]
-    )
-    assert [s.seed for s in seeds] == [1000, 1001, 1002] and [s.samples for s in seeds] == [3840] * 3
+        [seed_result(1001, 0.010, 0.001, tmp=tmp_path), seed_result(1000, 0.008, 0.009, tmp=tmp_path),
+         seed_result(1002, 0.001, None, OSError(), tmp=tmp_path),
+         seed_result(1003, 0.0005, None, epoch=1, tmp=tmp_path)]  # cut short: its last epoch is not its budget
+    )  # fmt: skip
+    assert [s.seed for s in seeds] == [1000, 1001, 1002, 1003] and [s.samples for s in seeds] == [3840] * 4
+    assert [s.finished for s in seeds] == [True, True, False, False]
     assert seeds[0].metrics == {"test_mse_mean": 0.009, "baseline_mix_mse_mean": 0.05, "protocol_draws": 2}
-    for s in seeds:  # summarize_retrain reads Tune's checkpoint; these synthetic results have none
-        s.checkpoint = f"{s.path}/checkpoint_000001"
     summary = retrain_summary(seeds)
-    assert summary.best.seed == 1000  # lowest val among seeds without error; 1001 has the lower *test* MSE
+    # Lowest val among the seeds that finished: 1001 has the lower *test* MSE, 1002 errored, 1003 did not finish.
+    assert summary.best.seed == 1000
     assert [s.seed for s in summary.evaluated] == [1000, 1001]
     assert seeds[2].error == "OSError"  # an error without text is still named
 

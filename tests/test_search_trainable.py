@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import sys
 import traceback
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -26,9 +28,10 @@ SHARE_LINE = (
 
 
 @pytest.fixture
-def caps(monkeypatch: pytest.MonkeyPatch) -> list[tuple[float, torch.device]]:
+def caps(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[tuple[float, torch.device]]:
     """Record cap_gpu_memory calls; keep Ray's session and runtime context out of a plain test process."""
     calls: list[tuple[float, torch.device]] = []
+    monkeypatch.setattr(tune, "get_context", lambda: SimpleNamespace(get_trial_dir=lambda: str(tmp_path)))
     monkeypatch.setattr(trainable, "cap_gpu_memory", lambda fraction, device: calls.append((fraction, device)))
     monkeypatch.setattr(trainable, "_node_info", lambda: {"pid": 1, "hostname": "box", "node_id": "n0"})
     monkeypatch.setattr(trainable, "_card_bytes", lambda device: CARD)

@@ -217,7 +217,7 @@ def test_a_two_objective_study_has_two_directions_and_stopped_trials_stay_off_it
     cheap = result(4, reports([0.04, 0.03, 0.02]), None)  # full budget, worse, cheaper: on the front too
     cheap.metrics.update({**COSTS, "cpu_ms": 0.25})
     nocost = result(5, reports([0.05, 0.04, 0.03]), None)  # full budget but no cost reported: not a point
-    path = record_results(str(tmp_path), "mo", DIMS, [*results, cheap, nocost], BUDGET, MO)
+    path = record_results(str(tmp_path), "mo", DIMS, [*results, cheap, nocost], BUDGET, objectives=MO)
     study = optuna.load_study(study_name="mo", storage=f"sqlite:///{path}")
     assert len(study.directions) == 2 and study.metric_names == MO
     by_id = {t.user_attrs["tune_trial_id"]: t for t in study.trials}
@@ -235,7 +235,7 @@ def test_the_callback_writes_a_two_objective_study_and_a_single_objective_one_as
     history = reports([0.03, 0.02, 0.01])
     for objectives, values in ((MO, [0.01, 0.75]), (["val_mse"], [0.01])):
         root = tmp_path / objectives[-1]
-        rec = StudyRecorder(str(root), "exp", DIMS, BUDGET, objectives)
+        rec = StudyRecorder(str(root), "exp", DIMS, BUDGET, objectives=objectives)
         t = fake_trial(0, history, tmp_path)
         t.last_result.update(COSTS)
         rec.on_trial_result(0, [], t, history[0])
@@ -243,3 +243,18 @@ def test_the_callback_writes_a_two_objective_study_and_a_single_objective_one_as
         study = optuna.load_study(study_name="exp", storage=f"sqlite:///{root / STUDY_FILE}")
         assert study.metric_names == objectives and study.trials[0].values == values
         assert ("cpu_ms" in study.trials[0].user_attrs) == (len(objectives) == 2)  # no costs in today's study
+
+
+def test_a_shared_storage_study_is_claimed_with_the_searchs_directions(tmp_path: Path) -> None:
+    from bss_model.errors import ConfigError
+    from search.study import claim_study, open_study
+
+    url = f"sqlite:///{tmp_path / 'team.db'}"  # tune.study_storage: any SQLAlchemy URL, a team's database
+    claim_study(url, "mo", str(tmp_path / "mo"), resume=False, objectives=MO)
+    study = optuna.load_study(study_name="mo", storage=url)
+    assert len(study.directions) == 2 and study.metric_names == MO
+    assert len(open_study(url, "mo", MO).directions) == 2  # the recorder then opens it as it is
+    claim_study(url, "mo", str(tmp_path / "mo"), resume=True, objectives=MO)  # a --resume goes on with it
+    claim_study(url, "one", str(tmp_path / "one"), resume=False)
+    with pytest.raises(ConfigError, match=r"has 1 objective\(s\) and tune.objectives \['val_mse', 'cpu_ms'\] 2"):
+        claim_study(url, "one", str(tmp_path / "one"), resume=True, objectives=MO)

@@ -1,0 +1,245 @@
+"""Time to quality: the whole budgeted job's test MSE at several wall-clock budgets, beside the reference recipe.
+
+    python benchmarks/time_to_quality.py [--budgets 2.5m 5m 10m] [--shares 0.35] [--split-budget 10m
+        --split-shares 0.2 0.35 0.5] [--config configs/laptop.yaml] [--json OUT] [--plot OUT.png]
+
+For each budget it runs the README's main job as a user does (``bss-search --config <config> --budget B``,
+a fresh experiment, a subprocess) and times the command from its start to its exit. The protocol's test
+MSE (mean over the retrain's seeds, 10 x 20,000 pairs) comes from the job's report.
+
+Side by side, on the same machine, it trains the reference network and recipe (``configs/seed.yaml``: the
+seed notebook's U-Net, Adam 1e-3, batch 32, the plateau schedule) with ``bss_model.train`` for the same wall
+times, and evaluates it with the same protocol. One reference run of the longest budget keeps a snapshot at
+each budget: the plateau schedule only acts at the end of an epoch (161,984 samples, over 30 minutes on this
+CPU), so the first B seconds of a long run are a run of B seconds exactly. Its evaluations are not counted
+in its time (which favours the reference).
+
+``--split-budget`` with ``--split-shares`` also runs the job at several ``plan.search_share`` values at one
+budget: the evidence for the share the configs state.
+
+It records the machine (CPU model and flags, torch, threads) and reports, per budget, both test MSEs and
+their ratio. Resumable: every finished unit is written to the JSON at once and skipped on a rerun. Run it on
+a machine nothing else is using: its figures are wall-clock times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from a checkout
+    sys.path.insert(0, str(ROOT))
+
+from bss_model.io import atomic_write_json  # noqa: E402
+from search.budget import parse_duration  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    lines = cpuinfo.splitlines()
+    flags = next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), [])
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cpu_model": next((ln.split(":", 1)[1].strip() for ln in lines if "model name" in ln), platform.processor()),
+        "cpu_flags": sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "sse4"))),
+        "cpu_native_bf16": bool({"avx512_bf16", "amx_bf16"} & set(flags)),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_at_start": os.getloadavg(),
+    }
+
+
+def run(cmd: list[str], cwd: Path, log: Path, timeout: float) -> tuple[int, float]:
+    """``cmd`` from ``cwd``, its output to ``log``; (exit status, wall seconds from start to exit)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    t0 = time.perf_counter()
+    with open(log, "w") as out:
+        code = subprocess.run(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=timeout).returncode
+    return code, time.perf_counter() - t0
+
+
+def job_unit(config: Path, budget: str, share: float, work: Path) -> dict[str, Any]:
+    """The main job at ``budget`` and ``plan.search_share`` = share, as a user runs it."""
+    name = f"ttq-{budget}-{share:g}"
+    cmd = [sys.executable, str(ROOT / "search" / "run.py"), "--config", str(config), "--budget", budget,
+           "--name", name, "--storage-path", str(work / "results"), "--set", f"plan.search_share={share}"]  # fmt: skip
+    code, wall = run(cmd, work, work / f"{name}.log", timeout=parse_duration(budget) * 3 + 600)
+    if code != 0:
+        raise RuntimeError(f"{name} exited {code}: see {work / f'{name}.log'}")
+    report = json.loads((work / "results" / name / "report.json").read_text())
+    b = report["budget"]
+    return {
+        "budget": budget,
+        "budget_s": parse_duration(budget),
+        "search_share": share,
+        "wall_s": wall,
+        "over_budget_s": wall - parse_duration(budget),
+        "test_mse_mean": report["test_mse_mean"],
+        "test_mse_std": report["test_mse_std"],
+        "test_mse_per_seed": report["test_mse_per_seed"],
+        "test_mse_ensemble": report["test_mse_ensemble"],
+        "seeds": report["seeds"],
+        "samples_per_seed": report["samples_per_seed"],
+        "best_params": report["best_params"],
+        "num_trials": report["num_trials"],
+        "num_completed": report["num_completed"],
+        "phases": b["phases"],
+        "plan": b["plan"],
+        "winner_speeds": b.get("winner_speeds"),
+    }
+
+
+def reference_unit(budget: str, work: Path) -> dict[str, Any]:
+    """The reference recipe (configs/seed.yaml) trained by ``bss_model.train`` for ``budget`` of wall time.
+
+    One epoch with a time limit: the recipe's plateau schedule only acts at an epoch's end (161,984 samples,
+    over half an hour on this CPU), so within the budget this is the recipe exactly, stopped at the budget.
+    Its validation pass is cut to 1,000 pairs so that nearly all of its time trains."""
+    seconds = parse_duration(budget)
+    out = work / "reference"
+    before = set(out.glob("*")) if out.exists() else set()
+    cmd = [sys.executable, "-m", "bss_model.train", "--config", str(ROOT / "configs" / "seed.yaml"), "--out", str(out),
+           "--set", "train.epochs=1", "--set", f"train.time_limit_s={seconds}", "--set", "train.tensorboard=false",
+           "--set", "data.val_pairs=1000"]  # fmt: skip
+    code, wall = run(cmd, work, work / f"reference-{budget}.log", timeout=seconds * 3 + 600)
+    if code != 0:
+        raise RuntimeError(f"the reference run exited {code}: see {work / f'reference-{budget}.log'}")
+    (run_dir,) = set(out.glob("*")) - before
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    return {"budget": budget, "budget_s": seconds, "wall_s": wall, "run_dir": str(run_dir),
+            "trained_s": metrics["time_used_s"], "samples": metrics["samples"],
+            "checkpoint": str(run_dir / "checkpoint" / "checkpoint.pt")}  # fmt: skip
+
+
+def evaluate_reference(unit: dict[str, Any], workers: int) -> dict[str, Any]:
+    """The protocol for one reference snapshot: the job's own evaluation, split over ``workers`` processes."""
+    import multiprocessing as mp
+
+    from bss_model import checkpoint as ckpt
+    from bss_model.evaluate import assemble
+
+    cfg = ckpt.config_of(ckpt.load(unit["checkpoint"]), unit["checkpoint"])
+    chunks = [list(range(i, cfg.eval.draws, workers)) for i in range(workers)]
+    with mp.get_context("spawn").Pool(workers) as pool:
+        parts = pool.starmap(_draws, [(unit["checkpoint"], chunk) for chunk in chunks])
+    r = assemble({k: v for part in parts for k, v in part.items()}, 1, cfg.eval)["models"][0]
+    return {"test_mse_mean": r["test_mse_mean"], "test_mse_std": r["test_mse_std"],
+            "test_mse_per_draw": r["test_mse_per_draw"]}  # fmt: skip
+
+
+def _draws(checkpoint: str, subset: list[int]) -> dict[int, list[dict[str, float]]]:
+    from bss_model.data import load_test
+    from bss_model.evaluate import load_for_evaluation, models_draws
+
+    models, cfg, runtime = load_for_evaluation([checkpoint], device="cpu", threads=1)
+    digit, fashion = load_test(cfg.data)
+    return models_draws(models, digit, fashion, cfg.eval, runtime, subset)
+
+
+def plot(data: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    jobs = sorted((u for u in data["jobs"].values() if u["search_share"] == data["share"]), key=lambda u: u["budget_s"])
+    ax.errorbar([u["wall_s"] / 60 for u in jobs], [u["test_mse_mean"] for u in jobs],
+                yerr=[u["test_mse_std"] for u in jobs], marker="o", label="the whole job (--budget)")  # fmt: skip
+    refs = sorted((u for u in data.get("reference", {}).values() if "test_mse_mean" in u), key=lambda u: u["budget_s"])
+    if refs:
+        ax.plot([u["budget_s"] / 60 for u in refs], [u["test_mse_mean"] for u in refs], marker="s",
+                label="reference recipe (seed.yaml), same wall time")  # fmt: skip
+    ax.axhline(3.6e-2, color="grey", ls=":", label="mix baseline")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("wall time (minutes)")
+    ax.set_ylabel("test MSE (10 x 20,000 pairs)")
+    ax.set_title(f"{data['machine']['cpu_model']}, {data['machine']['cpus']} CPUs", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def table(data: dict[str, Any]) -> str:
+    refs = {u["budget_s"]: u for u in data.get("reference", {}).values() if "test_mse_mean" in u}
+    lines = ["| budget | job wall | job test MSE (mean ± std over seeds) | reference test MSE | reference / job |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for u in sorted(data["jobs"].values(), key=lambda u: (u["budget_s"], u["search_share"])):
+        ref = refs.get(u["budget_s"])
+        ratio = f"{ref['test_mse_mean'] / u['test_mse_mean']:.1f}x" if ref else "-"
+        refv = f"{ref['test_mse_mean']:.3e}" if ref else "-"
+        lines.append(f"| {u['budget']} (share {u['search_share']:g}) | {u['wall_s']:.0f} s | "
+                     f"{u['test_mse_mean']:.3e} ± {u['test_mse_std']:.1e} | {refv} | {ratio} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", default=str(ROOT / "configs" / "laptop.yaml"))
+    p.add_argument("--budgets", nargs="+", default=["2.5m", "5m", "10m"])
+    p.add_argument("--share", type=float, default=None, help="plan.search_share of the budget curve (the config's)")
+    p.add_argument("--split-budget", default=None, help="a budget at which to compare several search shares")
+    p.add_argument("--split-shares", nargs="+", type=float, default=[0.2, 0.35, 0.5])
+    p.add_argument("--no-reference", action="store_true")
+    p.add_argument("--work", default=str(ROOT / "build" / "time-to-quality"))
+    p.add_argument("--json", default=str(RESULTS / "time-to-quality-cpu.json"))
+    p.add_argument("--plot", default=str(RESULTS / "time-to-quality-cpu.png"))
+    args = p.parse_args(argv)
+    from search.config import load_search_config
+
+    share = args.share if args.share is not None else load_search_config(args.config).plan.search_share
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    out = Path(args.json)
+    data = json.loads(out.read_text()) if out.exists() else {}
+    data.setdefault("machine", machine())
+    data.setdefault("jobs", {})
+    data["config"], data["share"] = str(Path(args.config).resolve().relative_to(ROOT)), share
+    units = [(b, share) for b in args.budgets]
+    if args.split_budget:
+        units += [(args.split_budget, s) for s in args.split_shares if (args.split_budget, s) not in units]
+    for budget, s in units:
+        key = f"{budget}@{s:g}"
+        if key in data["jobs"]:
+            continue
+        print(f"job {key} ...", flush=True)
+        data["jobs"][key] = job_unit(Path(args.config), budget, s, work)
+        atomic_write_json(out, data)
+        u = data["jobs"][key]
+        print(
+            f"job {key}: {u['wall_s']:.0f} s, test MSE {u['test_mse_mean']:.3e} ± {u['test_mse_std']:.1e}", flush=True
+        )
+    if not args.no_reference:
+        refs = data.setdefault("reference", {})
+        for budget in args.budgets:  # the timed part first, then the protocol (untimed) for each
+            if budget not in refs:
+                print(f"reference recipe for {budget} ...", flush=True)
+                refs[budget] = reference_unit(budget, work)
+                atomic_write_json(out, data)
+        for budget, unit in refs.items():
+            if "test_mse_mean" not in unit:
+                print(f"reference at {budget}: the protocol ...", flush=True)
+                unit.update(evaluate_reference(unit, data["machine"]["cpus"]))
+                atomic_write_json(out, data)
+    plot(data, Path(args.plot))
+    print(table(data))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
