@@ -136,3 +136,38 @@ def test_pick_retrains_a_second_point_and_leaves_the_first_retrain_byte_identica
     assert proc.p.returncode == 2 and len(err) == 1 and "Traceback" not in proc.err, proc.tail()
     assert err[0].startswith("error: no point of the front has params<=10: the smallest params on the front is ")
     assert files(exp) == before and sorted(p.name for p in (exp / "picks").iterdir()) == [pick.name]
+
+
+def test_optuna_dashboard_serves_the_two_objective_study_and_its_front(experiment: dict) -> None:
+    """What optuna-dashboard's Pareto Front plot draws: the study's two directions, its objective names and its best
+    trials, which are the report's front (the plot itself was checked in headless Chromium: see the README)."""
+    import os
+    import sys
+    import urllib.request
+
+    from _searchutil import Proc, free_port
+
+    exp, port = experiment["exp"], free_port()
+    args = [str(Path(sys.executable).with_name("optuna-dashboard")), f"sqlite:///{exp / 'optuna.db'}",
+            "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+    proc = Proc(args, experiment["tmp"], dict(os.environ), "dashboard")
+
+    def get(path: str) -> dict | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+                return json.loads(response.read())
+        except OSError:  # not listening yet
+            return None
+
+    try:
+        (summary,) = proc.wait_until(lambda: (get("/api/studies") or {}).get("study_summaries"), 60, "the dashboard")
+        detail = get(f"/api/studies/{summary['study_id']}")
+    finally:
+        proc.cleanup()
+    assert proc.p.poll() is not None, "the dashboard server is still running"
+    assert detail["directions"] == ["minimize", "minimize"] and detail["objective_names"] == ["val_mse", "cpu_ms"]
+    report = json.loads((exp / "report.json").read_text())
+    best = {next(a["value"] for a in t["user_attrs"] if a["key"] == "tune_trial_id"): t for t in detail["best_trials"]}
+    assert set(best) == {p["trial_id"] for p in report["pareto"]["front"]}
+    for point in report["pareto"]["front"]:
+        assert best[point["trial_id"]]["values"] == [point["val_mse"], point["cost"]]
