@@ -135,9 +135,10 @@ def make_scheduler(
 # full-budget trials, 0 = the table's whole front):
 # - The rung rule is what matters. ASHA judging val MSE alone stops the cheap models, which are behind at every
 #   rung, so the full-budget front loses its cheap end: at configs/search.yaml's scale (96 trials, 16 workers)
-#   every sampler ends at a median regret of 0.11 with it (cpu_ms; 0.10-0.11 with params), against 0.05-0.06 with
-#   the non-dominated rung rule (search/moasha.py), which also spends 0.85x the compute. A seed of the
-#   non-dominated rule beats a seed of ASHA with probability 0.79-0.88 (Mann-Whitney), for every sampler.
+#   every sampler ends at a median regret of 0.11-0.12 with it (cpu_ms; 0.10-0.11 with params), against
+#   0.05-0.06 (0.05-0.07) with the non-dominated rung rule (search/moasha.py), which also spends 0.74-0.92x the
+#   compute. A seed of the non-dominated rule beats a seed of ASHA with probability 0.79-0.84 (cpu_ms; 0.72-0.74
+#   params; Mann-Whitney), for every sampler.
 # - The sampler matters little under that rule: MO-TPE, NSGA-II and random sampling end within noise of each other
 #   (P(beats) 0.44-0.56 both costs); none beats random sampling. NSGA-II and the GP sampler model COMPLETE trials
 #   only, so with stopped trials told PRUNED they never leave their random first generation / startup (the replay
