@@ -49,10 +49,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
+from search import pareto  # noqa: E402
 from search.selection import METRIC, MODE, pick_best, trial_row  # noqa: E402
 from search.space import KINDS, Dimension, param_space, parse_space  # noqa: E402
 
 DEFAULT_TABLE = ROOT / "benchmarks" / "results" / "learning-curves-cpu.json"
+DEFAULT_COSTS = ROOT / "benchmarks" / "results" / "learning-curves-cpu-costs.json"  # benchmarks/model_costs.py
 
 
 # -- the table ------------------------------------------------------------------------------------
@@ -69,18 +71,22 @@ class Table:
     epochs: int  # the full budget
     reference: int  # the reference-shaped config's index
     path: str = ""
+    # Each config's costs by name (params from the table's n_params; macs and cpu_ms from a costs file,
+    # benchmarks/model_costs.py): the second objective of a multi-objective replay.
+    costs: dict[str, list[float]] = field(default_factory=dict)
     _encoded: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._encoded = np.array([self.encode(p) for p in self.params])
 
     @classmethod
-    def load(cls, path: str | Path) -> Table:
+    def load(cls, path: str | Path, costs: str | Path | None = None) -> Table:
         data = json.loads(Path(path).read_text())
-        return cls.from_dict(data, str(path))
+        extra = json.loads(Path(costs).read_text()) if costs else None
+        return cls.from_dict(data, str(path), extra)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], path: str = "") -> Table:
+    def from_dict(cls, data: dict[str, Any], path: str = "", extra_costs: dict[str, Any] | None = None) -> Table:
         epochs = int(data["meta"]["base"]["train"]["epochs"])
         samples = int(data["meta"]["base"]["train"]["samples_per_epoch"])
         runs = {r["config"]: r for r in data["runs"] if r["seed"] == 0}
@@ -88,6 +94,14 @@ class Table:
         # A run that diverged or failed reported fewer epochs than the budget: its curve is shorter.
         curves = [[v for v in runs[c["id"]]["val_mse"] if math.isfinite(v)] for c in configs]
         ref = next((i for i, c in enumerate(configs) if c.get("role") == "reference"), 0)
+        costs: dict[str, list[float]] = {}
+        if all(c.get("n_params") for c in configs):
+            costs["params"] = [float(c["n_params"]) for c in configs]
+        if extra_costs:
+            by_id = {r["id"]: r for r in extra_costs["configs"]}
+            for key in ("params", "macs", "cpu_ms"):
+                if all(key in by_id.get(c["id"], {}) for c in configs):
+                    costs[key] = [float(by_id[c["id"]][key]) for c in configs]
         return cls(
             space=parse_space(data["space"]),
             params=[c["params"] for c in configs],
@@ -96,6 +110,7 @@ class Table:
             epochs=epochs,
             reference=ref,
             path=path,
+            costs=costs,
         )
 
     def encode(self, params: dict[str, Any]) -> list[float]:
@@ -134,6 +149,27 @@ class Table:
         best, ref = self.best, self.final(self.reference)
         return (val - best) / (ref - best) if math.isfinite(val) else math.inf
 
+    # Two objectives: (log10 val MSE, log10 cost) of the configs that ran their full budget, as the job's report
+    # takes them (search/objectives.py), with the reference point a tenth of a decade beyond the table's worst.
+    def log_point(self, i: int, cost: str) -> tuple[float, float]:
+        return math.log10(self.final(i)), math.log10(self.costs[cost][i])
+
+    def reference_point(self, cost: str) -> tuple[float, float]:
+        full = [self.log_point(i, cost) for i in range(len(self.params)) if math.isfinite(self.final(i))]
+        return max(p[0] for p in full) + 0.1, max(p[1] for p in full) + 0.1
+
+    def true_front(self, cost: str) -> list[int]:
+        full = [i for i in range(len(self.params)) if math.isfinite(self.final(i))]
+        return [full[j] for j in pareto.pareto_front([self.log_point(i, cost) for i in full])]
+
+    def hypervolume(self, configs: list[int], cost: str) -> float:
+        return pareto.hypervolume([self.log_point(i, cost) for i in configs], self.reference_point(cost))
+
+    def hv_regret(self, configs: list[int], cost: str) -> float:
+        """1 - HV(front of ``configs``) / HV(the table's front): 0 when the search found the table's whole front."""
+        best = self.hypervolume(self.true_front(cost), cost)
+        return 1.0 - self.hypervolume(configs, cost) / best
+
 
 # -- methods --------------------------------------------------------------------------------------
 
@@ -148,6 +184,10 @@ class Method:
     points: bool = False  # start from the job's points_to_evaluate (scaled), as the real job does
     multivariate: bool | None = None  # None: search/tuners.py's pinned choice
     constant_liar: bool | None = None
+    # Two objectives (val MSE and the table's cost named by --objective): the sampler is tpe | nsga2 | gp | random
+    # (search/tuners.make_mo_sampler), ASHA's rungs judge val_mse or rank by non-dominated sorting (search/moasha.py).
+    multiobjective: bool = False
+    rung: str = "val_mse"
 
 
 METHODS = [
@@ -161,6 +201,26 @@ METHODS = [
     Method("tpe+asha-no-liar", sampler="tpe", asha=True, constant_liar=False),
     Method("tpe+asha+points", sampler="tpe", asha=True, points=True),
 ]
+
+
+# The multi-objective comparison (--objective COST): each sampler without early stopping, with ASHA on val MSE
+# (+asha) and with the non-dominated rung rule (+moasha, search/moasha.py). "-pruned": an early-stopped trial is
+# told PRUNED (the job's StoppedAsPrunedSearch); without it, Ray's OptunaSearch tells it COMPLETE with its
+# low-fidelity values. The gp methods need scipy.
+def _mo(sampler: str, asha: bool = True, rung: str = "val_mse", pruned: bool = False) -> Method:
+    name = {"tpe": "mo-tpe", "random": "mo-random"}.get(sampler, sampler)
+    if asha:
+        name += "+moasha" if rung == "nondominated" else "+asha"
+    return Method(name + ("-pruned" if pruned else ""), sampler=sampler, asha=asha, stopped_as_pruned=pruned,
+                  multiobjective=True, rung=rung)  # fmt: skip
+
+
+MO_METHODS = [
+    _mo("random", asha=False),
+    _mo("tpe", asha=False),
+    *[_mo(sampler, True, rung, pruned) for rung in ("val_mse", "nondominated") for sampler in ("random", "tpe",
+      "nsga2", "gp") for pruned in ((False,) if sampler == "random" else (False, True))],
+]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -181,12 +241,19 @@ class _Trial:
         self.trial_id = trial_id
 
 
-def make_searcher(method: Method, table: Table, settings: Settings, seed: int, points: list[dict[str, Any]]):
+def make_searcher(
+    method: Method, table: Table, settings: Settings, seed: int, points: list[dict[str, Any]], cost: str = ""
+):
     from ray.tune.search.optuna import OptunaSearch
 
-    from search.tuners import make_sampler
+    from search.tuners import make_mo_sampler, make_mo_searcher, make_sampler
     from search.tuners import make_searcher as job_searcher
 
+    if method.multiobjective:
+        sampler = make_mo_sampler(seed, settings.n_startup_trials, method.sampler)
+        searcher = make_mo_searcher(sampler, points, cost, method.stopped_as_pruned)
+        searcher.set_search_properties(None, None, param_space(table.space))  # a Tuner with no metric of its own
+        return searcher
     if method.sampler == "random":
         import optuna
 
@@ -201,9 +268,14 @@ def make_searcher(method: Method, table: Table, settings: Settings, seed: int, p
     return searcher
 
 
-def make_scheduler(settings: Settings, epochs: int):
+def make_scheduler(settings: Settings, epochs: int, method: Method | None = None, cost: str = ""):
+    from search.tuners import make_mo_scheduler
     from search.tuners import make_scheduler as job_scheduler
 
+    if method is not None and method.multiobjective:
+        sched = make_mo_scheduler(epochs, settings.grace_period, settings.reduction_factor, cost, method.rung)
+        assert sched.set_search_properties(None, None)  # the Tuner names no metric
+        return sched
     sched = job_scheduler(epochs, settings.grace_period, settings.reduction_factor)
     sched.set_search_properties(METRIC, MODE)  # TuneConfig(metric=..., mode=...)
     return sched
@@ -223,15 +295,23 @@ class Replay:
     winner: int  # the table config the search selected (-1: none)
     # Every result the scheduler judged, in order: (trial id, epoch, val MSE, decision); tests replay it.
     decisions: list[tuple[str, int, float, str]] = field(default_factory=list)
+    # Two objectives: after each trial end, the hypervolume regret of the front of the full-budget trials so far,
+    # and at the end the table configs on that front.
+    hv_regret: list[float] = field(default_factory=list)
+    front: list[int] = field(default_factory=list)
 
 
-def replay(method: Method, table: Table, settings: Settings, seed: int, points: list[dict] | None = None) -> Replay:
+def replay(
+    method: Method, table: Table, settings: Settings, seed: int, points: list[dict] | None = None, cost: str = ""
+) -> Replay:
     """Run one whole search in simulated time; deterministic for (method, table, settings, seed)."""
     from ray.tune.schedulers import TrialScheduler
 
     points = list(points or []) if method.points else []
-    searcher = make_searcher(method, table, settings, seed, points)
-    scheduler = make_scheduler(settings, table.epochs) if method.asha else None
+    if method.multiobjective and cost not in table.costs:
+        raise ValueError(f"the table has no {cost!r} for its configs (it has {sorted(table.costs)})")
+    searcher = make_searcher(method, table, settings, seed, points, cost)
+    scheduler = make_scheduler(settings, table.epochs, method, cost) if method.asha else None
     n_trials = int(round(settings.num_samples * method.budget_factor))
     events: list[tuple[float, int, str]] = []  # (time, sequence, trial id): a trial's epoch ends
     state: dict[str, dict[str, Any]] = {}
@@ -241,6 +321,9 @@ def replay(method: Method, table: Table, settings: Settings, seed: int, points: 
     now = compute = 0.0
     epochs_run = 0
     out = Replay(method.name, seed, [0.0], [0.0], [0], [math.inf], 0, -1)
+    if method.multiobjective:
+        out.hv_regret.append(1.0)
+    full_configs: list[int] = []  # the table configs of the full-budget trials so far
 
     def start(t: float) -> None:
         nonlocal started, seq
@@ -270,6 +353,10 @@ def replay(method: Method, table: Table, settings: Settings, seed: int, points: 
         rows[-1].trial_id = str(st["config"])  # remember which table config it was
         full = [r for r in rows if r.status == "completed"]
         winner_val = pick_best(rows).val_mse if full else math.inf
+        if method.multiobjective:
+            if rows[-1].status == "completed":  # a stopped or diverged trial is never on the front
+                full_configs.append(st["config"])
+            out.hv_regret.append(table.hv_regret(full_configs, cost))
         out.wall.append(now)
         out.compute.append(compute)
         out.trial_epochs.append(epochs_run)
@@ -302,6 +389,8 @@ def replay(method: Method, table: Table, settings: Settings, seed: int, points: 
             finish(tid, result, error=True)
             continue
         result = {METRIC: curve[e - 1], "training_iteration": e, "epoch": e, "budget_epochs": table.epochs}
+        if method.multiobjective:  # the trial's cost, measured once at its start, rides with every result
+            result[cost] = table.costs[cost][cid]
         st["last"] = result
         if scheduler:
             decision = scheduler.on_trial_result(None, _Trial(tid), result)
@@ -317,6 +406,9 @@ def replay(method: Method, table: Table, settings: Settings, seed: int, points: 
     full = [r for r in rows if r.status == "completed"]
     out.trials = len(rows)
     out.winner = int(pick_best(rows).trial_id) if full else -1
+    if method.multiobjective:
+        unique = sorted(set(full_configs))
+        out.front = sorted({unique[j] for j in pareto.pareto_front([table.log_point(i, cost) for i in unique])})
     return out
 
 
@@ -324,7 +416,7 @@ def replay(method: Method, table: Table, settings: Settings, seed: int, points: 
 
 
 def _job(args: tuple) -> Replay:
-    method, table, settings, seed, points = args
+    method, table, settings, seed, points, cost = args
     logging.getLogger("optuna").setLevel(logging.WARNING)
     import optuna
 
@@ -332,15 +424,18 @@ def _job(args: tuple) -> Replay:
     import warnings
 
     warnings.filterwarnings("ignore")
-    return replay(method, table, settings, seed, points)
+    return replay(method, table, settings, seed, points, cost)
 
 
-def curve_on_grid(replays: list[Replay], table: Table, axis: str, grid: np.ndarray) -> dict[str, list[float]]:
-    """Median and quartiles over seeds of the normalised regret at each grid point (a step function)."""
+def curve_on_grid(
+    replays: list[Replay], table: Table, axis: str, grid: np.ndarray, hv: bool = False
+) -> dict[str, list[float]]:
+    """Median and quartiles over seeds of the normalised regret at each grid point (a step function); ``hv``: of
+    the hypervolume regret of the front of full-budget trials."""
     mat = np.full((len(replays), len(grid)), np.inf)
     for k, r in enumerate(replays):
         xs = np.asarray(getattr(r, axis), dtype=float)
-        regrets = np.array([table.regret(v) for v in r.winner_val])
+        regrets = np.array(r.hv_regret if hv else [table.regret(v) for v in r.winner_val])
         idx = np.searchsorted(xs, grid, side="right") - 1
         mat[k] = regrets[np.clip(idx, 0, None)]
     q25, q50, q75 = (np.percentile(mat, q, axis=0) for q in (25, 50, 75))
@@ -365,6 +460,19 @@ def rank_correlations(table: Table) -> dict[str, float]:
     return {str(e): spearman(np.array([c[e - 1] for c in full]), final) for e in range(1, table.epochs + 1)}
 
 
+def superiority(a: list[float], b: list[float]) -> float:
+    """P(a seed of A ends with a lower regret than a seed of B), ties counting half: the Mann-Whitney U statistic
+    over len(a) * len(b) (the common-language effect size; 0.5 = no difference)."""
+    wins = sum((x < y) + 0.5 * (x == y) for x in a for y in b)
+    return wins / (len(a) * len(b))
+
+
+def pairwise_superiority(methods: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """superiority() of every method's final hypervolume regrets over every other's: ``[a][b]`` = P(a beats b)."""
+    per = {name: m["final_hv_regret_per_seed"] for name, m in methods.items()}
+    return {a: {b: round(superiority(per[a], per[b]), 3) for b in per if b != a} for a in per}
+
+
 def first_reach(curve: dict[str, list[float]], target: float) -> float:
     for x, m in zip(curve["x"], curve["median"], strict=True):
         if m <= target:
@@ -379,8 +487,9 @@ def compare(
     seeds: int,
     processes: int = 2,
     points: list[dict] | None = None,
+    cost: str = "",
 ) -> dict[str, Any]:
-    jobs = [(m, table, settings, s, points) for m in methods for s in range(seeds)]
+    jobs = [(m, table, settings, s, points, cost) for m in methods for s in range(seeds)]
     t0 = time.time()
     if processes > 1:
         with mp.get_context("spawn").Pool(processes) as pool:
@@ -412,7 +521,25 @@ def compare(
             "total_trial_epochs_median": float(np.median([r.trial_epochs[-1] for r in reps])),
             "anytime": {axis: curve_on_grid(reps, table, axis, g) for axis, g in grids.items()},
         }
+        if reps[0].hv_regret:  # two objectives
+            hv = [r.hv_regret[-1] for r in reps]
+            front = len(table.true_front(cost))
+            out["methods"][name] |= {
+                "final_hv_regret_median": float(np.median(hv)),
+                "final_hv_regret_q25": float(np.percentile(hv, 25)),
+                "final_hv_regret_q75": float(np.percentile(hv, 75)),
+                "final_hv_regret_mean": float(np.mean(hv)),
+                "final_hv_regret_per_seed": hv,
+                "front_points_median": float(np.median([len(r.front) for r in reps])),
+                "true_front_found_median": float(
+                    np.median([len(set(r.front) & set(table.true_front(cost))) / front for r in reps])
+                ),
+                "hv_anytime": {axis: curve_on_grid(reps, table, axis, g, hv=True) for axis, g in grids.items()},
+            }
+            del out["methods"][name]["anytime"]  # the single-objective winner's curves: not what is compared here
     m = out["methods"]
+    if any("final_hv_regret_per_seed" in v for v in m.values()):
+        out["pairwise_superiority"] = pairwise_superiority(m)
     if "random" in m and "tpe+asha" in m:
         target = m["random"]["final_regret_median"]
         reach = first_reach(m["tpe+asha"]["anytime"]["compute"], target)
@@ -507,8 +634,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--processes", type=int, default=2)
     p.add_argument("--sweep", default=None, metavar="METHOD", help="also vary each setting around the given ones")
     p.add_argument("--sweep-seeds", type=int, default=10)
+    p.add_argument("--objective", default=None, choices=["params", "macs", "cpu_ms"],
+                   help="compare multi-objective methods on (val MSE, this cost) by hypervolume regret")  # fmt: skip
+    p.add_argument("--costs", default=None, help=f"the configs' macs and cpu_ms (default: {DEFAULT_COSTS.name})")
     args = p.parse_args(argv)
-    table = Table.load(args.table)
+    costs = args.costs or (DEFAULT_COSTS if args.table == str(DEFAULT_TABLE) and DEFAULT_COSTS.exists() else None)
+    table = Table.load(args.table, costs)
+    if args.objective:
+        return main_multiobjective(args, table)
     methods = [m for m in METHODS if args.methods is None or m.name in args.methods]
     settings = Settings(args.num_samples, args.workers, args.n_startup_trials, args.grace_period, args.reduction_factor)
     raw = json.loads(Path(args.table).read_text())
@@ -538,6 +671,100 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot:
         plot(result, args.plot)
     return 0
+
+
+def _has_scipy() -> bool:
+    try:
+        import scipy  # noqa: F401  (Optuna's GP sampler needs it; the job does not)
+    except ImportError:
+        return False
+    return True
+
+
+def main_multiobjective(args: argparse.Namespace, table: Table) -> int:
+    """--objective COST: the multi-objective methods, by the hypervolume regret of the front of full-budget trials."""
+    cost = args.objective
+    methods = [m for m in MO_METHODS if (args.methods is None and (m.sampler != "gp" or _has_scipy()))
+               or (args.methods is not None and m.name in args.methods)]  # fmt: skip
+    if args.methods is None and not _has_scipy():
+        print("the gp methods are left out: Optuna's GP sampler needs scipy (pip install scipy)")
+    settings = Settings(args.num_samples, args.workers, args.n_startup_trials, args.grace_period, args.reduction_factor)
+    front = table.true_front(cost)
+    result = {
+        "table": {"file": str(args.table), "configs": len(table.params), "epochs": table.epochs,
+                  "costs_file": str(args.costs or (DEFAULT_COSTS if cost != "params" else "")),
+                  "full_budget_configs": sum(math.isfinite(table.final(i)) for i in range(len(table.params)))},
+        "objective": cost,
+        "hypervolume": {
+            "space": f"(log10 val MSE, log10 {cost}), both minimised",
+            "reference_point": list(table.reference_point(cost)),
+            "true_front": front,
+            "true_front_hypervolume": table.hypervolume(front, cost),
+            "regret": "1 - HV(front of the search's full-budget trials) / HV(front of all the table's full-budget "
+                      "configs)",
+        },
+        "settings": dataclasses.asdict(settings),
+    }  # fmt: skip
+    result.update(compare(table, methods, settings, args.seeds, args.processes, None, cost))
+    for name, m in result["methods"].items():
+        print(
+            f"{name:22s} HV regret median {m['final_hv_regret_median']:.4f} [{m['final_hv_regret_q25']:.4f}, "
+            f"{m['final_hv_regret_q75']:.4f}] mean {m['final_hv_regret_mean']:.4f}  "
+            f"front {m['front_points_median']:.0f} pts  compute {m['total_compute_median']:.0f} s  "
+            f"wall {m['total_wall_median']:.0f} s"
+        )
+    print(f"replay took {result['replay_seconds']} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1, default=float))
+    if args.plot:
+        plot_multiobjective(result, args.plot)
+    return 0
+
+
+def plot_multiobjective(result: dict[str, Any], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # a script entry point: no display
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(18, 5.2), gridspec_kw={"width_ratios": [1, 1, 0.8]})
+    for ax, axis, label in (
+        (axes[0], "wall", "simulated wall time (s)"),
+        (axes[1], "compute", "simulated compute (s)"),
+    ):
+        for name, m in result["methods"].items():
+            # Colour: the sampler; line: the stopping rule (none dashed, ASHA on val MSE dotted, non-dominated
+            # solid); thin: stopped trials told COMPLETE, thick: told PRUNED.
+            sampler = name.split("+")[0].removeprefix("mo-")
+            rung = "moasha" if "+moasha" in name else "asha" if "+asha" in name else "none"
+            style = {
+                "color": {"random": "C0", "tpe": "C1", "nsga2": "C2", "gp": "C3"}.get(sampler, "C4"),
+                "ls": {"none": "--", "asha": ":", "moasha": "-"}[rung],
+                "lw": 2.2 if "pruned" in name else 1.2,
+            }
+            c = m["hv_anytime"][axis]
+            x, med = np.array(c["x"]), np.array(c["median"])
+            ax.plot(x, med, label=name, **style)
+            if rung != "asha":
+                ax.fill_between(x, c["q25"], c["q75"], alpha=0.06, color=style["color"])
+        ax.set_xlabel(label)
+        ax.set_ylabel("hypervolume regret of the full-budget front")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3, which="both")
+    axes[0].legend(fontsize=7)
+    names = list(result["methods"])
+    axes[2].boxplot([result["methods"][n]["final_hv_regret_per_seed"] for n in names], orientation="horizontal")
+    axes[2].set_yticks(range(1, len(names) + 1), names, fontsize=7)
+    axes[2].set_xscale("log")
+    axes[2].set_xlabel("final hypervolume regret (per seed)")
+    s = result["settings"]
+    fig.suptitle(
+        f"val MSE x {result['objective']}: {result['table']['configs']} configs; {s['num_samples']} trials, "
+        f"{s['workers']} workers, ASHA grace {s['grace_period']} rf {s['reduction_factor']}; median and IQR over "
+        f"{next(iter(result['methods'].values()))['seeds']} seeds"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

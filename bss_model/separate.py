@@ -7,6 +7,9 @@ Each IMAGE (PNG, JPEG or BMP through Pillow, or a 2-D ``.npy``) is one mixture `
 with light shapes on black, as in training. For each, ``<stem>.digit.png`` and ``<stem>.fashion.png`` are
 written at the input's size, plus one ``panel.png`` with a row per input (mixture | digit | fashion).
 
+The console ends with the measured throughput, one line: images per second on the device it ran on (its
+forward passes alone); ``--json`` carries the same figures as ``throughput``.
+
 Everything is read and checked, and every output computed, before the first file is written; then every
 file is written to a temp file beside it, and only once all are written are they renamed into place. So a bad
 input, a bad checkpoint or a full disk stops the command with one line and leaves ``--out`` exactly as it was.
@@ -20,6 +23,7 @@ import io
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -248,7 +252,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     resolve_device(args.device, "--device")  # errors in the flag's words, not train.device's
     runtime = inference_runtime(cfg, args.device, args.threads)
     model = runtime.prepare_model(model).eval()
+    # The forward passes alone (reading, padding, encoding and writing aside): what this device delivered. The
+    # predictions end on the CPU (.cpu()), so a GPU's work is finished when the clock stops.
+    start = time.perf_counter()
     preds = separate_images(model, runtime, [item.image for item in items], depth)
+    seconds = time.perf_counter() - start
     bad = next((item.name for item, pred in zip(items, preds, strict=True) if not np.isfinite(pred).all()), None)
     if bad is not None:  # finite weights can still overflow: a NaN picture (and JSON) is no result
         raise BssError(
@@ -295,6 +303,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     doc: dict[str, Any] = {"checkpoint": str(args.checkpoint), "out": str(out), "panel": str(out / PANEL_NAME)}
     doc["images"] = report
+    import torch
+
+    doc["throughput"] = {
+        "images": len(items),
+        "seconds": seconds,
+        "images_per_s": len(items) / seconds if seconds > 0 else None,
+        "device": str(runtime.device),
+        "precision": "bf16" if runtime.bf16 else "fp32",
+        "threads": torch.get_num_threads() if runtime.device.type == "cpu" else None,
+    }
     demo = [r for r in report if "mse" in r]
     if demo:
         doc["demo"] = {
@@ -306,6 +324,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return doc
 
 
+def throughput_line(t: dict[str, Any]) -> str:
+    """The measured throughput as one line: images per second on the device, the forward passes alone."""
+    on = t["device"] + (f", {t['threads']} thread{'s' if t['threads'] != 1 else ''}" if t["threads"] else "")
+    rate = f"{t['images_per_s']:,.0f}" if t["images_per_s"] else "n/a"
+    return (f"throughput: {rate} images/s on {on} ({t['precision']}): {t['images']} image(s) separated in "
+            f"{t['seconds'] * 1e3:.1f} ms, forward passes only")  # fmt: skip
+
+
 def _print_summary(doc: dict[str, Any]) -> None:
     for r in doc["images"]:
         line = f"{r['input']} ({r['width']}x{r['height']}): {r['digit']} {r['fashion']}"
@@ -313,6 +339,7 @@ def _print_summary(doc: dict[str, Any]) -> None:
             line += f"  MSE vs truth {r['mse']:.4f} (mix baseline {r['baseline_mix_mse']:.4f})"
         print(line)
     print(f"panel (mixture | digit | fashion, one row per input in this order): {doc['panel']}")
+    print(throughput_line(doc["throughput"]))
     if "demo" in doc:
         d = doc["demo"]
         print(

@@ -47,6 +47,7 @@ from bss_model.config import (
     with_overrides,
 )
 from bss_model.errors import ConfigError
+from search.objectives import check_objectives, check_pick, parse_pick
 from search.space import Dimension, choice_value, parse_space
 
 MAX_TRIALS = 100_000
@@ -55,6 +56,7 @@ RESOURCE_UNIT = 1e-4
 NAME_MAX = 255  # bytes in one folder name on ext4, XFS, APFS, NTFS and object-storage key segments alike
 MAX_SEEDS = 1000
 MAX_IMAGES = 64  # test mixtures in one separation picture
+MAX_LATENCY_BATCH = 4096
 
 
 @dataclass
@@ -76,6 +78,10 @@ class TuneSection:
     # Known-good starting points: mappings of space keys to values (e.g. the reference).
     points_to_evaluate: list = field(default_factory=list)
     checkpoints_to_keep: int = 2
+    # What the search minimises: [val_mse] (one objective), or val_mse and one cost (params, macs, cpu_ms, gpu_ms),
+    # for a Pareto front of accuracy against cost (search/objectives.py).
+    objectives: list = field(default_factory=lambda: ["val_mse"])
+    latency_batch: int = 1  # the images in the one batch cpu_ms / gpu_ms time (search/costs.py)
     verbose: int = 0  # 0: the project's lines (search/console.py); 1: + Ray Tune's trial table; 2-3: + its results
     # Experiment trackers, by name, with their settings: {mlflow: {tracking_uri: ...}, wandb: {mode: offline}}
     # (Ray's integrations; search/trackers.py). Each needs its extra: pip install 'bss-search[mlflow]'.
@@ -112,6 +118,9 @@ class TuneSection:
         check(self.max_failures >= 0, "max_failures", self.max_failures, ">= 0")
         check(self.checkpoints_to_keep >= 1, "checkpoints_to_keep", self.checkpoints_to_keep, ">= 1")
         check(self.verbose in (0, 1, 2, 3), "verbose", self.verbose, "0..3")
+        check_objectives(self.objectives, self.gpus_per_trial)
+        check(1 <= self.latency_batch <= MAX_LATENCY_BATCH, "latency_batch", self.latency_batch,
+              f"1..{MAX_LATENCY_BATCH} images")  # fmt: skip
         if self.name and (Path(self.name).name != self.name or self.name.startswith(".")):
             raise ConfigError(f"tune.name={self.name!r} must be a plain folder name: drop slashes and leading dots")
         if len(self.name.encode("utf-8", "surrogatepass")) > NAME_MAX:
@@ -145,6 +154,9 @@ class RetrainSection:
     # Dotted overrides applied last (they win over the budget above, e.g. train.epochs).
     overrides: dict = field(default_factory=dict)
     images: int = 8  # test mixtures in the separation picture
+    # Which search trial to retrain: best (the lowest val MSE), a limit such as params<=50000 or cpu_ms<=2 (the
+    # lowest val MSE within it), or knee (the front's knee); limits and knee need tune.objectives with a cost.
+    pick: str = "best"
 
     def validate(self) -> None:
         check_range(1 <= self.seeds <= MAX_SEEDS, "retrain.seeds", self.seeds, f"1..{MAX_SEEDS}")
@@ -165,6 +177,7 @@ class RetrainSection:
         for key in self.overrides:
             if not isinstance(key, str):
                 raise ConfigError(f"retrain.overrides key {key!r} must be a dotted config key, e.g. train.epochs")
+        parse_pick(self.pick)
         for key in expand_sections(self.overrides):
             fixed = not_for_the_retrain(key)
             if fixed:
@@ -394,12 +407,19 @@ def load_search_config(path: str | Path | None, sets: list[str] | None = None) -
     cfg.plan.validate()
     if cfg.budget:
         cfg.budget_s  # noqa: B018 -- parses it: a bad duration is one line now
+        if len(cfg.tune.objectives) > 1:
+            # The budget's plan, deadline and time-boxed trials judge val MSE alone (search/budgeted.py).
+            raise ConfigError(
+                f"budget: {cfg.budget} with tune.objectives {cfg.tune.objectives}: a budgeted job searches val_mse "
+                "alone; drop budget (and --budget) for a two-objective search, or set tune.objectives: [val_mse]"
+            )
     else:
         # Under a budget the trials are time-boxed (equal wall time, search/budget.py), so no sample budget
         # needs to divide by their batch sizes.
         check_budget(cfg.base, parsed, points)
     points[:] = [complete_point(base, parsed, point, i) for i, point in enumerate(points)]
     with_overrides(base, cfg.retrain.params(), where="retrain.overrides: ")
+    check_pick(parse_pick(cfg.retrain.pick), cfg.tune.objectives)
     if not cfg.tune.name:
         cfg.tune.name = Path(path).stem if path else "search"
     return cfg

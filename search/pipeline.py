@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import ray
+import yaml
 
 from bss_model.config import Config, describe_diff, load_config
 from bss_model.errors import ConfigError
-from bss_model.io import atomic_write_json, log_file
-from search import best_model, figures, lock, report, selection, storage, study, tuners
+from bss_model.io import atomic_write_json, atomic_write_text, log_file
+from search import best_model, figures, lock, objectives, pareto_report, report, selection, storage, study, tuners
 from search.budgeted import Budgeted, eval_workers, local_cpus
 from search.cluster import check_local_run, cluster_gpus, init_ray, local_gpus
 from search.config import SearchConfig, TuneSection, with_overrides
@@ -68,10 +69,14 @@ def check_data(cfg: Config, address: str | None) -> None:
 
 
 def best_config(cfg: SearchConfig, summary: SearchSummary, planned: dict[str, Any] | None = None) -> Config:
-    """What the retrain trains: the base config with the winner's params, then the retrain's sample budget
-    (``retrain.epochs`` x ``retrain.samples_per_epoch``, whatever the winner's batch size), then its overrides;
-    under a budget, the planned budget keys last (search/budgeted.py: each seed's time limit and samples)."""
-    return with_overrides(cfg.base.to_dict(), {**summary.best_params, **cfg.retrain.params(), **(planned or {})})
+    """What the retrain trains: the base config with the winner's params (the trial ``retrain.pick`` names: the
+    best by default), then the retrain's sample budget (``retrain.epochs`` x ``retrain.samples_per_epoch``,
+    whatever the winner's batch size), then its overrides; under a budget, the planned budget keys last
+    (search/budgeted.py: each seed's time limit and samples)."""
+    params = summary.best_params
+    if cfg.retrain.pick != "best":
+        params = objectives.choose(summary, objectives.parse_pick(cfg.retrain.pick)).row.params
+    return with_overrides(cfg.base.to_dict(), {**params, **cfg.retrain.params(), **(planned or {})})
 
 
 def search_step(
@@ -92,8 +97,13 @@ def search_step(
         results = tuners.run_search(cfg, root, resume, resume_cmd, kwargs)
     rows = selection.summarize_trials(results, cfg.base.train.epochs)
     summary = selection.search_summary(cfg.base, rows, time.time() - t0)
+    if objectives.cost_of(cfg.tune.objectives):  # a two-objective search: its costs and its front
+        summary.pareto = objectives.summarize_pareto(cfg.tune.objectives, cfg.base.to_dict(), rows, list(results))
     # Before the summary: a kill in between reruns this step on --resume, and the study adds no trial twice.
-    study.record_results(root, cfg.tune.name, cfg.dimensions(), results, cfg.base.train.epochs, cfg.tune.study_storage)
+    study.record_results(
+        root, cfg.tune.name, cfg.dimensions(), results, cfg.base.train.epochs, cfg.tune.study_storage,
+        cfg.tune.objectives,
+    )  # fmt: skip
     storage.save_summary(root, summary)
     if job is not None:
         job.search_done(summary)
@@ -154,10 +164,16 @@ def retrain_step(
     resume_cmd: str,
     t0: float,
     job: Budgeted | None = None,
+    out: Path | None = None,
 ) -> dict[str, Any]:
     """Retrain ``best_cfg`` over the configured seeds, evaluate them and their ensemble, export the best seed,
-    then write the report. ``job``: a budget's plan (the retrain's clock, the phases' accounting)."""
-    out = storage.local_dir(root)
+    then write the report (into ``out``, default the experiment's folder; a second pick's retrain has its own,
+    ``picks/<pick>``, and its own evaluation.json). ``job``: a budget's plan (the retrain's clock, the phases'
+    accounting)."""
+    out = out or storage.local_dir(root)
+    picked = None
+    if summary is not None and summary.pareto is not None:  # which point of the front, and why
+        picked = objectives.choose(summary, objectives.parse_pick(cfg.retrain.pick)).to_dict()
     kwargs = None
     if job is not None:
         job.retrain_clock()
@@ -181,9 +197,10 @@ def retrain_step(
     separations = best_model.predict_separations(out / best_model.FILENAME, cfg.retrain.images, best_cfg.data.dir)
     result = report.write_report(
         out, summary, retrain, best_cfg.to_dict(), cfg.dimensions(), separations, time.time() - t0,
-        budget=job.report() if job else None,
+        budget=job.report() if job else None, pick=picked,
     )  # fmt: skip
-    storage.upload(root, out, ["report.json", "report.md", best_model.FILENAME, *figures.PICTURES.values()])
+    pictures = [*figures.PICTURES.values(), *pareto_report.PICTURES.values()]
+    storage.upload(root, out, ["report.json", "report.md", best_model.FILENAME, *pictures])
     if job is not None:
         job.ledger.end("report")
     print(f"report: {out / 'report.md'}")
@@ -216,6 +233,7 @@ def search_retrain_report(
     ``started_at``: when the command started (``time.time()``), from which a budget counts."""
     t0 = time.time()
     started_at = started_at or t0
+    check_local_gpus(cfg, address)
     if not on_cluster(address):  # on a cluster, the nodes: cluster.warn_unschedulable, and each trial
         retrain_cfg = with_overrides(cfg.base.to_dict(), cfg.retrain.params())
         check_local_run(cfg.tune.cpus_per_trial, cfg.tune.gpus_per_trial,
@@ -230,7 +248,7 @@ def search_retrain_report(
         finished_experiment(root, saved)
         return {}
     if cfg.tune.study_storage:  # a shared database: it answers, and the study of this name is this experiment's
-        study.claim_study(cfg.tune.study_storage, cfg.tune.name, root, resume)
+        study.claim_study(cfg.tune.study_storage, cfg.tune.name, root, resume, cfg.tune.objectives)
     if resume:
         storage.load_summary(root)  # a damaged summary is one line now, not after Ray has started
         # A driver on another machine (an empty mirror) goes on with the study in storage.
@@ -248,6 +266,7 @@ def search_retrain_report(
         print("\n".join(where_lines(root, cfg.tune.name, cfg.tune.study_storage)), flush=True)
         ray_t0 = time.time()
         init_ray(address)
+        objectives.check_gpus_available(cfg.tune.objectives, cluster_gpus(), "the Ray cluster")
         if cfg.budget and cluster:  # the trials' hardware is the cluster's: probe it there, before any trial
             resources = ray.cluster_resources()
             job = Budgeted.start(cfg, root, resume, started_at, resources.get("CPU", 1), cluster_gpus(), remote=True)
@@ -264,6 +283,15 @@ def search_retrain_report(
 
 def winner_of(summary: SearchSummary) -> TrialRow:
     return next(t for t in summary.trials if t.trial_id == summary.best_trial)
+
+
+def check_local_gpus(cfg: SearchConfig, address: str | None) -> None:
+    """gpu_ms on a local Ray needs a GPU on this machine: one line before Ray starts. (A cluster's GPUs are known
+    once connected: search_retrain_report checks them then, before any trial.)"""
+    if "gpu_ms" in cfg.tune.objectives and not on_cluster(address):
+        import torch
+
+        objectives.check_gpus_available(cfg.tune.objectives, torch.cuda.device_count(), "this machine")
 
 
 def finished_search(folder: str) -> tuple[str, SearchConfig, SearchSummary]:
@@ -395,3 +423,56 @@ def check_retrain_seeds(root: str, cfg: SearchConfig) -> None:
         f"to continue it, or retrain over {cfg.retrain.seeds} seeds as a new experiment: `python search/retrain.py "
         f"--config {config} --seeds {cfg.retrain.seeds} --name {cfg.tune.name}-{cfg.retrain.seeds}-seeds`"
     )
+
+
+PICKS = "picks"  # <experiment>/picks/<pick>/: the retrain of another point of the front
+
+
+def pick_retrain_report(
+    cfg: SearchConfig,
+    summary: SearchSummary,
+    root: str,
+    pick_text: str,
+    address: str | None,
+    data_dir: str | None,
+    resume_cmd: str,
+) -> dict[str, Any]:
+    """Retrain the point ``pick_text`` selects from a finished search, without rerunning the search.
+
+    The experiment's own pick (``retrain.pick``) is its first retrain, continued as ``retrain_report`` does. Any
+    other pick retrains into ``<experiment>/picks/<pick>/`` (its Tune experiment ``retrain/``, its report.json,
+    report.md, best_model.pt and pictures, its resolved config): the first retrain's files, and the
+    ``best_model.pt`` its report names, are never touched. A limit no full-budget trial meets is one line,
+    before Ray starts.
+    """
+    pick = objectives.parse_pick(pick_text, "--pick")
+    objectives.check_pick(pick, cfg.tune.objectives, "--pick")
+    first = objectives.parse_pick(cfg.retrain.pick)
+    if pick == first:
+        return retrain_report(cfg, summary, root, False, address, data_dir, resume_cmd)
+    chosen = objectives.choose(summary, pick)
+    already = objectives.choose(summary, first)
+    if chosen.row.trial_id == already.row.trial_id:
+        print(f"--pick {pick.text} selects trial {chosen.row.trial_id}, the one the experiment's retrain "
+              f"({first.text}) already trained: see {storage.local_dir(root) / 'report.md'}")  # fmt: skip
+        return {}
+    cfg.retrain.pick = pick.text
+    cfg.retrain.validate()
+    cfg.tune.validate()
+    sub = f"{root.rstrip('/')}/{PICKS}/{pick.slug}"
+    out = storage.local_dir(root) / PICKS / pick.slug
+    best_cfg = best_config(cfg, summary)
+    if not on_cluster(address):
+        check_local_run(cfg.tune.cpus_per_trial, cfg.tune.gpus_per_trial, {"": best_cfg})
+    resolve_data_dir(best_cfg, data_dir, on_cluster(address))
+    check_data(best_cfg, address)
+    t0 = time.time()
+    out.mkdir(parents=True, exist_ok=True)
+    # The resolved config of this retrain beside its results (the experiment's own stays as it was).
+    atomic_write_text(out / storage.CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    storage.upload(sub, out, [storage.CONFIG_FILE])
+    with log_file(out / "retrain.log"):
+        print(f"retraining trial {chosen.row.trial_id} ({pick.text}: {chosen.reason}) into {out}", flush=True)
+        print("\n".join(where_lines(sub, cfg.tune.name)[:2]), flush=True)  # (the study is the experiment's)
+        init_ray(address)
+        return retrain_step(cfg, best_cfg, sub, summary, resume_cmd, t0, out=out)

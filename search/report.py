@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from bss_model.io import atomic_write_json, atomic_write_text
+from search import pareto_report
 from search.figures import PICTURES, Importances, param_importances, write_pictures
 from search.results import RetrainSummary, SearchSummary, Separations
 from search.space import Dimension
@@ -34,9 +35,11 @@ def build_report(
     wall_s: float,
     importances: Importances | None = None,
     budget: dict[str, Any] | None = None,
+    pick: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """report.json's content. ``search`` is None for a named config retrained directly (no trials);
-    ``budget``: a budgeted job's plan and phases (search/budgeted.py Budgeted.report), else None."""
+    ``budget``: a budgeted job's plan and phases (search/budgeted.py Budgeted.report), else None. A
+    two-objective search adds ``pareto`` (its costs, front and hypervolume) and ``pick`` (the point retrained)."""
     if search is None:  # then the best seed's validation MSE is the best there is
         search = SearchSummary("", {}, retrain.best.val_mse, best_config, search_wall_s=None, trials=[])
     s = search.to_dict()
@@ -47,7 +50,7 @@ def build_report(
     m0 = retrain.seeds[0].metrics
     ens = retrain.ensemble
     ens_ok = ens is not None and not ens.error
-    return {
+    report = {
         "best_config": best_config,
         "best_params": s["best_params"],
         "best_val_mse": s["best_val_mse"],
@@ -84,6 +87,9 @@ def build_report(
         "wall_s": wall_s,
         "budget": budget,
     }
+    if search.pareto is not None:
+        report |= {"pareto": s["pareto"], "pick": pick}
+    return report
 
 
 def write_report(
@@ -95,12 +101,15 @@ def write_report(
     separations: Separations,
     wall_s: float,
     budget: dict[str, Any] | None = None,
+    pick: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Every picture, then report.json and report.md (which link the pictures); returns the report."""
     trials = search.trials if search is not None else []
     importances = param_importances(trials, dims)
     write_pictures(trials, importances, separations, out)
-    report = build_report(search, retrain, best_config, wall_s, importances, budget)
+    if search is not None and search.pareto is not None:
+        pareto_report.write_pictures(search.pareto, trials, pick, out)
+    report = build_report(search, retrain, best_config, wall_s, importances, budget, pick)
     atomic_write_json(out / "report.json", report)
     atomic_write_text(out / "report.md", render_markdown(report))
     return report
@@ -178,6 +187,7 @@ def render_markdown(r: dict[str, Any]) -> str:
         if errored:
             lines += ["", "Errored trials:", ""] + [f"- {t['trial_id']}: {t['error']}" for t in errored]
         lines.append("")
+    lines += pareto_report.markdown(r)  # a two-objective search: the front, the pick, the hypervolume
     lines += [
         "## Best configuration",
         "",

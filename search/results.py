@@ -46,6 +46,44 @@ class TrialRow:
 
 
 @dataclass
+class FrontPoint:
+    """One point of the Pareto front: a full-budget trial, its val MSE and cost, all its costs and its params."""
+
+    trial_id: str
+    number: int
+    val_mse: float
+    cost: float  # the search's cost objective (ParetoSummary.cost)
+    costs: dict[str, Any]  # every cost the trial recorded (params, macs, cpu_ms ...) and what they hold for
+    params: dict[str, Any]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FrontPoint:
+        return cls(**data)
+
+
+@dataclass
+class ParetoSummary:
+    """A two-objective search (search/objectives.py): every trial's costs and the front of full-budget trials."""
+
+    objectives: list[str]  # [val_mse, <cost>]
+    cost: str
+    costs: dict[str, dict[str, Any]]  # trial id -> what the trial measured of its costs
+    front: list[FrontPoint]  # by cost; full-budget trials only
+    knee: str | None  # the front's knee (a trial id)
+    hypervolume: list[dict[str, Any]]  # {wall_s, hypervolume, trial_id} at each full-budget trial's end
+    hypervolume_reference: list[float] | None  # (log10 val MSE, log10 cost)
+    reference_trials: list[str]  # trials with the reference network's topology
+    cpu_models: list[str]  # the CPUs the trials' cpu_ms were measured on
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ParetoSummary:
+        return cls(**{**data, "front": [FrontPoint.from_dict(p) for p in data["front"]]})
+
+
+@dataclass
 class SearchSummary:
     """The finished search: its winner and every trial (sorted: full budget first, then by val MSE)."""
 
@@ -55,6 +93,8 @@ class SearchSummary:
     best_config: dict[str, Any]  # the base config with best_params applied (before retrain overrides)
     search_wall_s: float | None
     trials: list[TrialRow]
+    # A two-objective search's costs and front (tune.objectives); None for [val_mse], whose files stay as they were.
+    pareto: ParetoSummary | None = None
 
     def count(self, *statuses: str) -> int:
         return sum(t.status in statuses for t in self.trials)
@@ -74,7 +114,7 @@ class SearchSummary:
             "num_cut": self.count(CUT),
             "search_wall_s": self.search_wall_s,
             "trials": [t.to_dict() for t in self.trials],
-        }
+        } | ({"pareto": self.pareto.to_dict()} if self.pareto is not None else {})
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SearchSummary:
@@ -85,6 +125,7 @@ class SearchSummary:
             best_config=data["best_config"],
             search_wall_s=data["search_wall_s"],
             trials=[TrialRow.from_dict(t) for t in data["trials"]],
+            pareto=ParetoSummary.from_dict(data["pareto"]) if data.get("pareto") else None,
         )
 
 

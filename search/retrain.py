@@ -1,6 +1,7 @@
 """Retrain one configuration over seeds, evaluate each with the reference protocol, report.
 
     python search/retrain.py --experiment results/smoke          # the best config of a finished search
+    python search/retrain.py --experiment results/pareto --pick params<=50000   # another point of its front
     python search/retrain.py --config configs/seed.yaml --seeds 5  # a configuration named directly
     bss-retrain --experiment results/smoke                         # the installed console script
 
@@ -30,6 +31,10 @@ def main(argv: list[str] | None = None) -> int:
         src.add_argument("--config", help="a bss_model config to retrain directly: a YAML file or a shipped name")
         p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                        help="with --config: override a config key (repeatable)")  # fmt: skip
+        p.add_argument("--pick", default=None, metavar="RULE",
+                       help="with --experiment: the trial to retrain -- best, knee, or a limit such as params<=50000 "
+                       "(a search with tune.objectives [val_mse, <cost>]); a pick other than the experiment's own "
+                       "retrains into <experiment>/picks/<pick>/, leaving the first retrain as it is")  # fmt: skip
         p.add_argument("--seeds", type=int, default=None, help="number of seeds (default: the config's, else 5)")
         p.add_argument("--name", default=None, help="with --config: experiment name (default: the config's stem)")
         p.add_argument("--storage-path", default=None,
@@ -46,13 +51,14 @@ def main(argv: list[str] | None = None) -> int:
         require_extra("search", prog)
         from search import guard, lock
         from search.console import entry_point
-        from search.pipeline import finished_search, named_config, retrain_report
+        from search.pipeline import finished_search, named_config, pick_retrain_report, retrain_report
         from search.storage import experiment_root, root_of
 
         args.sets = overrides(args)  # bare KEY=VALUE arguments are --set items
         given = {"--experiment": (args.experiment, "a finished search's folder (results/<name>)"),
                  "--config": (args.config, "a bss_model config file"), "--name": (args.name, "a name"),
-                 "--storage-path": (args.storage_path, "a folder")}  # fmt: skip
+                 "--storage-path": (args.storage_path, "a folder"),
+                 "--pick": (args.pick, "best, knee or a limit such as params<=50000")}  # fmt: skip
         for flag, (value, what) in given.items():
             if value is not None and not value.strip():
                 raise ConfigError(f"{flag} {value!r} is empty: pass {what}")
@@ -68,6 +74,11 @@ def main(argv: list[str] | None = None) -> int:
                     f"{flags} (to change settings, use `search/run.py --resume` or a new search)"
                 )
             target = root_of(args.experiment)
+        elif args.pick:
+            raise ConfigError(
+                "--pick applies only with --experiment: it chooses a point of a finished search's front; a config "
+                "retrained with --config has no search to pick from"
+            )
         else:
             storage_path = args.storage_path or "results"
             config = resolve_config(args.config, "model")
@@ -99,7 +110,10 @@ def main(argv: list[str] | None = None) -> int:
             again = "--resume" in raw or args.experiment  # --experiment continues its retrain without the flag
             resume_cmd = shlex.join([*prog.split(), *raw] + ([] if again else ["--resume"]))  # pasted back as typed
             with entry_point(cfg.tune.verbose), guard.resume_said(target, resume_cmd):
-                retrain_report(cfg, summary, root, args.resume, args.address, args.data_dir, resume_cmd)
+                if args.pick:
+                    pick_retrain_report(cfg, summary, root, args.pick, args.address, args.data_dir, resume_cmd)
+                else:
+                    retrain_report(cfg, summary, root, args.resume, args.address, args.data_dir, resume_cmd)
         return 0
 
     return _main()

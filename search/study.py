@@ -9,6 +9,12 @@ finished trial per Tune trial, in the states Optuna's tools understand, mapped f
     stopped    (stopped early by ASHA) -> PRUNED,   value = its last validation MSE
     diverged, errored                  -> FAIL,     no value
 
+A two-objective search (``tune.objectives: [val_mse, <cost>]``, search/objectives.py) is a study with two
+directions (both minimise), metric names ``[val_mse, <cost>]``: a COMPLETE trial's values are (its last
+validation MSE, its cost), so the study's own Pareto front (``study.best_trials``, optuna-dashboard's Pareto front
+plot) is the report's; a PRUNED trial has no values, so it is never on that front; the costs the trial measured
+(params, macs, cpu_ms, cpu_model ...) are user attributes. A full-budget trial that reported no cost is FAIL.
+
 Each trial also carries its parameters with their distributions (``search/space.py``'s table), its
 validation MSE per epoch as intermediate values (step = epoch), its start and end times, and user
 attributes: ``tune_trial_id``, ``tune_number``, ``status``, ``epochs``, ``samples``, ``error``, ``node``.
@@ -49,7 +55,7 @@ import math
 import os
 import re
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +63,7 @@ from ray.tune import Callback
 
 from bss_model.errors import ConfigError
 from search import storage
+from search.objectives import cost_of, trial_costs
 from search.results import COMPLETED, CUT, DIVERGED, ERRORED, STOPPED, TrialRow
 from search.selection import METRIC, trial_row
 from search.space import Dimension, optuna_distributions
@@ -174,7 +181,7 @@ def _storage_error(url: str, exc: BaseException) -> ConfigError:
     return ConfigError(f"tune.study_storage {shown}: {why} ({detail}): {fix}")
 
 
-def claim_study(storage: str, name: str, root: str, resume: bool) -> None:
+def claim_study(storage: str, name: str, root: str, resume: bool, objectives: Sequence[str] = (METRIC,)) -> None:
     """Before Ray starts: the database answers, and study ``name`` in it is this experiment's (or is made so).
 
     A new experiment may not take a name whose study already holds trials (any experiment's, this
@@ -190,14 +197,17 @@ def claim_study(storage: str, name: str, root: str, resume: bool) -> None:
             study_id = None
         if study_id is None:
             with quiet_optuna():
-                study = optuna.create_study(storage=rdb, study_name=name, direction="minimize")
+                study = optuna.create_study(
+                    storage=rdb, study_name=name, directions=["minimize"] * len(objectives)
+                )  # fmt: skip
             study.set_user_attr(OWNER, root)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                study.set_metric_names([METRIC])
+                study.set_metric_names(list(objectives))
             return
         owner = rdb.get_study_user_attrs(study_id).get(OWNER)
         trials = len(rdb.get_all_trials(study_id, deepcopy=False))
+        directions = len(rdb.get_study_directions(study_id))
     except ConfigError:
         raise
     except Exception as exc:  # SQLAlchemy's, the driver's: one line naming the fix
@@ -212,6 +222,12 @@ def claim_study(storage: str, name: str, root: str, resume: bool) -> None:
         raise ConfigError(
             f"optuna study '{name}' in {shown} already holds {trials} trials of an earlier experiment at {root}: a "
             "new one would merge into it; choose another --name, or delete that study first "
+            f"(optuna delete-study --study-name {name} --storage <url>)"
+        )
+    if directions != len(objectives):
+        raise ConfigError(
+            f"optuna study '{name}' in {shown} has {directions} objective(s) and tune.objectives {list(objectives)} "
+            f"{len(objectives)}: choose another --name, or delete that study first "
             f"(optuna delete-study --study-name {name} --storage <url>)"
         )
     if owner is None:
@@ -324,8 +340,9 @@ def quiet_optuna() -> Iterator[None]:
         optuna.logging.set_verbosity(before)
 
 
-def open_study(path: Path | str, name: str) -> Any:
-    """The study ``name`` in the SQLite file ``path`` (or at the storage URL ``path``), created on first use."""
+def open_study(path: Path | str, name: str, objectives: Sequence[str] = (METRIC,)) -> Any:
+    """The study ``name`` in the SQLite file ``path`` (or at the storage URL ``path``), created on first use;
+    one direction per objective."""
     import optuna
 
     if isinstance(path, Path):
@@ -334,14 +351,39 @@ def open_study(path: Path | str, name: str) -> Any:
         study = optuna.create_study(
             storage=optuna.storages.RDBStorage(storage_url(path)) if isinstance(path, Path) else rdb_storage(path),
             study_name=name,
-            direction="minimize",
+            directions=["minimize"] * len(objectives),
             load_if_exists=True,
         )
     if study.metric_names is None:
         with warnings.catch_warnings():  # set_metric_names is marked experimental
             warnings.simplefilter("ignore")
-            study.set_metric_names([METRIC])
+            study.set_metric_names(list(objectives))
     return study
+
+
+def study_trial(
+    row: TrialRow, results: list[dict[str, Any]], dims: dict[str, Dimension], objectives: Sequence[str],
+    metrics: dict[str, Any] | None,
+) -> Any:  # fmt: skip
+    """:func:`frozen_trial`, for a two-objective search (search/objectives.py) with values (val MSE, cost) and
+    its costs as user attributes. A stopped trial stays PRUNED, with no values: it is never on the study's front."""
+    trial = frozen_trial(row, results, dims)
+    cost = cost_of(objectives)
+    if cost is None:
+        return trial
+    import optuna
+
+    costs = trial_costs(metrics, objectives)
+    trial.user_attrs.update(costs)
+    c = _finite(costs.get(cost))
+    if trial.state == optuna.trial.TrialState.COMPLETE and c is not None:
+        trial.values = [row.val_mse, c]
+    elif trial.state == optuna.trial.TrialState.COMPLETE:  # a full budget but no cost: not a point of the front
+        trial.state, trial.values = optuna.trial.TrialState.FAIL, None
+        trial.user_attrs["error"] = f"no {cost} reported"
+    else:
+        trial.values = None
+    return trial
 
 
 def recorded_ids(study: Any) -> set[str]:
@@ -375,15 +417,24 @@ def _is_missing(value: Any) -> bool:
 
 
 def record_results(
-    root: str, name: str, dims: dict[str, Dimension], results: Any, budget: int, study_storage: str = ""
+    root: str,
+    name: str,
+    dims: dict[str, Dimension],
+    results: Any,
+    budget: int,
+    study_storage: str = "",
+    objectives: Sequence[str] = (METRIC,),
 ) -> Path | str:
     """Add every finished Tune trial the study lacks, from the search's final results; upload for URIs."""
     path = location(root, study_storage)
     try:
         entries = [
-            frozen_trial(trial_row(r.metrics, r.error, r.config, r.path, budget), _history(r), dims) for r in results
+            study_trial(
+                trial_row(r.metrics, r.error, r.config, r.path, budget), _history(r), dims, objectives, r.metrics
+            )  # fmt: skip
+            for r in results
         ]
-        added = add_new(open_study(path, name), entries)
+        added = add_new(open_study(path, name, objectives), entries)
         if isinstance(path, Path):
             storage.upload(root, path.parent, [STUDY_FILE])
     except Exception as exc:  # the study is a view: the retrain and the report go on without it
@@ -405,9 +456,18 @@ def _error_of(trial: Any) -> str:
 class StudyRecorder(Callback):
     """Adds each search trial to the study as it ends (see the module docstring)."""
 
-    def __init__(self, root: str, name: str, dims: dict[str, Dimension], budget: int, study_storage: str = "") -> None:
+    def __init__(
+        self,
+        root: str,
+        name: str,
+        dims: dict[str, Dimension],
+        budget: int,
+        study_storage: str = "",
+        objectives: Sequence[str] = (METRIC,),
+    ) -> None:
         self.root, self.name, self.dims, self.budget = root, name, dims, budget
         self.study_storage = study_storage
+        self.objectives = list(objectives)
         self.results: dict[str, list[dict[str, Any]]] = {}  # trial id -> its reported results (RESULT_KEYS)
         self._study: Any = None
 
@@ -424,8 +484,10 @@ class StudyRecorder(Callback):
     def _open(self, trial_id: str | None) -> bool:
         try:
             if self._study is None:
-                # (A recorder pickled before study_storage existed has none: the experiment's own file.)
-                self._study = open_study(location(self.root, getattr(self, "study_storage", "")), self.name)
+                # (A recorder pickled before study_storage or objectives existed has none: the experiment's own
+                # file, the single-objective study.)
+                where = location(self.root, getattr(self, "study_storage", ""))
+                self._study = open_study(where, self.name, self.__dict__.get("objectives", [METRIC]))
             return True
         except Exception as exc:  # a view of the search must never stop it; the end of the search reconciles
             what = f"trial {trial_id} not recorded yet" if trial_id else "not opened yet"
@@ -447,7 +509,9 @@ class StudyRecorder(Callback):
         if not self._open(row.trial_id):
             return
         try:
-            add_new(self._study, [frozen_trial(row, self.results.get(trial.trial_id, []), self.dims)])
+            objectives = self.__dict__.get("objectives", [METRIC])
+            entry = study_trial(row, self.results.get(trial.trial_id, []), self.dims, objectives, trial.last_result)
+            add_new(self._study, [entry])
         except Exception as exc:  # as in _open
             log.warning("optuna study: trial %s not recorded yet (%s: %s)", row.trial_id, type(exc).__name__, exc)
             self._study = None

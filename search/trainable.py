@@ -150,6 +150,7 @@ def train_trial(
     deadline: float | None = None,
     splits: Splits | None = None,
     cpus: float = 0.0,
+    costs: dict[str, Any] | None = None,
 ) -> None:
     """Ray Tune function trainable. ``params``: sampled dotted keys; ``base``: a resolved config dict;
     ``gpu_share``: the GPUs Ray gave the trial (``tune.gpus_per_trial``, 0 on a cluster without GPUs);
@@ -158,7 +159,8 @@ def train_trial(
     as "cut" (a new trial is only started when it can finish: search/deadline.py DeadlineSearcher);
     ``splits``: the training and validation images, shared by every trial through Ray's object store (a
     local Ray), else each trial reads its node's files. ``cpus``: the CPUs Ray gave the trial
-    (``tune.cpus_per_trial``)."""
+    (``tune.cpus_per_trial``); ``costs``: for a two-objective search, ``{"measure": [latencies to time],
+    "batch": n}`` (search/costs.py)."""
     cfg = with_overrides(base, params)
     if not cfg.train.threads and cpus >= 1 and resolve_device(cfg.train.device).type == "cpu":
         # Torch's default is one thread per core of the machine, whatever Ray reserved: two 1-CPU trials side by
@@ -173,6 +175,12 @@ def train_trial(
     if 0 < gpu_share < 1:
         cap_gpu_memory(gpu_share, device)  # before the first allocation: the cap is the trial's share
     info = _node_info()
+    if costs is not None:
+        # Once, before training starts: params and macs, and the latency the search minimises, timed on one
+        # thread (median of repeats). Every result carries them, for the searcher and the front.
+        from search.costs import model_costs
+
+        info.update(model_costs(cfg.model, tuple(costs["measure"]), costs["batch"]))
     restored = tune.get_checkpoint()
     # Checkpoints are staged outside the working dir: the working dir is synced as
     # artifacts, and Tune already persists each reported checkpoint separately.

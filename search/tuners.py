@@ -1,5 +1,8 @@
 """The two Tune experiments: the search (Optuna TPE + ASHA) and the retrain of one config over seeds.
 
+A two-objective search (``tune.objectives: [val_mse, <cost>]``) runs multi-objective TPE with the non-dominated
+rung rule of search/moasha.py instead (``make_mo_search``; the evidence is beside ``MO_SAMPLER``).
+
 Both run the same trainable (``search/trainable.py``), keep ``tune.checkpoints_to_keep``
 checkpoints per trial, retry a failed trial ``tune.max_failures`` times from its last
 checkpoint, and restore themselves from storage when they already exist there, so a rerun
@@ -23,6 +26,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from bss_model.config import Config
 from bss_model.errors import BssError
+from search import objectives
 from search.cluster import trial_gpus, warn_unschedulable
 from search.config import SearchConfig
 from search.console import STATUS_EVERY_S, SearchProgress, seed_label, trial_label
@@ -56,15 +60,21 @@ class Interrupted(BssError):
     exit_code = 130
 
 
-def _trainable(cfg: SearchConfig, base: Config, trial_kwargs: dict[str, Any] | None = None) -> Any:
+def _trainable(
+    cfg: SearchConfig, base: Config, trial_kwargs: dict[str, Any] | None = None, search: bool = False
+) -> Any:
     """The trainable with its fixed arguments. ``trial_kwargs``: a budgeted phase's (search/trainable.py:
-    ``start_by``, ``deadline``, and ``splits``, the data shared by every trial through Ray's object store)."""
+    ``start_by``, ``deadline``, and ``splits``, the data shared by every trial through Ray's object store).
+    ``search``: the search's trials, which measure the costs of a two-objective search (search/costs.py)."""
     gpus = trial_gpus(cfg.tune.gpus_per_trial)
     if cfg.tune.gpus_per_trial and not gpus:
         log.warning("tune.gpus_per_trial=%s but the cluster has no GPU: trials run on CPU", cfg.tune.gpus_per_trial)
     warn_unschedulable(cfg.tune.cpus_per_trial, gpus)
-    fn = tune.with_parameters(train_trial, base=base.to_dict(), gpu_share=gpus, cpus=cfg.tune.cpus_per_trial,
-                              **(trial_kwargs or {}))  # fmt: skip
+    extra = dict(trial_kwargs or {})
+    if search and objectives.cost_of(cfg.tune.objectives):  # a two-objective search's trials
+        measure = [c for c in objectives.recorded(cfg.tune.objectives) if c in objectives.MEASURED]
+        extra["costs"] = {"measure": measure, "batch": cfg.tune.latency_batch}
+    fn = tune.with_parameters(train_trial, base=base.to_dict(), gpu_share=gpus, cpus=cfg.tune.cpus_per_trial, **extra)
     return tune.with_resources(fn, {"cpu": cfg.tune.cpus_per_trial, "gpu": gpus})
 
 
@@ -100,7 +110,8 @@ class StoppedAsPrunedSearch(OptunaSearch):
         if not stopped or trial_id in self._completed_trials:
             return super().on_trial_complete(trial_id, result=result, error=error)
         ot_trial = self._ot_trials[trial_id]
-        value = result.get(self.metric)
+        value = None if isinstance(self.metric, list) else result.get(self.metric)  # a multi-objective
+        # trial cannot report intermediate values (Optuna): it is told PRUNED with none.
         if value is not None and math.isfinite(value):
             # Tune does not pass the stopping result to on_trial_result: report it, so the pruned
             # trial's last intermediate value is the one ASHA judged.
@@ -114,15 +125,96 @@ def make_searcher(sampler: optuna.samplers.BaseSampler, points: list[dict], stop
     return cls(sampler=sampler, points_to_evaluate=list(points) or None)
 
 
-def make_scheduler(max_t: int, grace_period: int, reduction_factor: float) -> ASHAScheduler:
+def make_scheduler(
+    max_t: int, grace_period: int, reduction_factor: float, metric: str | None = None, mode: str | None = None
+) -> ASHAScheduler:
     # Rungs in epochs, which are equal samples for every trial: load_search_config refused any batch
     # size that does not divide base.train.samples_per_epoch (search/config.py, check_budget).
+    # ``metric``/``mode``: for a multi-objective search, whose TuneConfig names none (see make_mo_search).
     return ASHAScheduler(
         time_attr="training_iteration",
+        metric=metric,
+        mode=mode,
         max_t=max_t,
         grace_period=min(grace_period, max_t),
         reduction_factor=reduction_factor,
     )
+
+
+# -- two objectives (tune.objectives: [val_mse, <cost>]; search/objectives.py) ----------------------------------
+
+# Pinned from the multi-objective replay (benchmarks/search_replay.py --objective, the learning-curve table's 150
+# configs; benchmarks/results/search-replay-mo-*.json, 20 seeds a method; hypervolume regret of the front of the
+# full-budget trials, 0 = the table's whole front):
+# - The rung rule is what matters. ASHA judging val MSE alone stops the cheap models, which are behind at every
+#   rung, so the full-budget front loses its cheap end: at configs/search.yaml's scale (96 trials, 16 workers)
+#   every sampler ends at a median regret of 0.11-0.12 with it (cpu_ms; 0.10-0.11 with params), against
+#   0.05-0.06 (0.05-0.07) with the non-dominated rung rule (search/moasha.py), which also spends 0.74-0.92x the
+#   compute. A seed of the non-dominated rule beats a seed of ASHA with probability 0.79-0.84 (cpu_ms; 0.72-0.74
+#   params; Mann-Whitney), for every sampler.
+# - The sampler matters little under that rule: MO-TPE, NSGA-II and random sampling end within noise of each other
+#   (P(beats) 0.44-0.56 both costs); none beats random sampling. NSGA-II and the GP sampler model COMPLETE trials
+#   only, so with stopped trials told PRUNED they never leave their random first generation / startup (the replay
+#   gives, seed for seed, random sampling's numbers); told COMPLETE the GP sampler takes ~100x longer per
+#   suggestion (and needs scipy). MO-TPE is kept -- Optuna 5's default for several objectives, the single-objective
+#   job's sampler with its pinned options -- told the Ray way: a stopped trial COMPLETE with the values it stopped
+#   at. Told PRUNED instead it did worse (params: median 0.087 against 0.057, P(beats) 0.36): a multi-objective
+#   trial cannot carry intermediate values, so TPE ranks all its pruned trials alike and can count stopped ones
+#   among its good ones. The job's own study (optuna.db) and the report's front still hold stopped trials PRUNED.
+MO_SAMPLER = "tpe"
+MO_STOPPED_AS_PRUNED = False
+MO_RUNG_RULE = "nondominated"  # search/moasha.py; "val_mse": Ray's ASHA on val MSE alone
+
+
+def make_mo_sampler(seed: int, n_startup_trials: int, kind: str = MO_SAMPLER) -> optuna.samplers.BaseSampler:
+    """The sampler of a two-objective search (the replay builds its alternatives here too).
+
+    ``tpe``: multi-objective TPE (Optuna 5's default for several objectives), with the single-objective job's
+    pinned options; ``nsga2``: NSGA-II with a population of ``n_startup_trials`` (its first generation is random,
+    like TPE's startup trials); ``gp``: Optuna's GP sampler (log EHVI; needs scipy); ``random``.
+    """
+    if kind == "tpe":
+        return make_sampler(seed, n_startup_trials)
+    if kind == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(2, n_startup_trials))
+    if kind == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=n_startup_trials)
+    if kind == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise ValueError(f"unknown multi-objective sampler {kind!r}")
+
+
+def make_mo_searcher(
+    sampler: optuna.samplers.BaseSampler, points: list[dict], cost: str, stopped_as_pruned: bool = MO_STOPPED_AS_PRUNED
+) -> OptunaSearch:
+    """OptunaSearch over (val_mse, ``cost``), both minimised. With ``stopped_as_pruned`` a trial stopped early is
+    told PRUNED rather than COMPLETE with the values it stopped at (Ray's way, and the job's: see MO_SAMPLER)."""
+    cls = StoppedAsPrunedSearch if stopped_as_pruned else OptunaSearch
+    return cls(sampler=sampler, metric=[METRIC, cost], mode=[MODE, MODE], points_to_evaluate=list(points) or None)
+
+
+def make_mo_scheduler(
+    max_t: int, grace_period: int, reduction_factor: float, cost: str, rule: str = MO_RUNG_RULE
+) -> Any:
+    """Early stopping of a two-objective search, on ASHA's rungs (``tune.grace_period``, ``tune.reduction_factor``):
+    the non-dominated rung rule (search/moasha.py, pinned above), or ASHA judging val MSE alone."""
+    if rule == "val_mse":
+        return make_scheduler(max_t, grace_period, reduction_factor, metric=METRIC, mode=MODE)
+    if rule == "nondominated":
+        from search.moasha import NonDominatedASHA
+
+        return NonDominatedASHA(METRIC, cost, max_t, grace_period, reduction_factor)
+    raise ValueError(f"unknown rung rule {rule!r}")
+
+
+def make_mo_search(cfg: SearchConfig) -> tuple[OptunaSearch, Any]:
+    """The searcher and scheduler of a two-objective search. The Tuner then gets no metric of its own: Tune
+    would hand it to OptunaSearch, which would replace its [val_mse, cost] with it (a one-objective study)."""
+    cost = objectives.cost_of(cfg.tune.objectives)
+    sampler = make_mo_sampler(cfg.tune.seed, cfg.tune.n_startup_trials)
+    searcher = make_mo_searcher(sampler, cfg.tune.points_to_evaluate, cost)
+    epochs = cfg.base.train.epochs
+    return searcher, make_mo_scheduler(epochs, cfg.tune.grace_period, cfg.tune.reduction_factor, cost)
 
 
 def _run_config(cfg: SearchConfig, root: str, name: str, callbacks: list[Callback], stop: Any = None) -> tune.RunConfig:
@@ -243,7 +335,7 @@ def run_search(
     trial pays for its start in its own time, so on a small budget the start matters
     (benchmarks/trial_overhead.py)."""
     budgeted = trial_kwargs is not None
-    trainable = _trainable(cfg, cfg.base, trial_kwargs)
+    trainable = _trainable(cfg, cfg.base, trial_kwargs, search=True)
     path = tune_path(root, "search")
     mode = restore_mode(root, "search") if resume else "new"  # "rebuild": tuner.pkl lost, Tune's state there
     if mode == "restore":
@@ -251,17 +343,22 @@ def run_search(
         tuner = _restore(root, path, trainable)
     else:
         budget = cfg.base.train.epochs
-        sampler = make_sampler(cfg.tune.seed, cfg.tune.n_startup_trials)
-        searcher = make_searcher(sampler, cfg.tune.points_to_evaluate, stopped_as_pruned=False)
+        metric, mode = METRIC, MODE
+        if objectives.cost_of(cfg.tune.objectives):  # (never budgeted: search/config.py refuses the pair)
+            searcher, scheduler = make_mo_search(cfg)
+            metric = mode = None  # the searcher and the scheduler carry their own
+        else:
+            sampler = make_sampler(cfg.tune.seed, cfg.tune.n_startup_trials)
+            searcher = make_searcher(sampler, cfg.tune.points_to_evaluate, stopped_as_pruned=False)
+            scheduler = make_scheduler(cfg.base.train.epochs, cfg.tune.grace_period, cfg.tune.reduction_factor)
         if budgeted:
             searcher = DeadlineSearcher(searcher, root, first_wave=cfg.tune.max_concurrent)
-        scheduler = make_scheduler(cfg.base.train.epochs, cfg.tune.grace_period, cfg.tune.reduction_factor)
         tuner = tune.Tuner(
             trainable,
             param_space=param_space(cfg.dimensions()),
             tune_config=tune.TuneConfig(
-                metric=METRIC,
-                mode=MODE,
+                metric=metric,
+                mode=mode,
                 search_alg=searcher,
                 scheduler=scheduler,
                 num_samples=cfg.tune.num_samples,
@@ -281,7 +378,9 @@ def run_search(
                 "search",
                 [
                     SearchProgress(budget, cfg.tune.num_samples),
-                    StudyRecorder(root, cfg.tune.name, cfg.dimensions(), budget, cfg.tune.study_storage),
+                    StudyRecorder(
+                        root, cfg.tune.name, cfg.dimensions(), budget, cfg.tune.study_storage, cfg.tune.objectives
+                    ),
                 ],
                 stop=DeadlineStopper(root, "search") if budgeted else None,
             ),

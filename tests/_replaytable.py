@@ -39,7 +39,9 @@ def synthetic_table(n_configs: int = 30, epochs: int = 9, seed: int = 0, diverge
         status = "completed"
         if 0 < cid <= diverged + 2 and cid > 2:  # a few diverge (never a starting point)
             curve, status = curve[: epochs // 2], "diverged"
-        configs.append({"id": cid, "params": p, "samples_per_s": float(rng.uniform(300, 3000))})
+        # Bigger models are slower to train and, for the multi-objective replay, cost more parameters.
+        n_params = int(p["model.filters"] ** 2 * 900 * p["model.decoder_mult"] * rng.uniform(0.8, 1.25))
+        configs.append({"id": cid, "params": p, "samples_per_s": float(rng.uniform(300, 3000)), "n_params": n_params})
         if cid == 0:
             configs[-1]["role"] = "reference"
         runs.append({"config": cid, "seed": 0, "status": status, "val_mse": curve, "samples": []})

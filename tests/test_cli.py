@@ -64,10 +64,10 @@ def test_config_by_name_or_by_path(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     ("value", "kind", "words"),
     [
         ("seed", "search", "--config seed is a model config (for bss-train and bss-retrain --config), but this "
-         "command takes search configs: use one of gpu-hour, laptop, search, smoke"),
+         "command takes search configs: use one of gpu-hour, laptop, pareto-cpu, search, smoke"),
         ("smoke", "model", "--config smoke is a search config (for bss-search), but this command takes model configs"),
         ("smok", "search", "--config smok: no such file, and no shipped config of that name: pass a YAML file, or "
-         "one of gpu-hour, laptop, search, smoke (--list-configs)"),
+         "one of gpu-hour, laptop, pareto-cpu, search, smoke (--list-configs)"),
         ("configs/smoke.yaml", "search", "config file configs/smoke.yaml does not exist (this is not a checkout?): "
          "the shipped one is --config smoke"),
     ],
@@ -89,7 +89,8 @@ def test_list_configs_names_every_shipped_config_with_its_kind(capsys: pytest.Ca
         assert info.value.code == 0
         shipped = sorted(REPO.glob("configs/*.yaml"))
         rows = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()[: len(shipped)]}
-        kinds = {"gpu-hour": "search", "laptop": "search", "search": "search", "seed": "model", "smoke": "search"}
+        kinds = {"gpu-hour": "search", "laptop": "search", "pareto-cpu": "search", "search": "search",
+                 "seed": "model", "smoke": "search"}  # fmt: skip
         assert rows == kinds
     assert sorted(rows) == sorted(p.stem for p in (REPO / "configs").glob("*.yaml"))
 

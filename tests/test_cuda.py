@@ -211,3 +211,16 @@ def test_the_ema_update_replays_correctly_from_a_cuda_graph() -> None:
     assert graphed.num_updates.item() == eager.num_updates.item() == 21
     for (name, a), b in zip(eager.model.state_dict().items(), graphed.model.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_gpu_ms_is_timed_on_the_gpu():
+    """search/costs.py's gpu_ms (tune.objectives [val_mse, gpu_ms]): a real, synchronised timing on the card."""
+    from bss_model.config import ModelConfig
+    from search.costs import model_costs
+
+    tiny = ModelConfig(filters=2, depth=1, encoder_convs=1, bottleneck_convs=1, decoder_convs=1, decoder_mult=1)
+    small = model_costs(tiny, measure=("gpu_ms",), batch=4, repeats=2)
+    assert 0 < small["gpu_ms"] < 1e3 and small["gpu_model"] == torch.cuda.get_device_name()
+    assert small["gpu_precision"] == ("bf16" if torch.cuda.is_bf16_supported() else "fp32")
+    big = model_costs(ModelConfig(filters=64), measure=("gpu_ms",), batch=256, repeats=2)
+    assert big["gpu_ms"] > small["gpu_ms"]  # 1,000x the work: a timer that did not wait for the GPU would not see it

@@ -180,3 +180,74 @@ def test_the_jobs_tpe_options_are_pinned():
     sampler = make_sampler(0, 5)
     assert sampler._multivariate is False and sampler._constant_liar is True
     assert sampler._n_startup_trials == 5
+
+
+# -- two objectives (--objective): the front of full-budget trials and its hypervolume --------------------------
+
+
+def test_multiobjective_replay_tracks_the_hypervolume_of_full_budget_trials(table):
+    """MO-TPE + ASHA told COMPLETE (Ray's default): the stopped trials' low-fidelity values reach the sampler,
+    but never the front the replay scores."""
+    method = next(m for m in sr.MO_METHODS if m.name == "mo-tpe+asha")
+    r = sr.replay(method, table, SMALL, seed=1, cost="params")
+    stopped = [d for d in r.decisions if d[3] == "STOP" and d[1] < table.epochs]
+    assert stopped, "ASHA stopped trials early, or the test proves nothing"
+    assert len(r.hv_regret) == len(r.wall) == r.trials + 1 and r.hv_regret[0] == 1.0
+    assert all(0 <= b <= a <= 1 for a, b in zip(r.hv_regret, r.hv_regret[1:], strict=False))  # never worse
+    assert r.front and all(math.isfinite(table.final(i)) for i in r.front)
+    assert r.hv_regret[-1] == pytest.approx(table.hv_regret(r.front, "params"))
+    # The table's own front scores 0; a single full-budget config scores worse.
+    assert table.hv_regret(table.true_front("params"), "params") == 0
+    assert table.hv_regret(r.front[:1], "params") >= r.hv_regret[-1]
+
+
+def test_nondominated_rung_rule_keeps_a_cheap_trial_that_asha_on_mse_stops():
+    from ray.tune.schedulers import TrialScheduler
+
+    from search.moasha import NonDominatedASHA
+    from search.tuners import make_scheduler
+
+    class T:
+        def __init__(self, tid):
+            self.trial_id = tid
+
+    def at_rung(sched, tid, val, cost):
+        sched.on_trial_add(None, T(tid))
+        return sched.on_trial_result(None, T(tid), {"training_iteration": 1, "val_mse": val, "params": cost})
+
+    mo, asha = (
+        NonDominatedASHA("val_mse", "params", max_t=9, grace_period=1, reduction_factor=2),
+        make_scheduler(9, 1, 2, metric="val_mse", mode="min"),
+    )
+    for sched in (mo, asha):
+        assert at_rung(sched, "a", 0.10, 100) == TrialScheduler.CONTINUE  # the first at the rung goes on
+    # b: worse MSE than a but ten times cheaper -- non-dominated, so the rule lets it go on; ASHA stops it.
+    assert at_rung(mo, "b", 0.20, 10) == TrialScheduler.CONTINUE
+    assert at_rung(asha, "b", 0.20, 10) == TrialScheduler.STOP
+    # c: dominated by b (worse and dearer) -- stopped by both.
+    assert at_rung(mo, "c", 0.30, 50) == TrialScheduler.STOP
+    assert at_rung(asha, "c", 0.30, 50) == TrialScheduler.STOP
+    # A trial at its budget stops, as Ray's ASHA stops it.
+    mo.on_trial_add(None, T("d"))
+    assert mo.on_trial_result(None, T("d"), {"training_iteration": 9, "val_mse": 0.0, "params": 1}) == "STOP"
+
+
+def test_multiobjective_comparison_end_to_end(tmp_path):
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps(synthetic_table(40, 9)))
+    out, png = tmp_path / "mo.json", tmp_path / "mo.png"
+    methods = ["mo-random", "mo-tpe+asha", "mo-tpe+asha-pruned", "nsga2+asha-pruned", "mo-tpe+moasha-pruned"]
+    argv = ["--table", str(path), "--objective", "params", "--json", str(out), "--plot", str(png), "--seeds", "2"]
+    argv += ["--processes", "1", "--num-samples", "12", "--workers", "3", "--n-startup-trials", "4"]
+    argv += ["--grace-period", "1", "--methods", *methods]
+    assert sr.main(argv) == 0
+    result = json.loads(out.read_text())
+    assert set(result["methods"]) == set(methods) and result["objective"] == "params"
+    assert result["hypervolume"]["true_front_hypervolume"] > 0 and result["hypervolume"]["true_front"]
+    for name, m in result["methods"].items():
+        assert m["seeds"] == 2 and len(m["final_hv_regret_per_seed"]) == 2
+        assert 0 <= m["final_hv_regret_median"] <= 1, name
+        curve = m["hv_anytime"]["wall"]["median"]
+        assert curve == sorted(curve, reverse=True) and curve[0] == 1.0  # only ever better, from nothing
+    assert result["methods"]["mo-random"]["trials_median"] == 12
+    assert png.stat().st_size > 10_000

@@ -195,3 +195,62 @@ def test_importances_say_why_when_there_are_none() -> None:
     r = build_report(search(), retrain(), BEST_CONFIG, 1.0, imp)
     assert f"Importances: none ({imp.note})." in render_markdown(r)
     assert build_report(None, retrain(), BEST_CONFIG, 1.0)["param_importances"]["note"] == "no search"
+
+
+# -- a two-objective search: the front, the pick, the hypervolume -----------------------------------------------
+
+
+def mo_search() -> SearchSummary:
+    """search()'s trials with costs: t1 (0.010, 30k params) and t0 (0.020, 10k) are the front; t2, stopped early at
+    0.001 with 1k params, is cheaper and better than both and is still off it."""
+    from types import SimpleNamespace
+
+    from search.objectives import summarize_pareto
+
+    s = search()
+    params = {"t1": 30_000, "t0": 10_000, "t2": 1_000, "t3": 5_000}
+    results = [SimpleNamespace(metrics={"params": params[t.trial_id], "macs": 7 * params[t.trial_id], "timestamp":
+                                        100.0 + 60 * t.number, "time_total_s": 10.0}) for t in s.trials]  # fmt: skip
+    s.pareto = summarize_pareto(["val_mse", "params"], {"model": {"variant": "tiny"}}, s.trials, results)
+    return s
+
+
+def test_a_two_objective_report_adds_the_front_and_the_pick_after_todays_keys(tmp_path: Path) -> None:
+    from search.objectives import choose, parse_pick
+    from search.pareto_report import PICTURES as MO_PICTURES
+
+    s = mo_search()
+    pick = choose(s, parse_pick("params<=20000")).to_dict()
+    r = build_report(s, retrain(), BEST_CONFIG, wall_s=1.0, pick=pick)
+    assert list(r) == [*REPORT_KEYS, "pareto", "pick"]  # today's keys first, unchanged
+    assert [p["trial_id"] for p in r["pareto"]["front"]] == ["t0", "t1"]
+    assert r["pick"]["trial_id"] == "t0" and r["pick"]["rule"] == "params<=20000"
+    md = render_markdown(r)
+    assert "## Accuracy against params" in md and "| # | trial | params | macs | val MSE | |" in md
+    assert (
+        "| 1 | t0 | 10,000 | 70,000 | 2.000e-02 | retrained |" in md
+        and "| 2 | t1 | 30,000 | 210,000 | 1.000e-02 |" in md
+    )
+    assert "Retrained: trial t0 (retrain.pick: `params<=20000`), lowest validation MSE among the 1 of 2" in md
+    assert (
+        "The front is built from the 2 trials that ran their full budget: a trial stopped early is never on it." in md
+    )
+    rng = np.random.default_rng(0)
+    x = rng.random((2, 1, 28, 28), dtype=np.float32)
+    sep = Separations(x=x, target=np.concatenate([x, x], 1), pred=np.concatenate([x, x], 1), mse=0.0)
+    dims = {"train.lr": parse_dimension("train.lr", {"loguniform": [1e-4, 1e4]})}
+    write_report(tmp_path, s, retrain(), BEST_CONFIG, dims, sep, wall_s=1.0, pick=pick)
+    for name in MO_PICTURES.values():
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({name})" in md
+
+
+def test_a_single_objective_report_has_no_pareto_part(tmp_path: Path) -> None:
+    from search.pareto_report import PICTURES as MO_PICTURES
+
+    r = build_report(search(), retrain(), BEST_CONFIG, wall_s=1.0)
+    assert list(r) == REPORT_KEYS and "Accuracy against" not in render_markdown(r)
+    rng = np.random.default_rng(0)
+    x = rng.random((2, 1, 28, 28), dtype=np.float32)
+    sep = Separations(x=x, target=np.concatenate([x, x], 1), pred=np.concatenate([x, x], 1), mse=0.0)
+    write_report(tmp_path, search(), retrain(), BEST_CONFIG, {}, sep, wall_s=1.0)
+    assert not [name for name in MO_PICTURES.values() if (tmp_path / name).exists()]

@@ -569,3 +569,19 @@ def test_no_inputs_and_bad_demo_counts_exit_2(tmp_path: Path, capsys, model_file
         code, _, stderr = separate(capsys, model_file, *args, "--out", str(tmp_path / "out"))
         assert code == 2 and "Traceback" not in stderr and "error:" in stderr, (args, stderr)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_measured_throughput_is_one_line_and_in_the_json(tmp_path: Path, capsys, model_file: Path) -> None:
+    for k in range(3):
+        save_png(tmp_path / f"m{k}.png", mixture(10 + k))
+    images = [str(tmp_path / f"m{k}.png") for k in range(3)]
+    code, stdout, stderr = separate(capsys, model_file, *images, "--out", str(tmp_path / "o"))
+    assert code == 0 and stderr == ""
+    lines = [line for line in stdout.splitlines() if line.startswith("throughput: ")]
+    assert len(lines) == 1 and stdout.strip().splitlines()[-1] == lines[0]
+    rate = float(lines[0].split()[1].replace(",", ""))
+    assert rate > 0 and " images/s on cpu, 1 thread (" in lines[0] and "3 image(s) separated in " in lines[0]
+    code, stdout, _ = separate(capsys, model_file, *images, "--out", str(tmp_path / "j"), "--json")
+    t = json.loads(stdout)["throughput"]
+    assert code == 0 and t["images"] == 3 and t["device"] == "cpu" and t["threads"] == 1
+    assert t["seconds"] > 0 and t["images_per_s"] == pytest.approx(3 / t["seconds"])

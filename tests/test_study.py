@@ -202,3 +202,59 @@ def test_the_console_gets_one_line_per_asha_stopped_trial(tmp_path: Path, capsys
         "trial 000-t0 finished: val MSE 1.000e-02 after 3/3 epochs",
         "trial 000-t1 stopped early by ASHA after epoch 2/3: val MSE 4.000e-02 is not among the best at its rung",
     ]
+
+
+# -- a two-objective search (tune.objectives [val_mse, <cost>]) ------------------------------------------------
+
+MO = ["val_mse", "cpu_ms"]
+COSTS = {"params": 1234, "macs": 56789, "cpu_ms": 0.75, "cpu_model": "AMD EPYC", "latency_batch": 1}
+
+
+def test_a_two_objective_study_has_two_directions_and_stopped_trials_stay_off_its_front(tmp_path: Path) -> None:
+    results = [result(i, *KINDS[status]) for i, status in enumerate(KINDS)]
+    for r in results:
+        r.metrics.update(COSTS)
+    cheap = result(4, reports([0.04, 0.03, 0.02]), None)  # full budget, worse, cheaper: on the front too
+    cheap.metrics.update({**COSTS, "cpu_ms": 0.25})
+    nocost = result(5, reports([0.05, 0.04, 0.03]), None)  # full budget but no cost reported: not a point
+    path = record_results(str(tmp_path), "mo", DIMS, [*results, cheap, nocost], BUDGET, objectives=MO)
+    study = optuna.load_study(study_name="mo", storage=f"sqlite:///{path}")
+    assert len(study.directions) == 2 and study.metric_names == MO
+    by_id = {t.user_attrs["tune_trial_id"]: t for t in study.trials}
+    assert by_id["t0"].state == State.COMPLETE and by_id["t0"].values == [0.01, 0.75]
+    # Stopped early (the lowest val MSE of its epoch, 0.05 at epoch 1): PRUNED without values, never on a front.
+    assert by_id["t1"].state == State.PRUNED and by_id["t1"].values is None
+    assert by_id["t1"].intermediate_values == {1: 0.05} and by_id["t1"].user_attrs["cpu_ms"] == 0.75
+    assert by_id["t2"].state == by_id["t3"].state == State.FAIL
+    assert by_id["t4"].values == [0.02, 0.25] and by_id["t0"].user_attrs["cpu_model"] == "AMD EPYC"
+    assert by_id["t5"].state == State.FAIL and by_id["t5"].user_attrs["error"] == "no cpu_ms reported"
+    assert {t.user_attrs["tune_trial_id"] for t in study.best_trials} == {"t0", "t4"}  # Optuna's Pareto front
+
+
+def test_the_callback_writes_a_two_objective_study_and_a_single_objective_one_as_before(tmp_path: Path) -> None:
+    history = reports([0.03, 0.02, 0.01])
+    for objectives, values in ((MO, [0.01, 0.75]), (["val_mse"], [0.01])):
+        root = tmp_path / objectives[-1]
+        rec = StudyRecorder(str(root), "exp", DIMS, BUDGET, objectives=objectives)
+        t = fake_trial(0, history, tmp_path)
+        t.last_result.update(COSTS)
+        rec.on_trial_result(0, [], t, history[0])
+        rec.on_trial_complete(0, [], t)
+        study = optuna.load_study(study_name="exp", storage=f"sqlite:///{root / STUDY_FILE}")
+        assert study.metric_names == objectives and study.trials[0].values == values
+        assert ("cpu_ms" in study.trials[0].user_attrs) == (len(objectives) == 2)  # no costs in today's study
+
+
+def test_a_shared_storage_study_is_claimed_with_the_searchs_directions(tmp_path: Path) -> None:
+    from bss_model.errors import ConfigError
+    from search.study import claim_study, open_study
+
+    url = f"sqlite:///{tmp_path / 'team.db'}"  # tune.study_storage: any SQLAlchemy URL, a team's database
+    claim_study(url, "mo", str(tmp_path / "mo"), resume=False, objectives=MO)
+    study = optuna.load_study(study_name="mo", storage=url)
+    assert len(study.directions) == 2 and study.metric_names == MO
+    assert len(open_study(url, "mo", MO).directions) == 2  # the recorder then opens it as it is
+    claim_study(url, "mo", str(tmp_path / "mo"), resume=True, objectives=MO)  # a --resume goes on with it
+    claim_study(url, "one", str(tmp_path / "one"), resume=False)
+    with pytest.raises(ConfigError, match=r"has 1 objective\(s\) and tune.objectives \['val_mse', 'cpu_ms'\] 2"):
+        claim_study(url, "one", str(tmp_path / "one"), resume=True, objectives=MO)
