@@ -301,7 +301,7 @@ def test_the_default_job_is_todays_and_two_objectives_change_only_what_they_must
     from search.tuners import StoppedAsPrunedSearch
 
     kw, tc = built_search(load_search_config(SMOKE), monkeypatch, tmp_path)
-    assert set(kw) == {"base", "gpu_share"}  # the trials measure no cost
+    assert set(kw) == {"base", "gpu_share", "cpus"}  # the trials measure no cost
     assert (tc.metric, tc.mode) == ("val_mse", "min")
     assert type(tc.search_alg) is OptunaSearch and tc.search_alg.metric is None  # Tune hands it val_mse
     assert (
