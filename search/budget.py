@@ -46,6 +46,10 @@ MARGIN_SHARE = 0.02
 RAY_START_ESTIMATE_S = 6.0
 # A Ray actor's start for a trial (a fresh Python process importing torch and Ray) before any was measured.
 ACTOR_START_ESTIMATE_S = 3.0
+# The evaluation's fixed cost beside its inference: its tasks' processes start, import torch, read and check the
+# test sets and load every seed's checkpoint. Measured at 11-15 s on the 2-core CPU (benchmarks/results/
+# time-to-quality-cpu.json: each job's planned and actual evaluation).
+EVAL_START_S = 15.0
 # The samples a retrain seed is expected to train are reported at this share of the winner's measured
 # speed (a seed's epochs and schedule run on its time limit, so it trains what the machine gives it).
 RETRAIN_SPEED_SLACK = 0.92
@@ -205,8 +209,8 @@ def asha_trial_units(trials: int, max_t: int, grace_period: int, reduction_facto
 
 
 def eval_seconds(seeds: int, protocol_pairs: int, images_per_s: float) -> float:
-    """The protocol for every seed (the ensemble comes from the same predictions: search/evaluation.py)."""
-    return seeds * protocol_pairs / images_per_s
+    """The protocol for every seed (the ensemble comes from the same predictions), with its start."""
+    return EVAL_START_S + seeds * protocol_pairs / images_per_s
 
 
 def smallest_epoch_s(speeds: Speeds) -> float:
@@ -249,6 +253,13 @@ def plan_job(budget_s: float, spent_before_s: float, startup_s: float, speeds: S
         if t >= floor:
             trials, trial_s = n, t
             break
+    if not trials:
+        # Not even one wave keeps min_trial_share of a seed (a small search_share): one wave then, each trial
+        # as long as the search's time allows. min_trial_share limits how many trials, never whether any.
+        n = max(1, min(shape.concurrency, shape.max_trials))
+        t = trial_time(search_s, n, shape, speeds.trial_setup_s)
+        if t >= shape.trial_epochs * smallest_epoch_s(speeds):
+            trials, trial_s = n, t
     if search_s < smallest_trial or seed_s < shape.retrain_epochs * smallest_epoch_s(speeds) or not trials:
         need = minimum_budget(spent_before_s, startup_s, speeds, shape)
         raise ConfigError(

@@ -73,11 +73,12 @@ SHAPE = JobShape(
 
 def test_plan_adds_up_to_the_budget() -> None:
     plan = plan_job(600, 0, 6, SPEEDS, SHAPE)
-    # Evaluation: 2 seeds x 200,000 pairs at 4,000 images/s = 100 s; margin 2% = 12 s; report 8 s; startup 6 + 4.
-    assert plan.eval_s == pytest.approx(100)
+    # Evaluation: its start, then 2 seeds x 200,000 pairs at 4,000 images/s = 100 s; margin 2% = 12 s;
+    # report 8 s; startup 6 + 4.
+    assert plan.eval_s == pytest.approx(budget.EVAL_START_S + 100)
     assert plan.margin_s == pytest.approx(12)
     assert plan.startup_s == pytest.approx(10)
-    left = 600 - 10 - 100 - budget.REPORT_RESERVE_S - 12
+    left = 600 - 10 - plan.eval_s - budget.REPORT_RESERVE_S - 12
     assert plan.search_s == pytest.approx(0.35 * left) and plan.retrain_s == pytest.approx(0.65 * left)
     assert plan.end_s + plan.margin_s == pytest.approx(600)
     # Two seeds at once: one wave, each seed the retrain's time less its setup.
@@ -95,6 +96,16 @@ def test_plan_runs_fewer_longer_trials_when_short() -> None:
     # and one more trial would break the floor
     more = budget.trial_time(plan.search_s, plan.trials + 1, SHAPE, SPEEDS.trial_setup_s)
     assert more < SHAPE.min_trial_share * plan.retrain_seed_s
+
+
+def test_a_small_search_share_runs_one_wave_not_none() -> None:
+    # search_share 0.2 with min_trial_share 0.25: a trial could never keep a quarter of a seed's time (0.2 of the
+    # training time against 0.25 x 0.8 of it), which refused a 10-minute budget as "too small, use 2m47s".
+    shape = JobShape(**{**SHAPE.__dict__, "search_share": 0.2})
+    plan = plan_job(600, 0, 6, SPEEDS, shape)
+    assert plan.trials == SHAPE.concurrency
+    assert plan.trial_s == pytest.approx(plan.search_s - SPEEDS.trial_setup_s)
+    assert plan.retrain_s == pytest.approx(4 * plan.search_s)
 
 
 def test_spent_time_counts() -> None:
@@ -120,7 +131,8 @@ def test_replan_gives_the_retrain_what_the_search_left() -> None:
     assert early.retrain_s - late.retrain_s == pytest.approx(60)
     assert early.retrain_s == pytest.approx(600 - 200 - plan.eval_s - plan.report_s - plan.margin_s)
     faster = budget.replan_after_search(plan, 200, Speeds(**{**SPEEDS.__dict__, "infer_images_per_s": 8000}), SHAPE)
-    assert faster.eval_s == pytest.approx(50) and faster.retrain_s == pytest.approx(early.retrain_s + 50)
+    assert faster.eval_s == pytest.approx(budget.EVAL_START_S + 50)
+    assert faster.retrain_s == pytest.approx(early.retrain_s + 50)
 
 
 def test_retrain_samples() -> None:
