@@ -197,8 +197,9 @@ def plot(data: dict[str, Any], path: Path) -> None:
                 yerr=[u["test_mse_std"] for u in jobs], marker="o", label="the whole job (--budget)")  # fmt: skip
     refs = sorted((u for u in data.get("reference", {}).values() if "test_mse_mean" in u), key=lambda u: u["budget_s"])
     if refs:
+        pairs = refs[0].get("protocol", {}).get("pairs", 20000)
         ax.plot([u["budget_s"] / 60 for u in refs], [u["test_mse_mean"] for u in refs], marker="s",
-                label="reference recipe (seed.yaml), same wall time")  # fmt: skip
+                label=f"reference recipe (seed.yaml), same wall time ({pairs:,} pairs per draw)")  # fmt: skip
     ax.axhline(3.6e-2, color="grey", ls=":", label="mix baseline")
     ax.set_xscale("log")
     ax.set_yscale("log")
