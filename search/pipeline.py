@@ -266,7 +266,8 @@ def search_retrain_report(
         print("\n".join(where_lines(root, cfg.tune.name, cfg.tune.study_storage)), flush=True)
         ray_t0 = time.time()
         init_ray(address)
-        objectives.check_gpus_available(cfg.tune.objectives, cluster_gpus(), "the Ray cluster")
+        if "gpu_ms" in cfg.tune.objectives:  # (asks the running Ray only when it matters)
+            objectives.check_gpus_available(cfg.tune.objectives, cluster_gpus(), "the Ray cluster")
         if cfg.budget and cluster:  # the trials' hardware is the cluster's: probe it there, before any trial
             resources = ray.cluster_resources()
             job = Budgeted.start(cfg, root, resume, started_at, resources.get("CPU", 1), cluster_gpus(), remote=True)

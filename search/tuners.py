@@ -337,8 +337,9 @@ def run_search(
     budgeted = trial_kwargs is not None
     trainable = _trainable(cfg, cfg.base, trial_kwargs, search=True)
     path = tune_path(root, "search")
-    mode = restore_mode(root, "search") if resume else "new"  # "rebuild": tuner.pkl lost, Tune's state there
-    if mode == "restore":
+    # (not `mode`: that is the Tuner's min/max below, which once overwrote this and lost the "rebuild")
+    how = restore_mode(root, "search") if resume else "new"  # "rebuild": tuner.pkl lost, Tune's state there
+    if how == "restore":
         log.info("resuming the search at %s", path)
         tuner = _restore(root, path, trainable)
     else:
@@ -385,7 +386,7 @@ def run_search(
                 stop=DeadlineStopper(root, "search") if budgeted else None,
             ),
         )
-        if mode == "rebuild":  # the new Tuner wrote tuner.pkl as the search first did: restore the saved state
+        if how == "rebuild":  # the new Tuner wrote tuner.pkl as the search first did: restore the saved state
             tuner = _restore(root, path, trainable)
     start_by = read_deadline(root, "search_start_by") if budgeted else None
     return _fit(tuner, root, "search", cfg.tune.num_samples, resume_cmd, start_by)
