@@ -250,7 +250,7 @@ def _fit(
         with FitGuard(root) as watch:  # SIGTERM, a full disk, a lost folder: stopped as Ctrl-C stops it
             fitted = tuner.fit()
         _stopped(watch, root, what, resume_cmd)
-        results = _finish(fitted, expected, what, resume_cmd, start_by)
+        results = _finish(fitted, expected, what, resume_cmd, start_by, interrupted=watch.stopping)
     except OSError as exc:  # pyarrow's errors for storage that does not answer
         raise storage_lost(root, what, exc, resume_cmd) from None
     _check_storage_after(results, root, what, resume_cmd)
@@ -299,10 +299,17 @@ def _nearly_full(root: str) -> bool:
 
 
 def _finish(
-    results: tune.ResultGrid, expected: int, what: str, resume_cmd: str, start_by: float | None = None
+    results: tune.ResultGrid,
+    expected: int,
+    what: str,
+    resume_cmd: str,
+    start_by: float | None = None,
+    interrupted: bool = False,
 ) -> tune.ResultGrid:
-    """Raise Interrupted if Ctrl-C (or a lost driver) left trials unfinished. A budgeted search whose
-    deadline left no time for the trials it did not start (``start_by`` passed) has finished."""
+    """Raise Interrupted if Ctrl-C (or a lost driver) left trials unfinished, or if Tune was interrupted at all
+    (``interrupted``: its "Stop signal received"): a Ctrl-C that lands as a budgeted search's last trial ends
+    left nothing unfinished, and the job carried on past it. A budgeted search whose deadline left no time for
+    the trials it did not start (``start_by`` passed) has finished."""
     # Judge by the experiment state Tune saved, not by the in-memory Trial objects: on Ctrl-C
     # Tune saves the state (running trials RUNNING, which is what --resume restores) and *then*
     # stops the running trials, which marks them TERMINATED in memory as if they had finished.
@@ -316,7 +323,7 @@ def _finish(
         analysis_log.setLevel(level)
     unfinished = [t for t in trials if t.status not in ("TERMINATED", "ERROR")]
     short = len(trials) < expected and not (start_by is not None and time.time() > start_by)
-    if unfinished or short:
+    if unfinished or short or interrupted:
         exc = Interrupted(
             f"{what} interrupted{' (SIGTERM)' if terminated() else ''} with {len(trials) - len(unfinished)}/{expected}"
             f" trials finished; the state is saved: resume with `{resume_cmd}`"

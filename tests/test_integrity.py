@@ -729,3 +729,20 @@ def test_a_trial_traceback_from_a_deleted_folder_stops_the_experiment_as_lost(tm
             assert len(records) == 1, [r.getMessage() for r in records]
     finally:
         ray_log.removeHandler(handler)
+
+
+def test_a_temp_file_renamed_under_tunes_sync_is_not_a_console_traceback() -> None:
+    """Tune's sync listed a trial's folder while bss_model.io wrote metrics.json through a temp file beside it, then
+    failed to copy the temp file (renamed meanwhile) and logged that with a traceback: seen in a retrain's console
+    (tests/test_search_e2e.py). That record is dropped; any other failed sync is not."""
+    from search.guard import vanished_temp_file
+
+    text = (
+        "Saving experiment state to storage at '/r/e2e/retrain' failed with exception: \nTraceback (most recent call "
+        "last):\n  ...\nFileNotFoundError: [Errno 2] Failed to open local file '/tmp/ray/session_1/artifacts/x/"
+        "retrain/driver_artifacts/seed-1001/.metrics.json.55840c07.tmp'. Detail: [errno 2] No such file or directory"
+    )
+    assert vanished_temp_file(text)
+    assert not vanished_temp_file(text.replace(".55840c07.tmp", ""))  # a real file gone: said
+    assert not vanished_temp_file(text.replace("No such file or directory", "Permission denied"))
+    assert not vanished_temp_file(text.replace("Saving experiment state to storage", "Uploading checkpoint"))
