@@ -46,7 +46,8 @@ class Ledger:
         self.data.setdefault("phases", {})
         self.data.setdefault("deadlines", {})
         self.data["runs"].append({"started": started, "wall_s": 0.0})
-        self._phase: tuple[str, float] | None = None
+        # The phase going on: its name, when this run began it, and the time earlier runs had spent in it.
+        self._phase: tuple[str, float, float] | None = None
         self._lock = threading.Lock()
 
     @classmethod
@@ -82,16 +83,24 @@ class Ledger:
         entry = self.data["phases"].setdefault(phase, {"planned_s": None, "actual_s": 0.0})
         if planned_s is not None:
             entry["planned_s"] = planned_s
-        self._phase = (phase, time.time())
+        self._phase = (phase, time.time(), float(entry.get("actual_s", 0.0)))
         self.save()
 
     def end(self, phase: str, **facts: Any) -> None:
         entry = self.data["phases"].setdefault(phase, {"planned_s": None, "actual_s": 0.0})
-        if self._phase and self._phase[0] == phase:
-            entry["actual_s"] = float(entry.get("actual_s", 0.0)) + time.time() - self._phase[1]
-            self._phase = None
+        with self._lock:
+            self._count_phase()
+            if self._phase and self._phase[0] == phase:
+                self._phase = None
         entry.update(facts)
         self.save()
+
+    def _count_phase(self) -> None:
+        """The phase going on has taken its time so far, at every save: a run stopped inside it (Ctrl-C, a
+        kill) leaves that time counted, and a --resume gives the phase only what its plan has left."""
+        if self._phase:
+            phase, began, before = self._phase
+            self.data["phases"][phase]["actual_s"] = before + time.time() - began
 
     def record(self, phase: str, planned_s: float, actual_s: float) -> None:
         """A phase that was not bracketed by begin/end (the startup: it began before the ledger existed)."""
@@ -107,6 +116,7 @@ class Ledger:
     def save(self, upload: bool = True) -> None:
         with self._lock:
             self.data["runs"][-1]["wall_s"] = time.time() - self.started
+            self._count_phase()
             atomic_write_json(self.path, self.data)
         if upload:
             storage.upload(self.root, self.path.parent, [LEDGER_FILE])

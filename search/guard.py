@@ -147,6 +147,7 @@ class FitGuard:
         self._done = threading.Event()
         self._filter = _DropAndTrip(self)
         self._handlers: list[logging.Handler] = []
+        self._signals: dict[int, Any] = {}
 
     def stop(self, reason: str, detail: str) -> None:
         if self.reason is None:
@@ -170,6 +171,10 @@ class FitGuard:
 
     def __enter__(self) -> FitGuard:
         _state["in_fit"] = True
+        # tune.run installs its SIGINT and SIGUSR1 handlers as a fit starts and puts SIGINT's back only when a
+        # signal comes: after a fit that ended by itself its handler stays, and the next Ctrl-C (the retrain
+        # being set up, the evaluation) would only tell the finished fit, and the job would carry on.
+        self._signals = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGUSR1)}
         self._handlers = list(logging.getLogger("ray").handlers)
         for h in self._handlers:
             h.addFilter(self._filter)
@@ -178,6 +183,10 @@ class FitGuard:
 
     def __exit__(self, *exc: object) -> None:
         _state["in_fit"] = False
+        for signum, handler in self._signals.items():
+            if handler is not None:  # None: a handler not set from Python, which cannot be put back
+                with contextlib.suppress(ValueError):  # not the main thread: Tune installed nothing either
+                    signal.signal(signum, handler)
         self._done.set()
         for h in self._handlers:
             h.removeFilter(self._filter)

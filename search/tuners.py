@@ -30,7 +30,7 @@ from search import objectives
 from search.cluster import trial_gpus, warn_unschedulable
 from search.config import SearchConfig
 from search.console import STATUS_EVERY_S, SearchProgress, seed_label, trial_label
-from search.deadline import DeadlineSearcher, DeadlineStopper, read_deadline
+from search.deadline import DeadlineSearcher, DeadlineStopper
 from search.guard import FitGuard, terminated
 from search.lock import ExperimentLost
 from search.lock import check as check_held
@@ -237,7 +237,7 @@ def _run_config(cfg: SearchConfig, root: str, name: str, callbacks: list[Callbac
 
 
 def _fit(
-    tuner: tune.Tuner, root: str, what: str, expected: int, resume_cmd: str, start_by: float | None = None
+    tuner: tune.Tuner, root: str, what: str, expected: int, resume_cmd: str, deadline_cut: bool = False
 ) -> tune.ResultGrid:
     """``tuner.fit()``, then :func:`_finish` and :func:`_check_storage_after`; storage that fails meanwhile is
     one line, not a traceback.
@@ -250,7 +250,7 @@ def _fit(
         with FitGuard(root) as watch:  # SIGTERM, a full disk, a lost folder: stopped as Ctrl-C stops it
             fitted = tuner.fit()
         _stopped(watch, root, what, resume_cmd)
-        results = _finish(fitted, expected, what, resume_cmd, start_by, interrupted=watch.stopping)
+        results = _finish(fitted, expected, what, resume_cmd, deadline_cut, interrupted=watch.stopping)
     except OSError as exc:  # pyarrow's errors for storage that does not answer
         raise storage_lost(root, what, exc, resume_cmd) from None
     _check_storage_after(results, root, what, resume_cmd)
@@ -303,13 +303,15 @@ def _finish(
     expected: int,
     what: str,
     resume_cmd: str,
-    start_by: float | None = None,
+    deadline_cut: bool = False,
     interrupted: bool = False,
 ) -> tune.ResultGrid:
     """Raise Interrupted if Ctrl-C (or a lost driver) left trials unfinished, or if Tune was interrupted at all
     (``interrupted``: its "Stop signal received"): a Ctrl-C that lands as a budgeted search's last trial ends
-    left nothing unfinished, and the job carried on past it. A budgeted search whose deadline left no time for
-    the trials it did not start (``start_by`` passed) has finished."""
+    left nothing unfinished, and the job carried on past it. A budgeted search (``deadline_cut``) with fewer
+    trials than planned has finished: its searcher ended it because no further trial could finish by the
+    deadline, in this run or in the run a --resume continues (Tune restores that searcher finished). A Ctrl-C
+    is then told by ``interrupted`` alone."""
     # Judge by the experiment state Tune saved, not by the in-memory Trial objects: on Ctrl-C
     # Tune saves the state (running trials RUNNING, which is what --resume restores) and *then*
     # stops the running trials, which marks them TERMINATED in memory as if they had finished.
@@ -322,7 +324,7 @@ def _finish(
     finally:
         analysis_log.setLevel(level)
     unfinished = [t for t in trials if t.status not in ("TERMINATED", "ERROR")]
-    short = len(trials) < expected and not (start_by is not None and time.time() > start_by)
+    short = len(trials) < expected and not deadline_cut
     if unfinished or short or interrupted:
         exc = Interrupted(
             f"{what} interrupted{' (SIGTERM)' if terminated() else ''} with {len(trials) - len(unfinished)}/{expected}"
@@ -395,8 +397,7 @@ def run_search(
         )
         if how == "rebuild":  # the new Tuner wrote tuner.pkl as the search first did: restore the saved state
             tuner = _restore(root, path, trainable)
-    start_by = read_deadline(root, "search_start_by") if budgeted else None
-    return _fit(tuner, root, "search", cfg.tune.num_samples, resume_cmd, start_by)
+    return _fit(tuner, root, "search", cfg.tune.num_samples, resume_cmd, deadline_cut=budgeted)
 
 
 def _restore(root: str, path: str, trainable: Any) -> tune.Tuner:

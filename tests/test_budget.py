@@ -198,3 +198,35 @@ def test_the_searcher_starts_the_first_wave_then_stops_at_the_ledgers_start_by(t
     restored.set_state(searcher.get_state())
     ledger(time.time() + 60)  # the resumed run's own deadline
     assert restored.suggest("d") == {"x": 3}
+
+
+def test_a_run_stopped_inside_a_phase_leaves_its_time_counted_for_the_resume(tmp_path, monkeypatch) -> None:
+    """A Ctrl-C (or a kill) inside the search left the ledger's search at 0 s (the phase's time was added only
+    at its end): the job's last line said "search 3s" after 10 s of it, and the --resume gave the search its
+    whole planned time again. Each save now counts the phase going on."""
+    import json
+
+    from search import deadline
+    from search.deadline import LEDGER_FILE, Ledger
+
+    clock = [1000.0]
+    monkeypatch.setattr(deadline.time, "time", lambda: clock[0])
+    first = Ledger.open(str(tmp_path), 100.0, started=1000.0, resume=False)
+    first.begin("search", 40.0)
+    clock[0] += 15
+    first.save()  # the ticking save (or the last save) of a run that then stops inside the search
+    saved = json.loads((tmp_path / LEDGER_FILE).read_text())
+    assert saved["phases"]["search"] == {"planned_s": 40.0, "actual_s": 15.0}
+    assert saved["runs"] == [{"started": 1000.0, "wall_s": 15.0}]
+
+    clock[0] += 30  # the user resumes later: time between runs is not the budget's
+    second = Ledger.open(str(tmp_path), 100.0, started=clock[0], resume=True)
+    assert second.spent_before() == 15.0 and second.data["phases"]["search"]["actual_s"] == 15.0
+    second.begin("search")
+    clock[0] += 20
+    second.end("search", trials=4)
+    assert second.data["phases"]["search"] == {"planned_s": 40.0, "actual_s": 35.0, "trials": 4}
+    clock[0] += 5
+    second.save()  # no phase going on: nothing more is counted to the search
+    assert json.loads((tmp_path / LEDGER_FILE).read_text())["phases"]["search"]["actual_s"] == 35.0
+    assert second.now() == 15.0 + 25.0

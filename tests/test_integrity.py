@@ -746,3 +746,27 @@ def test_a_temp_file_renamed_under_tunes_sync_is_not_a_console_traceback() -> No
     assert not vanished_temp_file(text.replace(".55840c07.tmp", ""))  # a real file gone: said
     assert not vanished_temp_file(text.replace("No such file or directory", "Permission denied"))
     assert not vanished_temp_file(text.replace("Saving experiment state to storage", "Uploading checkpoint"))
+
+
+def test_ctrl_c_after_a_fit_is_an_interrupt_not_swallowed_by_tunes_stale_handler(tmp_path: Path) -> None:
+    """CI (stop 26): a Ctrl-C that landed just after the budgeted search's fit ended (its last trial had finished)
+    ended the job with exit 0. ``tune.run`` installs its SIGINT handler at the start of a fit and puts the old one
+    back only when a signal comes: after a fit that ended by itself, Tune's handler stays, and the next Ctrl-C
+    (the retrain being set up) only set the finished fit's event. The guard around each fit now puts back the
+    handlers it found, so that Ctrl-C is a KeyboardInterrupt, which the commands turn into exit 130 and the
+    resume line (search/guard.py: resume_said)."""
+    from ray.tune.tune import _setup_signal_catching  # what tune.run calls to install its handlers
+
+    from search import guard, lock
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGUSR1)
+    try:
+        with lock.hold(str(tmp_path / "exp")), guard.FitGuard(str(tmp_path / "exp")):
+            interrupted = _setup_signal_catching()  # a fit's start; the fit then ends with no signal
+        assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGUSR1)) == before
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+        assert not interrupted.is_set()  # the finished fit was not told
+    finally:  # this pytest process keeps its own handlers whatever happened
+        signal.signal(signal.SIGINT, before[0])
+        signal.signal(signal.SIGUSR1, before[1])
