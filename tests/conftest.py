@@ -49,6 +49,25 @@ def _one_intra_op_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _root_entries() -> set[str]:
+    # What tools make there (.venv, .pytest_cache, __pycache__, the editable install's egg-info) is not a test's.
+    return {n for n in os.listdir(REPO) if not n.startswith(".") and n != "__pycache__" and not n.endswith(".egg-info")}
+
+
+@pytest.fixture(autouse=True)
+def _nothing_written_into_the_checkout() -> Iterator[None]:
+    """A test runs the commands in a folder of its own: one that ran them in the checkout left `results/` and
+    `runs #1/` in a fresh clone's root (and once a SQLite file, committed by mistake)."""
+    before = _root_entries()
+    yield
+    new = sorted(_root_entries() - before)
+    if new:
+        pytest.fail(f"this test wrote {new} into the checkout's root ({REPO}): run the command in tmp_path")
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     """Folder holding ``mnist/`` and ``fashion-mnist/`` with the four canonical IDX files each."""

@@ -139,9 +139,13 @@ def test_no_excessive_snapshot_warning_at_verbose_0(monkeypatch: pytest.MonkeyPa
     assert EXCESSIVE_SNAPSHOTS not in os.environ
 
 
-def test_verbose_flag_sets_tune_verbose(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_verbose_flag_sets_tune_verbose(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     import search.pipeline
     import search.run
+
+    monkeypatch.chdir(tmp_path)  # the command makes results/ where it runs
 
     seen = {}
     # run.py imports the pipeline when it runs (after checking the search extra is installed)

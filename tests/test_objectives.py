@@ -287,7 +287,7 @@ def built_search(cfg, monkeypatch, tmp_path) -> tuple[dict, object]:
     monkeypatch.setattr(tune, "with_parameters", lambda fn, **kw: captured.update(kw) or fn)
     monkeypatch.setattr(tuners, "trial_gpus", lambda gpus: 0.0)
     monkeypatch.setattr(tuners, "warn_unschedulable", lambda *args: None)  # (it asks a running Ray)
-    monkeypatch.setattr(tuners, "_fit", lambda tuner, *args: tuner)
+    monkeypatch.setattr(tuners, "_fit", lambda tuner, *args, **kwargs: tuner)
     tuner = tuners.run_search(cfg, str(tmp_path), resume=False, resume_cmd="x")
     return captured, tuner._local_tuner._tune_config
 

@@ -518,9 +518,12 @@ def test_a_device_file_as_the_config_is_refused(
 
 
 @pytest.fixture
-def run_cfg(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
-    """search/run.py's config, captured where the pipeline would start (nothing runs)."""
+def run_cfg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[Any]:
+    """search/run.py's config, captured where the pipeline would start (nothing runs). In a folder of its own:
+    the command makes its storage folder (`results/`, `runs #1/`) before the pipeline, relative to where it runs."""
     import search.pipeline
+
+    monkeypatch.chdir(tmp_path)
 
     seen: list[Any] = []
     # search/run.py imports the pipeline when it runs (after its extra check): patch it where it is taken from.
