@@ -188,8 +188,12 @@ def render_markdown(r: dict[str, Any]) -> str:
             lines += ["", "Errored trials:", ""] + [f"- {t['trial_id']}: {t['error']}" for t in errored]
         lines.append("")
     lines += pareto_report.markdown(r)  # a two-objective search: the front, the pick, the hypervolume
+    pick = r.get("pick") or {}
     lines += [
-        "## Best configuration",
+        # A pick other than `best` retrains another trial than the search's best (best_params above).
+        f"## Retrained configuration (`{pick['rule']}`: trial {pick['trial_id']})"
+        if pick.get("rule", "best") != "best"
+        else "## Best configuration",
         "",
         "```yaml",
         _yaml(r["best_config"]).rstrip(),

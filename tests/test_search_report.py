@@ -232,6 +232,10 @@ def test_a_two_objective_report_adds_the_front_and_the_pick_after_todays_keys(tm
         and "| 2 | t1 | 30,000 | 210,000 | 1.000e-02 |" in md
     )
     assert "Retrained: trial t0 (retrain.pick: `params<=20000`), lowest validation MSE among the 1 of 2" in md
+    # The config shown is the pick's, not the search's best (best_params, the search's fact, is t1's).
+    assert "## Retrained configuration (`params<=20000`: trial t0)" in md and "## Best configuration" not in md
+    best = build_report(s, retrain(), BEST_CONFIG, wall_s=1.0, pick=choose(s, parse_pick("best")).to_dict())
+    assert "## Best configuration" in render_markdown(best)
     assert (
         "The front is built from the 2 trials that ran their full budget: a trial stopped early is never on it." in md
     )
