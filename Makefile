@@ -23,8 +23,14 @@ setup: $(BIN)/.installed
 search: setup  ## the main job: search + retrain over seeds + evaluation + report within $(BUDGET) (local Ray by default)
 	$(BIN)/python search/run.py --config $(CONFIG) --name $(NAME) $(if $(BUDGET),--budget $(BUDGET)) $(ARGS)
 
+# The whole suite: the quick tier on 2 workers, then the Ray searches one at a time (they size and time their
+# trials for the machine's 2 CPUs). Both run whatever the first gave; 5 is pytest's "no test selected" (a
+# PYTEST_ARGS that names tests of one tier only).
 test: setup  ## the whole suite (reads data from $$BSS_DATA_DIR; never downloads)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	@$(BIN)/python -m pytest -m "not slow" -n 2 $(PYTEST_ARGS); fast=$$?; \
+	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS); slow=$$?; \
+	echo "quick tier: exit $$fast; Ray searches: exit $$slow"; \
+	case "$$fast$$slow" in 00|05|50) exit 0;; *) exit 1;; esac
 
 test-fast: setup  ## the quick tier: everything but the tests marked slow (the Ray searches), on 2 workers
 	$(BIN)/python -m pytest -m "not slow" -n 2 $(PYTEST_ARGS)
