@@ -158,7 +158,9 @@ class Budgeted:
 
     def describe(self) -> str:
         p = self.plan
-        trials = f"{p.trials} trials of {p.trial_s:.0f} s, {self.shape.concurrency} at a time"
+        # "up to": the plan counts on ASHA stopping some trials early, freeing their slots; no trial starts that
+        # could not finish by the deadline, so when ASHA stops none, fewer start and the retrain gets the rest.
+        trials = f"up to {p.trials} trials of {p.trial_s:.0f} s, {self.shape.concurrency} at a time"
         seeds = f"{self.shape.seeds} seed(s) of {p.retrain_seed_s:.0f} s"
         return (
             f"budget {format_duration(p.budget_s)}: search {format_duration(p.search_s)} ({trials}), retrain "

@@ -266,7 +266,7 @@ def render_budget(b: dict[str, Any]) -> list[str]:
         actual = f"{p['actual_s']:.0f} s" if key != "report" or p.get("actual_s") else "(this report)"
         lines.append(f"| {name} | {planned} | {actual} | {work} |")
     plan = b["plan"]
-    lines += ["", f"Plan: {plan['trials']} trials of {plan['trial_s']:.0f} s each; each retrain seed "
+    lines += ["", f"Plan: up to {plan['trials']} trials of {plan['trial_s']:.0f} s each; each retrain seed "
               f"{plan['retrain_seed_s']:.0f} s; search share {plan['search_share']:g}."]  # fmt: skip
     speeds, expected = b.get("winner_speeds"), b.get("retrain_expected_samples")
     if speeds and expected:
