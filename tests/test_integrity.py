@@ -352,7 +352,11 @@ def test_sigterm_is_ctrl_c_state_saved_resume_command_exit_143(chain: dict[str, 
     err = chain["term_err"]
     assert chain["term_rc"] == 143, err[-3000:]
     errors = _err_lines(err)
-    assert len(errors) == 1 and "search interrupted (SIGTERM) with 1/3 trials finished" in errors[0], err[-3000:]
+    # Trials left to resume: 1 or 2 of 3 finished (a second can end while the first one's end is being awaited,
+    # before the others are frozen: seen once in a fresh-clone run), never fewer than the state said at the kill.
+    said = re.search(r"search interrupted \(SIGTERM\) with (\d)/3 trials finished", errors[0]) if errors else None
+    assert len(errors) == 1 and said, err[-3000:]
+    assert len(chain["done"]) <= int(said.group(1)) < 3, (errors[0], chain["done"])
     assert "Traceback (most recent call last)" not in err
     # The driver's own stack dump: a line without a worker's "(pid=...)" prefix. (A Ray worker Tune stops while it
     # starts can print absl's SIGTERM notice, prefixed; the driver is the process that must not abort.)
