@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests._searchutil import REPO
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
@@ -47,9 +49,6 @@ def _one_intra_op_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _root_entries() -> set[str]:
