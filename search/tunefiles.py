@@ -29,6 +29,7 @@ from typing import Any
 
 import pyarrow
 import pyarrow.fs
+from ray.tune import Callback
 
 from bss_model.errors import ConfigError
 from bss_model.io import _temp_beside
@@ -156,6 +157,38 @@ def tune_filesystem(root: str) -> pyarrow.fs.FileSystem | None:
     """What Tune writes the experiment at ``root`` through: whole files for a local (or NFS) folder; None
     (Ray's own, from the URI) for object storage."""
     return None if "://" in root else pyarrow.fs.PyFileSystem(WholeFilesHandler())
+
+
+# --------------------------------------------------------------------------------------
+# A retried trial keeps its history
+
+
+# The files Tune's loggers copy back from storage when a trial (re)starts from a checkpoint.
+LOGGER_FILES = ("result.json", "progress.csv")
+
+
+class KeepTrialHistory(Callback):
+    """Keeps the rows a failed trial reported before Tune retries it.
+
+    Tune's loggers write a trial's ``result.json`` and ``progress.csv`` in the driver's staging folder, and
+    the driver uploads that folder with its experiment state, every 10 s or so. When a trial restarts from
+    a checkpoint, the loggers first copy both files back *from storage* over the driver's own (so a
+    restarted driver carries on from them). Within one driver that copy is older than the driver's: the
+    rows reported since the last upload, the failed attempt's, were lost. In CI a trial lost its epoch-1
+    row so, the row that said it had run on the worker node that died. Uploading the driver's copies as
+    the trial is queued for its retry makes that copy-back a no-op.
+    """
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        fs = trial.storage.storage_filesystem
+        for name in LOGGER_FILES:
+            local = Path(trial.local_path, name)
+            if not local.is_file():
+                continue
+            try:
+                pyarrow.fs.copy_files(str(local), f"{trial.storage.trial_fs_path}/{name}", destination_filesystem=fs)
+            except OSError as exc:  # storage down: the retry fails on its checkpoint too, and says so
+                log.warning("could not save %s of trial %s before its retry: %s", name, trial, exc)
 
 
 # --------------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ from search.study import StudyRecorder
 from search.tb_logger import TensorBoardLogger
 from search.trackers import make_callbacks
 from search.trainable import train_trial
-from search.tunefiles import restore_mode, tune_filesystem
+from search.tunefiles import KeepTrialHistory, restore_mode, tune_filesystem
 
 log = logging.getLogger("bss")
 
@@ -232,7 +232,7 @@ def _run_config(cfg: SearchConfig, root: str, name: str, callbacks: list[Callbac
         sync_config=tune.SyncConfig(sync_artifacts=True),
         verbose=cfg.tune.verbose,
         # The search's trials are the HPARAMS tab's rows; the retrain's seeds differ by seed alone.
-        callbacks=[*callbacks, *trackers, TensorBoardLogger(hparams=name == "search")],
+        callbacks=[*callbacks, *trackers, TensorBoardLogger(hparams=name == "search"), KeepTrialHistory()],
     )
 
 

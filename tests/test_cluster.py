@@ -276,6 +276,9 @@ def test_job_submit_on_nodes_that_share_only_s3_survives_losing_the_worker(tmp_p
             assert rows[-1]["epoch"] == EPOCHS and rows[-1]["node_id"] == cluster["head_id"], "finished on the head"
             on_head = [r["epoch"] for r in rows if r["node_id"] == cluster["head_id"]]
             assert on_head and min(on_head) > 1, f"resumed from its S3 checkpoint, not from scratch: {on_head}"
+            # Its attempt on the worker stays on record (search.tunefiles.KeepTrialHistory: CI once saw Tune's
+            # retry copy an older result.json back from S3 over the row of epoch 1).
+            assert rows[0]["epoch"] == 1 and rows[0]["node_id"] == cluster["worker_id"], rows[0]
             with s3.filesystem().open_input_stream(f"{prefix}/search/{trial}/error.txt") as f:
                 assert b"Failure # 1" in f.read()
             placed = {

@@ -199,6 +199,64 @@ def test_tune_writes_a_local_experiment_whole_or_not_at_all(tmp_path: Path) -> N
     assert mode == 0o666 & ~current_umask(), oct(mode)
 
 
+@pytest.mark.parametrize("storage", ["local", "uri"])
+def test_a_retried_trial_keeps_the_rows_of_its_failed_attempt(tmp_path: Path, storage: str) -> None:
+    """Seen in CI: a trial whose worker node died lost its epoch-1 row. On a retry Tune's loggers copy the
+    trial's result.json and progress.csv back from storage over the driver's copy, and storage held an older
+    copy (the driver uploads every 10 s or so). KeepTrialHistory uploads the driver's copies as the trial is
+    requeued, so Ray's own copy-back (run here, as Tune runs it on the restart) keeps every row."""
+    from types import SimpleNamespace
+
+    import pyarrow.fs
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    from search.tunefiles import KeepTrialHistory, tune_filesystem
+
+    staging, remote = tmp_path / "staging" / "trial", tmp_path / "storage" / "trial"
+    staging.mkdir(parents=True)
+    remote.mkdir(parents=True)
+    rows = '{"epoch": 1, "node_id": "worker"}\n'
+    (staging / "result.json").write_text(rows)
+    (staging / "progress.csv").write_text("epoch,node_id\n1,worker\n")
+    (remote / "result.json").write_text("")  # the last upload was before epoch 1
+    (remote / "progress.csv").write_text("epoch,node_id\n")
+    fs = (
+        tune_filesystem(str(tmp_path))
+        if storage == "local"
+        else pyarrow.fs.SubTreeFileSystem("/", pyarrow.fs.LocalFileSystem())
+    )
+    trial = SimpleNamespace(
+        local_path=str(staging),
+        checkpoint=object(),  # Tune copies back only for a trial restarting from a checkpoint
+        storage=SimpleNamespace(storage_filesystem=fs, trial_fs_path=str(remote)),
+    )
+
+    def restart() -> None:  # what Tune's JSON and CSV loggers do as the retry starts
+        JsonLoggerCallback()._restore_from_remote("result.json", trial)
+        CSVLoggerCallback()._restore_from_remote("progress.csv", trial)
+
+    KeepTrialHistory().on_trial_recover(iteration=1, trials=[trial], trial=trial)
+    restart()
+    assert (staging / "result.json").read_text() == rows
+    assert (staging / "progress.csv").read_text() == "epoch,node_id\n1,worker\n"
+
+    # Without it (Ray alone), the same restart loses the row: what the test above guards against.
+    (remote / "result.json").write_text("")
+    restart()
+    assert (staging / "result.json").read_text() == ""
+
+
+def test_both_phases_run_with_keep_trial_history() -> None:
+    from search.config import load_search_config
+    from search.tunefiles import KeepTrialHistory
+    from search.tuners import _run_config
+
+    cfg = load_search_config(SMOKE)
+    for name in ("search", "retrain"):
+        run = _run_config(cfg, "/tmp/unused-root", name, [])
+        assert sum(isinstance(c, KeepTrialHistory) for c in run.callbacks) == 1
+
+
 def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

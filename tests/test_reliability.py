@@ -239,6 +239,11 @@ def test_failed_and_killed_workers_resume_from_their_checkpoints(faulty_search: 
         assert last["epoch"] == last["training_iteration"] == EPOCHS and last["step"] == EPOCHS * STEPS
         assert last["iterations_since_restore"] == 1
         assert rows[last["trial_id"]]["status"] == "completed"
+        # Both attempts are on record: the failed one's epoch-1 row survives the retry (Tune copies the
+        # trial's result.json back from storage when it restarts it, and storage may not have that row yet).
+        history = results(exp, "search")[name]
+        assert [r["epoch"] for r in history] == list(range(1, EPOCHS + 1)), history
+        assert history[0]["pid"] != last["pid"]
     assert results(exp, "search")[killed][-1]["pid"] != faulty_search["killed_pid"]
 
 
