@@ -55,6 +55,7 @@ MAX_TIME_LIMIT_S = 30 * 24 * 3600.0  # a month: longer than any budget, short en
 MAX_THREADS = 4096  # a static bound; the CPUs a process may use are checked where it runs (bss_model.runtime)
 # A bottleneck map is at most 16x16 (depth 1): a conv of rate 16 or more reads only zero padding off its centre tap.
 MAX_DILATION = 15
+MAX_EDGE_WEIGHT = 100.0  # train.edge_weight (loss: edge): see its check
 # YAML that the config machinery can walk: nesting deeper than this (a real config is 5 levels at most) and
 # aliases (&a / *a) that expand to more values than this are refused by the loader (load_yaml), before any
 # recursive walk or repr() of an error message can run out of stack or memory.
@@ -246,7 +247,13 @@ class TrainConfig:
         )
         check_range(0 < self.adam_eps < 1, "train.adam_eps", self.adam_eps, "in (0, 1), e.g. 1e-8 or 1e-7 (Keras)")
         check_finite(self.charbonnier_eps > 0, "train.charbonnier_eps", self.charbonnier_eps, "> 0, e.g. 1e-3")
-        check_finite(self.edge_weight >= 0, "train.edge_weight", self.edge_weight, ">= 0, e.g. 0.1")
+        # At 100 the Sobel term of white noise is 1,200x the MSE the score is: no use, and a step from divergence.
+        check_finite(
+            0 <= self.edge_weight <= MAX_EDGE_WEIGHT,
+            "train.edge_weight",
+            self.edge_weight,
+            f"in [0, {MAX_EDGE_WEIGHT:g}], e.g. 0.1",
+        )
         check_range(
             0 <= self.ema_decay < 1, "train.ema_decay", self.ema_decay, "in [0, 1): 0 = off, e.g. 0.999 or 0.9999"
         )

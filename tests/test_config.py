@@ -218,6 +218,7 @@ def test_a_config_written_before_the_new_parts_loads_as_the_same_model() -> None
         (["train.loss=focal"], "train.loss", "not allowed"),
         (["train.edge_weight=-0.1"], "train.edge_weight", "out of range"),
         (["train.edge_weight=.inf"], "train.edge_weight", "out of range"),
+        (["train.edge_weight=1000"], "train.edge_weight", "out of range"),
     ],
 )
 def test_bad_values_name_the_key(sets: list[str], key: str, words: str) -> None:
