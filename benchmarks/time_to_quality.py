@@ -1,7 +1,7 @@
 """Time to quality: the whole budgeted job's test MSE at several wall-clock budgets, beside the reference recipe.
 
     python benchmarks/time_to_quality.py [--budgets 2.5m 5m 10m] [--shares 0.35] [--split-budget 10m
-        --split-shares 0.2 0.35 0.5] [--config configs/laptop.yaml] [--json OUT] [--plot OUT.png]
+        --split-shares 0.2 0.35 0.5] [--config configs/laptop.yaml] [--isa avx2] [--json OUT] [--plot OUT.png]
 
 For each budget it runs the README's main job as a user does (``bss-search --config <config> --budget B``,
 a fresh experiment, a subprocess) and times the command from its start to its exit. The protocol's test
@@ -16,6 +16,11 @@ here, so the full 10 x 20,000 costs ~25 CPU-minutes per snapshot; the JSON recor
 
 ``--split-budget`` with ``--split-shares`` also runs the job at several ``plan.search_share`` values at one
 budget: the evidence for the share the configs state.
+
+``--isa avx2`` runs the jobs as on a CPU with AVX2 only, on a newer one: torch's kernels capped at AVX2
+(``ATEN_CPU_CAPABILITY=avx2``, ``ONEDNN_MAX_CPU_ISA=AVX2``, inherited by Ray's workers) and fp32, which
+``precision: auto`` picks where the CPU has no native bf16 (the job would read avx512_bf16 in /proc/cpuinfo
+and pick bf16, emulated under the cap). The budget's probe measures that speed, as it would there.
 
 It records the machine (CPU model and flags, torch, threads) and reports, per budget, both test MSEs and
 their ratio. Resumable: every finished unit is written to the JSON at once and skipped on a rerun. Run it on
@@ -64,21 +69,30 @@ def machine() -> dict[str, Any]:
     }
 
 
-def run(cmd: list[str], cwd: Path, log: Path, timeout: float) -> tuple[int, float]:
+# What --isa adds to a job: its environment, and its --set arguments.
+ISAS: dict[str, tuple[dict[str, str], list[str]]] = {
+    "native": ({}, []),
+    "avx2": ({"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}, ["base.train.precision=fp32"]),
+}
+
+
+def run(cmd: list[str], cwd: Path, log: Path, timeout: float, env: dict[str, str] | None = None) -> tuple[int, float]:
     """``cmd`` from ``cwd``, its output to ``log``; (exit status, wall seconds from start to exit)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     t0 = time.perf_counter()
     with open(log, "w") as out:
         code = subprocess.run(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=timeout).returncode
     return code, time.perf_counter() - t0
 
 
-def job_unit(config: Path, budget: str, share: float, work: Path) -> dict[str, Any]:
-    """The main job at ``budget`` and ``plan.search_share`` = share, as a user runs it."""
-    name = f"ttq-{budget}-{share:g}"
+def job_unit(config: Path, budget: str, share: float, work: Path, isa: str = "native") -> dict[str, Any]:
+    """The main job at ``budget`` and ``plan.search_share`` = share, as a user runs it (on ``isa``: see ISAS)."""
+    name = f"ttq-{budget}-{share:g}" + ("" if isa == "native" else f"-{isa}")
+    env, isa_sets = ISAS[isa]
     cmd = [sys.executable, str(ROOT / "search" / "run.py"), "--config", str(config), "--budget", budget,
-           "--name", name, "--storage-path", str(work / "results"), "--set", f"plan.search_share={share}"]  # fmt: skip
-    code, wall = run(cmd, work, work / f"{name}.log", timeout=parse_duration(budget) * 3 + 600)
+           "--name", name, "--storage-path", str(work / "results"), "--set", f"plan.search_share={share}",
+           *(a for v in isa_sets for a in ("--set", v))]  # fmt: skip
+    code, wall = run(cmd, work, work / f"{name}.log", timeout=parse_duration(budget) * 3 + 600, env=env)
     if code != 0:
         raise RuntimeError(f"{name} exited {code}: see {work / f'{name}.log'}")
     report = json.loads((work / "results" / name / "report.json").read_text())
@@ -87,6 +101,7 @@ def job_unit(config: Path, budget: str, share: float, work: Path) -> dict[str, A
         "budget": budget,
         "budget_s": parse_duration(budget),
         "search_share": share,
+        "isa": {"name": isa, "env": env, "sets": isa_sets},
         "wall_s": wall,
         "over_budget_s": wall - parse_duration(budget),
         "test_mse_mean": report["test_mse_mean"],
@@ -232,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split-budget", default=None, help="a budget at which to compare several search shares")
     p.add_argument("--split-shares", nargs="+", type=float, default=[0.2, 0.35, 0.5])
     p.add_argument("--no-reference", action="store_true")
+    p.add_argument("--isa", choices=sorted(ISAS), default="native", help="the jobs as on a CPU with this ISA only")
     p.add_argument("--work", default=str(ROOT / "build" / "time-to-quality"))
     p.add_argument("--json", default=str(RESULTS / "time-to-quality-cpu.json"))
     p.add_argument("--plot", default=str(RESULTS / "time-to-quality-cpu.png"))
@@ -257,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.json)
     data = json.loads(out.read_text()) if out.exists() else {}
     data.setdefault("machine", machine())
+    if args.isa != "native" and not args.no_reference:
+        raise SystemExit("time_to_quality.py: --isa simulates the job's CPU only; add --no-reference")
     data.setdefault("jobs", {})
     data["config"], data["share"] = str(Path(args.config).resolve().relative_to(ROOT)), share
     units = [(b, share) for b in args.budgets]
@@ -267,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         if key in data["jobs"]:
             continue
         print(f"job {key} ...", flush=True)
-        data["jobs"][key] = job_unit(Path(args.config), budget, s, work)
+        data["jobs"][key] = job_unit(Path(args.config), budget, s, work, args.isa)
         atomic_write_json(out, data)
         u = data["jobs"][key]
         print(
