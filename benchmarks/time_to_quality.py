@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     from search.config import load_search_config
 
     share = args.share if args.share is not None else load_search_config(args.config).plan.search_share
-    work = Path(args.work)
+    work = Path(args.work).resolve()  # the jobs run from inside it
     work.mkdir(parents=True, exist_ok=True)
     out = Path(args.json)
     data = json.loads(out.read_text()) if out.exists() else {}
