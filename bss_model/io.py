@@ -180,6 +180,18 @@ class _LogFile(logging.FileHandler):
         if not getattr(self, "_failed", False):
             super().emit(record)
 
+    def close(self) -> None:
+        # The record whose write failed is still in the stream's buffer, and closing flushes it again: on a full
+        # disk that raised ENOSPC from the command's `finally`, in place of the one line it was saying (seen:
+        # a full disk under a search, reported as a bare "no space left" without the resume command).
+        try:
+            super().close()
+        except OSError as exc:
+            if not getattr(self, "_failed", False):
+                self._failed = True
+                print(f"notice: {self.baseFilename} could not be closed ({exc}): its last lines may be missing",
+                      file=sys.stderr)  # fmt: skip
+
 
 @contextlib.contextmanager
 def log_file(path: Path) -> Iterator[None]:

@@ -657,6 +657,23 @@ def test_a_full_disk_stops_the_search_in_one_line_and_resume_completes(tmp_path:
         disk.unmount()
 
 
+def test_a_log_file_on_a_full_disk_says_so_once_and_closes_without_raising(capsys: pytest.CaptureFixture) -> None:
+    """A log line written while the disk is full (/dev/full: every write ENOSPC) stays in the file's buffer, and
+    closing the file flushed it again: the OSError came out of the command's `finally`, in place of the error
+    it was reporting (the full-disk search above ended "no space left on the device" without its resume line)."""
+    import logging
+
+    from bss_model.io import log_file
+
+    logger = logging.getLogger("bss")
+    with pytest.raises(RuntimeError, match="the error being reported"), log_file(Path("/dev/full")):
+        logger.warning("a line the disk cannot take")
+        raise RuntimeError("the error being reported")
+    err = capsys.readouterr().err
+    assert err.count("notice: /dev/full can no longer be written") == 1, err
+    assert all(h.__class__.__name__ != "_LogFile" for h in logger.handlers)
+
+
 @pytest.mark.slow
 def test_a_folder_deleted_under_a_running_search_ends_non_zero_in_one_line(tmp_path: Path, data_dir: Path) -> None:
     """Issue 21: deleting the experiment folder while the search ran ended with exit 0 and a report in which the
