@@ -29,6 +29,7 @@ from typing import Any
 
 import pyarrow
 import pyarrow.fs
+from ray.air.constants import EXPR_PROGRESS_FILE, EXPR_RESULT_FILE
 from ray.tune import Callback
 
 from bss_model.errors import ConfigError
@@ -163,8 +164,9 @@ def tune_filesystem(root: str) -> pyarrow.fs.FileSystem | None:
 # A retried trial keeps its history
 
 
-# The files Tune's loggers copy back from storage when a trial (re)starts from a checkpoint.
-LOGGER_FILES = ("result.json", "progress.csv")
+# The files Tune's JSON and CSV loggers copy back from storage when a trial (re)starts from a checkpoint, by
+# the names those loggers use.
+LOGGER_FILES = (EXPR_RESULT_FILE, EXPR_PROGRESS_FILE)
 
 
 class KeepTrialHistory(Callback):
